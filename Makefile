@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine (Debian 12, Python 3.11, no GPU):
+#   make demo   creates .venv and runs the whole pipeline on the embedded demo (results/demo/)
+#   make test   creates .venv and runs the test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: env demo test test-fast plan dryrun bench-dryrun clean-demo
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml envs/requirements.lock.txt
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r envs/requirements.lock.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: env
+	$(BIN)/snakemake --profile profiles/local --configfile config/demo.yaml
+	@echo "report: results/demo/report/index.html"
+
+test: env
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: env
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+plan: env
+	$(BIN)/snakemake plan --profile profiles/local
+
+dryrun: env
+	$(BIN)/snakemake -n -q rules
+
+bench-dryrun: env
+	$(BIN)/python scripts/bench_dryrun.py
+
+clean-demo:
+	rm -rf results/demo

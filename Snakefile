@@ -1,0 +1,51 @@
+# open-sci-ref 0.01, reproduced: download -> tokenize -> train -> export -> evaluate -> report.
+#
+# Paths (roots from config `paths`; the full layout is osref/paths.py):
+#   {data}/raw/{dataset}/...                     listings and downloaded shard groups
+#   {data}/tokenized/{dataset}/group_{g}.bin|idx Megatron binaries
+#   {runs}/{run_id}/checkpoints/iter_{i}/        torch_dist checkpoints (never deleted by Snakemake)
+#   {runs}/{run_id}/train/segment_{i}.json       one marker per training job
+#   {runs}/{run_id}/hf/iter_{i}/                 Hugging Face exports (parity-checked)
+#   {runs}/{run_id}/eval/iter_{i}/{k}shot.json   lm-eval results per shot group
+#   {results}/plan.csv, {results}/report/        the plan and the report
+#
+# Without --configfile the release grid (config/config.yaml) is used; the demo is
+# `snakemake --configfile config/demo.yaml`.
+
+from snakemake.utils import min_version
+
+min_version("9.27")
+
+import yaml
+
+from osref.grid import load_grid, plan_rows
+from osref.workflow import WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
+
+if "experiments" not in config:
+    _release = yaml.safe_load(open(repo_path("config", "config.yaml")))
+    _release.update(config)
+    config.clear()
+    config.update(_release)
+
+GRID = load_grid(config)  # schema + cross-field validation; a bad config stops here, naming the key
+INDEX = WorkflowIndex(GRID)
+LAYOUT = GRID.layout
+
+wildcard_constraints:
+    **WILDCARD_CONSTRAINTS,
+
+
+include: "workflow/rules/download.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/export.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/plan.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.report.output,
+        rules.plan.output,

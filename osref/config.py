@@ -1,0 +1,157 @@
+"""Configuration: validation against the JSON schema, then cross-field checks.
+
+The Snakefile, the stage scripts and the tests all load a config through :func:`load_config`, so
+a bad key, type, unknown dataset or scale fails the same way everywhere and before any job runs,
+with a message that names the key (``experiments[0].scales[1]: unknown scale '0.2b' ...``).
+
+Validation fills the schema's defaults in place (the open-sci-ref 0.01 values), which is why the
+shipped configs can stay short.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+_BUDGET_UNITS = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the person who edits the YAML."""
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFillingValidator = _with_defaults(jsonschema.Draft202012Validator)
+_SCHEMA_CACHE: dict[str, Any] = {}
+
+
+def schema() -> dict[str, Any]:
+    if "schema" not in _SCHEMA_CACHE:
+        _SCHEMA_CACHE["schema"] = yaml.safe_load(SCHEMA_PATH.read_text())
+    return _SCHEMA_CACHE["schema"]
+
+
+def key_path(parts: Iterable[Any]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = key_path(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        extra = sorted(k for k in error.instance if k not in allowed)
+        hint = f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""
+        return f"{where}: unknown key {', '.join(map(repr, extra))}{hint}"
+    if error.validator == "propertyNames":
+        return f"{where}: bad name {error.instance!r}: {error.message}"
+    return f"{where}: {error.message}"
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Schema-validate ``config`` in place (filling defaults), then run the semantic checks."""
+    validator = _DefaultFillingValidator(schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors[:10]))
+    check_semantics(config)
+    return config
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if overrides:
+        config.update(overrides)
+    try:
+        return validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# ---- units --------------------------------------------------------------------------------------
+
+def budget_tokens(budget: str | int) -> int:
+    if isinstance(budget, int):
+        return budget
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([KMBT])", budget)
+    if not match:
+        raise ConfigError(f"budget {budget!r}: expected e.g. 300B, 1T, 0.25M or an integer")
+    return int(round(float(match.group(1)) * _BUDGET_UNITS[match.group(2)]))
+
+
+def walltime_minutes(text: str) -> int:
+    value, unit = float(text[:-1]), text[-1]
+    return int(math.ceil(value * (60 if unit == "h" else 1)))
+
+
+# ---- cross-field checks ---------------------------------------------------------------------------
+
+def check_semantics(config: dict[str, Any]) -> None:
+    """Cross-references a schema cannot express; run-level checks follow in ``osref.grid``."""
+    problems: list[str] = []
+    datasets, scales, recipes = config["datasets"], config["scales"], config["recipes"]
+    for name, ds in datasets.items():
+        need = {"hub": ["repo_id"], "local": ["paths"], "http": ["urls_file"]}[ds["source"]]
+        problems += [f"datasets.{name}.{k}: required for source '{ds['source']}'" for k in need if k not in ds]
+    for i, exp in enumerate(config["experiments"]):
+        where = f"experiments[{i}]"
+        for j, d in enumerate(exp["datasets"]):
+            if d not in datasets:
+                problems.append(f"{where}.datasets[{j}]: unknown dataset {d!r} (known: {', '.join(datasets)})")
+        for j, s in enumerate(exp["scales"]):
+            if s not in scales:
+                problems.append(f"{where}.scales[{j}]: unknown scale {s!r} (known: {', '.join(scales)})")
+        if exp["recipe"] not in recipes:
+            problems.append(f"{where}.recipe: unknown recipe {exp['recipe']!r} (known: {', '.join(recipes)})")
+        for j, b in enumerate(exp["budgets"]):
+            try:
+                if budget_tokens(b) <= 0:
+                    problems.append(f"{where}.budgets[{j}]: must be positive, got {b!r}")
+            except ConfigError as exc:
+                problems.append(f"{where}.budgets[{j}]: {exc}")
+    evaluation = config["evaluation"]
+    if evaluation["protocol"] not in evaluation["protocols"]:
+        problems.append(
+            f"evaluation.protocol: unknown protocol {evaluation['protocol']!r} "
+            f"(defined: {', '.join(evaluation['protocols']) or 'none'})"
+        )
+    else:
+        from osref.protocol import check_tasks  # noqa: PLC0415
+
+        problems += check_tasks(evaluation["protocols"][evaluation["protocol"]], evaluation)
+    if evaluation["local_tasks"] is not None and evaluation["local_tasks"] not in datasets:
+        problems.append(f"evaluation.local_tasks: unknown dataset {evaluation['local_tasks']!r}")
+    for key in ("runs", "datasets", "scales"):
+        known = {"datasets": datasets, "scales": scales}.get(key)
+        for value in config["select"].get(key, []):
+            if known is not None and value not in known:
+                problems.append(f"select.{key}: unknown {key[:-1]} {value!r}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

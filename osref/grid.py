@@ -1,0 +1,372 @@
+"""The experiment grid: config → one :class:`Run` per training run, with everything derived.
+
+A run is identified by a readable id in the style of the release names (``0.13b-c4-300B-4096``,
+plus an experiment suffix). Everything the workflow needs to plan a run is computed here once —
+iterations, the checkpoint schedule, the training-job segments that fit the walltime, which
+checkpoints are exported and evaluated, the cost — so that the Snakefile's input functions are
+dictionary lookups and ``snakemake -n`` of the full grid stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import cached_property
+from typing import Any
+
+from pathlib import Path
+
+from osref.config import ConfigError, budget_tokens, load_config, validate, walltime_minutes
+from osref.model_spec import ModelSpec
+from osref.paths import Layout
+from osref.protocol import shot_groups
+
+_SCALE_OVERRIDE_KEYS = {"rotary_base"}
+_RESOURCE_OVERRIDE_KEYS = {"nodes", "micro_batch_size"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    run_id: str
+    experiment: str
+    dataset: str
+    scale: str
+    budget: str
+    tokens: int
+    recipe_name: str
+    spec: ModelSpec
+    recipe: dict[str, Any]  # resolved: recipe defaults + per-run overrides
+    resources: dict[str, Any]
+    global_batch_size: int
+    seq_length: int
+    train_iters: int
+    cooldown_iters: int
+    checkpoint_iters: tuple[int, ...]
+    eval_iters: tuple[int, ...]
+    segment_ends: tuple[int, ...]
+    reference_run: str | None
+    gpu_hours: float
+    hours_per_segment: float
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    @property
+    def params(self) -> int:
+        return self.spec.parameter_count()
+
+    @property
+    def flops(self) -> float:
+        return 6.0 * self.params * self.train_iters * self.tokens_per_iteration
+
+    @property
+    def world_size(self) -> int:
+        return self.resources["nodes"] * max(self.resources["gpus_per_node"], 1)
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.resources["tensor_parallel"] * self.resources["pipeline_parallel"])
+
+    def segment_for(self, iteration: int) -> int:
+        """End iteration of the training job that writes checkpoint ``iteration``."""
+        for end in self.segment_ends:
+            if end >= iteration:
+                return end
+        raise KeyError(iteration)
+
+    def previous_segment(self, end: int) -> int | None:
+        index = self.segment_ends.index(end)
+        return self.segment_ends[index - 1] if index else None
+
+
+@dataclasses.dataclass
+class Grid:
+    config: dict[str, Any]
+    runs: dict[str, Run]
+    layout: Layout
+
+    @cached_property
+    def protocol(self) -> list[dict[str, Any]]:
+        evaluation = self.config["evaluation"]
+        return evaluation["protocols"][evaluation["protocol"]]
+
+    @cached_property
+    def groups(self) -> dict[str, list[dict[str, Any]]]:
+        return shot_groups(self.protocol)
+
+    @cached_property
+    def datasets_in_use(self) -> list[str]:
+        return sorted({run.dataset for run in self.runs.values()})
+
+    def shard_groups(self, dataset: str) -> list[int]:
+        return list(range(self.config["datasets"][dataset]["shard_groups"]))
+
+    def data_prefixes(self, dataset: str) -> list[str]:
+        return [self.layout.tokenized_prefix(dataset, g) for g in self.shard_groups(dataset)]
+
+
+# ---- derivations ----------------------------------------------------------------------------------
+
+def run_id_for(scale: str, dataset: str, budget: str | int, seq_length: int, suffix: str = "") -> str:
+    run_id = f"{scale}-{dataset}-{budget}-{seq_length}"
+    return f"{run_id}-{suffix}" if suffix else run_id
+
+
+def checkpoint_schedule(train_iters: int, save_interval: int) -> tuple[int, ...]:
+    """Every save interval, plus the last iteration (37 checkpoints for 72 661 iterations / 2000)."""
+    iters = list(range(save_interval, train_iters, save_interval))
+    return tuple(iters + [train_iters])
+
+
+def throughput_tokens_per_gpu_s(spec: ModelSpec, resources: dict, cluster: dict) -> float:
+    if resources["tokens_per_gpu_second"]:
+        return float(resources["tokens_per_gpu_second"])
+    achieved = cluster["peak_tflops_per_gpu"] * 1e12 * cluster["assumed_mfu"]
+    return achieved / spec.flops_per_token(with_attention=True)
+
+
+def segment_schedule(train_iters: int, save_interval: int, segment_iters: int) -> tuple[int, ...]:
+    ends = list(range(segment_iters, train_iters, segment_iters))
+    return tuple(ends + [train_iters])
+
+
+def _selected_eval_iters(checkpoints: tuple[int, ...], evaluation: dict, where: str) -> tuple[int, ...]:
+    if evaluation["iterations"] is not None:
+        missing = sorted(set(evaluation["iterations"]) - set(checkpoints))
+        if missing:
+            raise ConfigError(
+                f"evaluation.iterations: {missing} are not saved checkpoints of {where} "
+                f"(checkpoints every save_interval and at the last iteration {checkpoints[-1]})"
+            )
+        return tuple(sorted(set(evaluation["iterations"]) | {checkpoints[-1]}))
+    every = evaluation["every"]
+    chosen = checkpoints[every - 1 :: every]
+    return tuple(sorted(set(chosen) | {checkpoints[-1]}))
+
+
+def build_run(config: dict, experiment: dict, exp_index: int, dataset: str, scale_name: str, budget) -> Run:
+    scale = config["scales"][scale_name]
+    recipe_name = experiment["recipe"]
+    recipe = dict(config["recipes"][recipe_name])
+    if recipe["global_batch_size"] is None:
+        recipe["global_batch_size"] = scale["global_batch_size"]
+    base_id = run_id_for(scale_name, dataset, budget, recipe["seq_length"], experiment["suffix"])
+    override = config["overrides"].get(base_id, {})
+    resources = dict(scale["resources"])
+    scale_fields = dict(scale)
+    for key, value in override.items():
+        if key in _SCALE_OVERRIDE_KEYS:
+            scale_fields[key] = value
+        elif key in _RESOURCE_OVERRIDE_KEYS:
+            resources[key] = value
+        elif key != "reference_run":
+            recipe[key] = value
+    run_id = run_id_for(scale_name, dataset, budget, recipe["seq_length"], experiment["suffix"])
+    where = f"run {run_id} (experiments[{exp_index}])"
+    spec = ModelSpec.from_config(scale_name, scale_fields, seq_length=recipe["seq_length"])
+    gbs, seq = recipe["global_batch_size"], recipe["seq_length"]
+    tokens = budget_tokens(budget)
+    train_iters = math.ceil(tokens / (gbs * seq))
+    if recipe["warmup_iters"] >= train_iters:
+        raise ConfigError(f"{where}: warmup_iters {recipe['warmup_iters']} >= train_iters {train_iters}")
+
+    ranks = resources["nodes"] * max(resources["gpus_per_node"], 1)
+    model_parallel = resources["tensor_parallel"] * resources["pipeline_parallel"]
+    if ranks % model_parallel:
+        raise ConfigError(
+            f"scales.{scale_name}.resources: {ranks} ranks not divisible by tensor_parallel x pipeline_parallel "
+            f"= {model_parallel}"
+        )
+    data_parallel = ranks // model_parallel
+    if gbs % (resources["micro_batch_size"] * data_parallel):
+        raise ConfigError(
+            f"{where}: global_batch_size {gbs} is not divisible by micro_batch_size "
+            f"{resources['micro_batch_size']} x data-parallel size {data_parallel} "
+            f"(scales.{scale_name}.resources: nodes {resources['nodes']}, gpus_per_node {resources['gpus_per_node']})"
+        )
+
+    save_interval = recipe["save_interval"]
+    checkpoints = checkpoint_schedule(train_iters, save_interval)
+    cluster = config["cluster"]
+    tokens_per_gpu_s = throughput_tokens_per_gpu_s(spec, resources, cluster)
+    tokens_per_s = tokens_per_gpu_s * ranks
+    seconds_per_iter = gbs * seq / tokens_per_s
+    walltime_s = walltime_minutes(resources["walltime"]) * 60
+    if resources["segment_iters"]:
+        segment_iters = resources["segment_iters"]
+        if segment_iters % save_interval:
+            raise ConfigError(
+                f"scales.{scale_name}.resources.segment_iters: {segment_iters} is not a multiple of "
+                f"save_interval {save_interval} of {where}"
+            )
+    else:
+        usable = walltime_s * cluster["walltime_safety"]
+        segment_iters = int(usable / seconds_per_iter) // save_interval * save_interval
+        if segment_iters < save_interval:
+            raise ConfigError(
+                f"scales.{scale_name}.resources.walltime: {resources['walltime']} is shorter than one save "
+                f"interval of {where} ({save_interval} iterations ≈ {save_interval * seconds_per_iter / 3600:.1f} h "
+                f"at the estimated throughput); raise walltime or lower save_interval"
+            )
+    segments = segment_schedule(train_iters, save_interval, segment_iters)
+    gpu_hours = train_iters * gbs * seq / tokens_per_gpu_s / 3600
+    cooldown = int(recipe["cooldown_fraction"] * train_iters) if recipe["schedule"] == "wsd" else 0
+    return Run(
+        run_id=run_id,
+        experiment=experiment.get("name", f"experiments[{exp_index}]"),
+        dataset=dataset,
+        scale=scale_name,
+        budget=str(budget),
+        tokens=tokens,
+        recipe_name=recipe_name,
+        spec=spec,
+        recipe=recipe,
+        resources=resources,
+        global_batch_size=gbs,
+        seq_length=seq,
+        train_iters=train_iters,
+        cooldown_iters=cooldown,
+        checkpoint_iters=checkpoints,
+        eval_iters=_selected_eval_iters(checkpoints, config["evaluation"], where),
+        segment_ends=segments,
+        reference_run=override.get("reference_run"),
+        gpu_hours=gpu_hours,
+        hours_per_segment=min(segment_iters, train_iters) * seconds_per_iter / 3600,
+    )
+
+
+def expand_grid(config: dict[str, Any]) -> Grid:
+    """All runs of the (validated) config, in config order, after ``select``."""
+    runs: dict[str, Run] = {}
+    origin: dict[str, str] = {}
+    for i, experiment in enumerate(config["experiments"]):
+        for dataset in experiment["datasets"]:
+            for scale in experiment["scales"]:
+                for budget in experiment["budgets"]:
+                    run = build_run(config, experiment, i, dataset, scale, budget)
+                    if run.run_id in runs:
+                        raise ConfigError(
+                            f"experiments[{i}]: duplicate run id {run.run_id!r} (also from {origin[run.run_id]}); "
+                            "give one experiment a suffix"
+                        )
+                    runs[run.run_id] = run
+                    origin[run.run_id] = f"experiments[{i}]"
+    unknown = sorted(set(config["overrides"]) - set(runs))
+    if unknown:
+        raise ConfigError(f"overrides: no run with id {', '.join(map(repr, unknown))} in the grid")
+    select = config["select"]
+    if select:
+        missing = sorted(set(select.get("runs", [])) - set(runs))
+        if missing:
+            raise ConfigError(f"select.runs: no run with id {', '.join(map(repr, missing))} in the grid")
+        runs = {
+            rid: r for rid, r in runs.items()
+            if (not select.get("runs") or rid in select["runs"])
+            and (not select.get("datasets") or r.dataset in select["datasets"])
+            and (not select.get("scales") or r.scale in select["scales"])
+        }
+    return Grid(config=config, runs=runs, layout=Layout.from_config(config))
+
+
+def load_grid(config: dict[str, Any] | str | Path) -> Grid:
+    """Validate a config (a dict, filled in place, or a YAML path) and expand its grid."""
+    if isinstance(config, dict):
+        validate(config)
+    else:
+        config = load_config(config)
+    return expand_grid(config)
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+
+def run_document(grid: Grid, run: Run) -> dict[str, Any]:
+    """The resolved run JSON that the training, export and evaluation scripts read."""
+    recipe, resources, layout = run.recipe, run.resources, grid.layout
+    config = grid.config
+    device = config["cluster"]["device"]
+    return {
+        "run_id": run.run_id,
+        "experiment": run.experiment,
+        "scale": run.scale,
+        "dataset": run.dataset,
+        "budget": run.budget,
+        "tokens": run.tokens,
+        "model": run.spec.as_dict(),
+        "train": {
+            "schedule": recipe["schedule"],
+            "lr": recipe["lr"],
+            "min_lr": recipe["min_lr"],
+            "warmup_iters": recipe["warmup_iters"],
+            "cooldown_iters": run.cooldown_iters,
+            "train_iters": run.train_iters,
+            "global_batch_size": run.global_batch_size,
+            "micro_batch_size": resources["micro_batch_size"],
+            "seq_length": run.seq_length,
+            "adam_beta1": recipe["adam_beta1"],
+            "adam_beta2": recipe["adam_beta2"],
+            "adam_eps": recipe["adam_eps"],
+            "weight_decay": recipe["weight_decay"],
+            "clip_grad": recipe["clip_grad"],
+            "save_interval": recipe["save_interval"],
+            "checkpoint_iters": list(run.checkpoint_iters),
+            "segment_ends": list(run.segment_ends),
+            "seed": recipe["seed"],
+            "split": recipe["split"],
+            "precision": recipe["precision"] if device == "cuda" else "fp32",
+            "device": device,
+            "log_interval": recipe["log_interval"],
+            "eval_iters": recipe["eval_iters"],
+            "tensor_parallel": resources["tensor_parallel"],
+            "pipeline_parallel": resources["pipeline_parallel"],
+            "recompute": recipe["recompute"],
+            "distributed_optimizer": recipe["distributed_optimizer"] and device == "cuda",
+        },
+        "data": {
+            "prefixes": grid.data_prefixes(run.dataset),
+            "weights": None,
+            "cache_dir": layout.index_cache(),
+        },
+        "tokenizer": dict(config["tokenizer"]),
+        "paths": {"run_dir": layout.run_dir(run.run_id)},
+    }
+
+
+PLAN_COLUMNS = [
+    "run_id", "scale", "dataset", "tokens", "seq_length", "global_batch_size", "params", "train_iters",
+    "checkpoints", "flops", "gpu_hours", "nodes", "gpus_per_node", "jobs",
+    "budget", "warmup_iters", "cooldown_iters", "save_interval", "segments", "hours_per_segment",
+    "walltime", "evaluated_checkpoints",
+]
+
+
+def plan_rows(grid: Grid) -> list[dict[str, Any]]:
+    n_groups = len(grid.groups)
+    rows = []
+    for run in grid.runs.values():
+        jobs = len(run.segment_ends) + len(run.eval_iters) * (1 + n_groups)
+        rows.append({
+            "run_id": run.run_id,
+            "scale": run.scale,
+            "dataset": run.dataset,
+            "tokens": run.tokens,
+            "seq_length": run.seq_length,
+            "global_batch_size": run.global_batch_size,
+            "params": run.params,
+            "train_iters": run.train_iters,
+            "checkpoints": len(run.checkpoint_iters),
+            "flops": run.flops,
+            "gpu_hours": round(run.gpu_hours, 1),
+            "nodes": run.resources["nodes"],
+            "gpus_per_node": run.resources["gpus_per_node"],
+            "jobs": jobs,
+            "budget": run.budget,
+            "warmup_iters": run.recipe["warmup_iters"],
+            "cooldown_iters": run.cooldown_iters,
+            "save_interval": run.recipe["save_interval"],
+            "segments": len(run.segment_ends),
+            "hours_per_segment": round(run.hours_per_segment, 2),
+            "walltime": run.resources["walltime"],
+            "evaluated_checkpoints": len(run.eval_iters),
+        })
+    return rows

@@ -1,0 +1,68 @@
+"""Evaluation protocols as data: which tasks, with how many shots, scored by which metric.
+
+The 0.01 protocol (copa … boolq, social_iqa outside the average) lives in ``config/config.yaml``;
+this module only groups tasks into jobs (one lm-eval call per shot count, as in the original) and
+checks that every task name is one lm-eval or our local task builder knows.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+from typing import Any
+
+OPEN_SCI_REF_TASKS = {
+    "copa", "lambada_openai", "openbookqa", "winogrande", "social_iqa", "mmlu", "commonsense_qa",
+    "piqa", "hellaswag", "arc_easy", "arc_challenge", "boolq", "mmlu_pro", "mmlu_continuation",
+}
+LOCAL_DEMO_TASKS = {"demo_lastword", "demo_continuation"}
+
+
+def group_name(shots: int) -> str:
+    return f"{shots}shot"
+
+
+def shot_groups(tasks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Tasks of one protocol grouped by shot count, in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for task in tasks:
+        groups.setdefault(group_name(task["shots"]), []).append(task)
+    return groups
+
+
+@functools.lru_cache(maxsize=1)
+def lm_eval_task_names() -> frozenset[str]:
+    """Task and group names defined by the installed lm-eval's YAML files (read, not imported)."""
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    root = os.path.join(os.path.dirname(spec.origin), "tasks")
+    pattern = re.compile(rb"^(?:task|group):\s*([A-Za-z0-9_\-.]+)\s*$", re.M)
+    names: set[str] = set()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".yaml"):
+                with open(os.path.join(dirpath, name), "rb") as fh:
+                    names.update(m.decode() for m in pattern.findall(fh.read()))
+    return frozenset(names)
+
+
+def check_tasks(tasks: list[dict[str, Any]], evaluation: dict[str, Any]) -> list[str]:
+    problems = []
+    seen = set()
+    for i, task in enumerate(tasks):
+        name = task["task"]
+        where = f"evaluation.protocols.{evaluation['protocol']}[{i}].task"
+        if name in seen:
+            problems.append(f"{where}: task {name!r} listed twice")
+        seen.add(name)
+        local = evaluation.get("local_tasks") is not None
+        if local and name in LOCAL_DEMO_TASKS:
+            continue
+        if name in OPEN_SCI_REF_TASKS or name in lm_eval_task_names():
+            continue
+        hint = " (local demo tasks need evaluation.local_tasks)" if name in LOCAL_DEMO_TASKS else ""
+        problems.append(f"{where}: unknown eval task {name!r}{hint}")
+    return problems

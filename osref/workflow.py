@@ -1,0 +1,221 @@
+"""Lookup tables that the Snakemake rules read, computed once from the grid.
+
+The ``.smk`` files only wire inputs to outputs; every decision they need — which checkpoints a
+run exports, which training job writes a checkpoint, how a training job is launched and with which
+cluster resources — is a dictionary lookup into a :class:`WorkflowIndex`. That keeps the Snakefile
+readable, makes the decisions unit-testable, and keeps ``snakemake -n`` of the ~6 000-job release
+grid close to Snakemake's own cost per job.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from osref.config import REPO_ROOT, walltime_minutes
+from osref.grid import Grid, Run, run_document
+from osref.paths import fmt_iter
+
+WILDCARD_CONSTRAINTS = {
+    "run_id": r"[^/]+",
+    "dataset": r"[^/]+",
+    "group": r"\d{3}",
+    "iteration": r"\d{7}",
+    "end": r"\d{7}",
+    "shots": r"\d+shot",
+}
+
+
+class WorkflowIndex:
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        self.layout = grid.layout
+        self.config = grid.config
+        self.runs = grid.runs
+        self._previous_segment: dict[tuple[str, str], list[str]] = {}
+        self._segment_of_checkpoint: dict[tuple[str, str], str] = {}
+        for run in self.runs.values():
+            for end in run.segment_ends:
+                prev = run.previous_segment(end)
+                self._previous_segment[(run.run_id, fmt_iter(end))] = (
+                    [self.layout.segment_marker(run.run_id, prev)] if prev else []
+                )
+            for iteration in run.checkpoint_iters:
+                self._segment_of_checkpoint[(run.run_id, fmt_iter(iteration))] = self.layout.segment_marker(
+                    run.run_id, run.segment_for(iteration)
+                )
+
+    # ---- stage targets --------------------------------------------------------------------------
+    @cached_property
+    def listings(self) -> list[str]:
+        return [self.layout.listing(d) for d in self.grid.datasets_in_use]
+
+    @cached_property
+    def download_manifests(self) -> list[str]:
+        return [self.layout.download_manifest(d, g) for d in self.grid.datasets_in_use for g in self.grid.shard_groups(d)]
+
+    @cached_property
+    def tokenized(self) -> list[str]:
+        return [
+            f
+            for d in self.grid.datasets_in_use
+            for g in self.grid.shard_groups(d)
+            for f in self.layout.tokenized_files(d, g).values()
+        ]
+
+    @cached_property
+    def final_segments(self) -> list[str]:
+        return [self.layout.segment_marker(r.run_id, r.train_iters) for r in self.runs.values()]
+
+    @cached_property
+    def exports(self) -> list[str]:
+        return [self.layout.hf_dir(r.run_id, i) for r in self.runs.values() for i in r.eval_iters]
+
+    @cached_property
+    def evaluations(self) -> list[str]:
+        return [
+            self.layout.eval_json(r.run_id, i, group)
+            for r in self.runs.values()
+            for i in r.eval_iters
+            for group in self.grid.groups
+        ]
+
+    # ---- per-job lookups --------------------------------------------------------------------------
+    def dataset_block(self, dataset: str) -> dict[str, Any]:
+        return self.config["datasets"][dataset]
+
+    def tokenized_inputs(self, run_id: str) -> list[str]:
+        dataset = self.runs[run_id].dataset
+        return [
+            path
+            for g in self.grid.shard_groups(dataset)
+            for key, path in self.layout.tokenized_files(dataset, g).items()
+            if key != "stats"
+        ]
+
+    def previous_segment(self, run_id: str, end: str) -> list[str]:
+        return self._previous_segment[(run_id, end)]
+
+    def segment_of_checkpoint(self, run_id: str, iteration: str) -> str:
+        return self._segment_of_checkpoint[(run_id, iteration)]
+
+    def run_document(self, run_id: str) -> dict[str, Any]:
+        return run_document(self.grid, self.runs[run_id])
+
+    @cached_property
+    def group_tasks_json(self) -> dict[str, str]:
+        return {group: json.dumps(tasks) for group, tasks in self.grid.groups.items()}
+
+    @cached_property
+    def local_tasks_corpus(self) -> list[str]:
+        """Corpus the demo's local eval tasks are built from (the download manifest of group 0)."""
+        name = self.config["evaluation"]["local_tasks"]
+        return [self.layout.download_manifest(name, 0)] if name else []
+
+    @cached_property
+    def eval_tasks_marker(self) -> list[str]:
+        return [f"{self.layout.eval_tasks_dir()}/tasks.json"] if self.local_tasks_corpus else []
+
+    # ---- training launch and resources -------------------------------------------------------------
+    def train_resources(self, run_id: str) -> dict[str, Any]:
+        res = self.runs[run_id].resources
+        nodes, gpus = res["nodes"], res["gpus_per_node"]
+        return {
+            "nodes": nodes,
+            "gres": f"gpu:{gpus}" if gpus else None,
+            "tasks_per_gpu": 0,
+            "mpi": "srun" if nodes > 1 else None,
+            "tasks": nodes if nodes > 1 else None,
+            "runtime": walltime_minutes(res["walltime"]),
+            "mem_mb": res["mem_mb"],
+            "cpus_per_task": res["cpus_per_task"],
+        }
+
+    def train_threads(self, run_id: str) -> int:
+        res = self.runs[run_id].resources
+        if res["gpus_per_node"] == 0:
+            return self.config["cluster"]["cpu_threads_per_rank"] * res["nodes"]
+        return res["cpus_per_task"]
+
+    def train_launcher(self, run_id: str) -> str:
+        """Command prefix that starts ``scripts/train.py`` on every rank of the run."""
+        res = self.runs[run_id].resources
+        cluster = self.config["cluster"]
+        nodes, per_node = res["nodes"], max(res["gpus_per_node"], 1)
+        container = f"apptainer exec --nv {shlex.quote(cluster['container'])} " if cluster["container"] else ""
+        launcher = cluster["launcher"]
+        if launcher == "auto":
+            launcher = "srun" if nodes > 1 else "torchrun"
+        if launcher == "srun":
+            return (
+                f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
+                f"{container}bash scripts/torchrun_slurm.sh {per_node}"
+            )
+        if per_node == 1:
+            return f"{container}python"
+        return f"{container}torchrun --standalone --nproc-per-node={per_node}"
+
+    @cached_property
+    def eval_resources(self) -> dict[str, Any]:
+        res = self.config["cluster"]["eval_resources"]
+        return {
+            "gres": f"gpu:{res['gpus']}" if res["gpus"] else None,
+            "cpus_per_task": res["cpus"],
+            "mem_mb": res["mem_mb"],
+            "runtime": walltime_minutes(res["walltime"]),
+        }
+
+    def train_env(self) -> str:
+        cluster = self.config["cluster"]
+        env = {"OMP_NUM_THREADS": str(cluster["cpu_threads_per_rank"])}
+        if cluster["device"] == "cuda":
+            env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+            env.update(cluster["nccl_env"])
+        return " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+
+    # ---- report ------------------------------------------------------------------------------------
+    @cached_property
+    def _reference_runs(self) -> dict[tuple[str, str, str], str]:
+        path = REPO_ROOT / "config" / "reference" / "runs.csv"
+        refs = {}
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["reference"] == "True":
+                    refs[(row["size"], row["dataset"], row["tokens"])] = row["run_id"]
+        return refs
+
+    def reference_run_for(self, run: Run) -> str | None:
+        if run.reference_run is not None:
+            return run.reference_run
+        if run.seq_length != 4096:
+            return None
+        return self._reference_runs.get((run.scale, run.dataset, run.budget))
+
+    def report_manifest(self) -> dict[str, Any]:
+        runs = []
+        for run in self.runs.values():
+            runs.append({
+                "run_id": run.run_id,
+                "dataset": run.dataset,
+                "scale": run.scale,
+                "budget": run.budget,
+                "tokens": run.tokens,
+                "seq_length": run.seq_length,
+                "global_batch_size": run.global_batch_size,
+                "params": run.params,
+                "train_iters": run.train_iters,
+                "checkpoint_iters": list(run.eval_iters),
+                "reference_run": self.reference_run_for(run),
+                "eval_files": [self.layout.eval_json(run.run_id, i, g) for i in run.eval_iters for g in self.grid.groups],
+                "train_metrics": self.layout.train_metrics(run.run_id),
+                "valid_metrics": self.layout.valid_metrics(run.run_id),
+            })
+        return {"protocol": self.grid.protocol, "runs": runs}
+
+
+def repo_path(*parts: str) -> str:
+    return str(Path(REPO_ROOT, *parts))

@@ -1,0 +1,59 @@
+"""Plan stage: what the grid will cost, before any of it runs.
+
+Writes one row per run (parameters, iterations, checkpoints, FLOPs = 6·N·D, GPU-hours at the
+configured throughput, nodes, Snakemake jobs) and prints a summary:
+
+    snakemake plan                                   # the release grid → results/plan.csv
+    snakemake plan --configfile config/demo.yaml     # the demo → results/demo/plan.csv
+    python scripts/plan.py --config config/config.yaml --out /tmp/plan.csv   # without Snakemake
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+from osref.grid import PLAN_COLUMNS, load_grid, plan_rows
+
+
+def write_plan(rows: list[dict], out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=PLAN_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out)
+
+
+def summary(rows: list[dict]) -> str:
+    lines = [f"{'run_id':40s} {'params':>8s} {'iters':>8s} {'ckpts':>5s} {'FLOPs':>9s} {'GPU-h':>9s} {'nodes':>5s} {'jobs':>5s}"]
+    for r in rows:
+        lines.append(
+            f"{r['run_id']:40s} {r['params'] / 1e6:7.1f}M {r['train_iters']:8d} {r['checkpoints']:5d} "
+            f"{r['flops']:9.2e} {r['gpu_hours']:9.1f} {r['nodes']:5d} {r['jobs']:5d}"
+        )
+    total_h = sum(r["gpu_hours"] for r in rows)
+    lines.append(f"{len(rows)} runs, {sum(r['flops'] for r in rows):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
+                 f"{sum(r['jobs'] for r in rows)} training/export/eval jobs")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "snakemake" in globals():
+        rows = snakemake.params.rows  # noqa: F821
+        write_plan(rows, snakemake.output[0])  # noqa: F821
+        text = summary(rows)
+        Path(snakemake.log[0]).write_text(text + "\n")  # noqa: F821
+        print(text, file=sys.stderr)
+    else:
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--config", default="config/config.yaml")
+        parser.add_argument("--out", default="results/plan.csv")
+        args = parser.parse_args()
+        rows = plan_rows(load_grid(args.config))
+        write_plan(rows, args.out)
+        print(summary(rows))

@@ -1,0 +1,59 @@
+"""Tokenize stage: one download group → one Megatron .bin/.idx pair (GPT-NeoX-20B, EOD appended).
+
+Usage:
+
+    # the demo corpus (fetched by scripts/download.py) into results/demo/data/tokenized/pydocs/group_000.{bin,idx}
+    python scripts/tokenize_group.py --manifest results/demo/data/raw/pydocs/group_000/manifest.json \
+        --format jsonl.zst --tokenizer assets/gpt-neox-20b \
+        --out-prefix results/demo/data/tokenized/pydocs/group_000 \
+        --stats results/demo/data/tokenized/pydocs/group_000.stats.json
+
+    # only the first 500 documents (tests)
+    python scripts/tokenize_group.py ... --max-documents 500
+
+The output is byte-identical to Megatron-LM `tools/preprocess_data.py --append-eod` over the same
+files in the same order. RAYON_NUM_THREADS (set from the job's threads) bounds the tokenizer's threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from osref.download import write_json_atomic
+from osref.tokenize import InputError, load_tokenizer, tokenize_files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True, help="download manifest of the group (lists the files in order)")
+    parser.add_argument("--format", required=True)
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
+    parser.add_argument("--tokenizer-sha256", default=None)
+    parser.add_argument("--eod-id", type=int, default=0)
+    parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--out-prefix", required=True)
+    parser.add_argument("--stats", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    manifest = json.loads(Path(args.manifest).read_text())
+    files = [record["path"] for record in manifest["files"]]
+    tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_sha256)
+    try:
+        stats = tokenize_files(files, args.out_prefix, tokenizer, fmt=args.format, text_field=args.text_field,
+                               eod_id=args.eod_id, max_documents=args.max_documents)
+    except InputError as exc:
+        sys.exit(f"tokenize: {exc}")
+    stats.update({"dataset": manifest["dataset"], "group": manifest["group"], "tokenizer": args.tokenizer})
+    write_json_atomic(args.stats, stats)
+    logging.info("%s: %d documents, %d tokens, %.0f tokens/s", args.out_prefix, stats["documents"],
+                 stats["tokens"], stats["tokens_per_second"])
+
+
+if __name__ == "__main__":
+    main()

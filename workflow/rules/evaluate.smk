@@ -1,0 +1,49 @@
+# Evaluate: lm-eval-harness on an export, one job per (checkpoint, shot group), offline.
+
+
+if INDEX.eval_tasks_marker:
+
+    rule build_eval_tasks:
+        input:
+            corpus=INDEX.local_tasks_corpus,
+        output:
+            INDEX.eval_tasks_marker,
+        log:
+            LAYOUT.log("evaluate", "build_eval_tasks"),
+        params:
+            out_dir=LAYOUT.eval_tasks_dir(),
+        shell:
+            "python scripts/build_eval_tasks.py --manifest {input.corpus} --out {params.out_dir} > {log} 2>&1"
+
+
+rule evaluate_group:
+    input:
+        hf=LAYOUT.hf_dir("{run_id}", "{iteration}"),
+        run=LAYOUT.run_json("{run_id}"),
+        tasks=INDEX.eval_tasks_marker,
+    output:
+        LAYOUT.eval_json("{run_id}", "{iteration}", "{shots}"),
+    log:
+        LAYOUT.log("evaluate", "{run_id}", "iter_{iteration}", "{shots}"),
+    params:
+        iteration=lambda wc: int(wc.iteration),
+        tasks=lambda wc: INDEX.group_tasks_json[wc.shots],
+        include=f"--include-path {LAYOUT.eval_tasks_dir()}" if INDEX.eval_tasks_marker else "",
+        batch_size=config["evaluation"]["batch_size"],
+        device=config["evaluation"]["device"],
+        dtype=config["evaluation"]["dtype"],
+        limit=f"--limit {config['evaluation']['limit']}" if config["evaluation"]["limit"] else "",
+        hf_home=lambda wc: f"{LAYOUT.run_dir(wc.run_id)}/eval/hf_home",
+    threads: 1
+    resources:
+        **INDEX.eval_resources,
+    shell:
+        "python scripts/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {params.iteration} "
+        "--group {wildcards.shots} --tasks-json {params.tasks:q} {params.include} --batch-size {params.batch_size} "
+        "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.hf_home} "
+        "--out {output} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        INDEX.evaluations,

@@ -1,0 +1,28 @@
+# Export: a checkpoint -> Hugging Face safetensors + config + tokenizer, behind a logit parity
+# gate against the Megatron model (no output when the gate fails).
+
+
+rule export_hf:
+    input:
+        run=LAYOUT.run_json("{run_id}"),
+        segment=lambda wc: INDEX.segment_of_checkpoint(wc.run_id, wc.iteration),
+    output:
+        directory(LAYOUT.hf_dir("{run_id}", "{iteration}")),
+    log:
+        LAYOUT.log("export", "{run_id}", "iter_{iteration}"),
+    params:
+        iteration=lambda wc: int(wc.iteration),
+        dtype=config["evaluation"]["export_dtype"],
+        tolerance=config["evaluation"]["parity_tolerance"],
+    threads: 1
+    resources:
+        runtime=60,
+        mem_mb=32000,
+    shell:
+        "python scripts/export_hf.py --run-json {input.run} --iteration {params.iteration} "
+        "--out {output} --dtype {params.dtype} --tolerance {params.tolerance} > {log} 2>&1"
+
+
+rule export:
+    input:
+        INDEX.exports,

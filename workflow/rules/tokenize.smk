@@ -1,0 +1,40 @@
+# Tokenize: one shard group -> one Megatron .bin/.idx pair (+ stats).
+
+
+rule tokenize_group:
+    input:
+        manifest=LAYOUT.download_manifest("{dataset}", "{group}"),
+    output:
+        bin=LAYOUT.tokenized_files("{dataset}", "{group}")["bin"],
+        idx=LAYOUT.tokenized_files("{dataset}", "{group}")["idx"],
+        stats=LAYOUT.tokenized_files("{dataset}", "{group}")["stats"],
+    log:
+        LAYOUT.log("tokenize", "{dataset}", "group_{group}"),
+    benchmark:
+        LAYOUT.benchmark("tokenize", "{dataset}", "group_{group}")
+    params:
+        prefix=lambda wc: LAYOUT.tokenized_prefix(wc.dataset, wc.group),
+        fmt=lambda wc: INDEX.dataset_block(wc.dataset)["format"],
+        text_field=lambda wc: INDEX.dataset_block(wc.dataset)["text_field"],
+        max_docs=lambda wc: (
+            f"--max-documents {INDEX.dataset_block(wc.dataset)['max_documents']}"
+            if INDEX.dataset_block(wc.dataset)["max_documents"]
+            else ""
+        ),
+        tokenizer=config["tokenizer"]["path"],
+        sha256=config["tokenizer"]["sha256"],
+        eod=config["tokenizer"]["eod_id"],
+    threads: 2
+    resources:
+        runtime=12 * 60,
+        mem_mb=8000,
+    shell:
+        "RAYON_NUM_THREADS={threads} python scripts/tokenize_group.py --manifest {input.manifest} "
+        "--format {params.fmt} --text-field {params.text_field} --tokenizer {params.tokenizer} "
+        "--tokenizer-sha256 {params.sha256} --eod-id {params.eod} {params.max_docs} "
+        "--out-prefix {params.prefix} --stats {output.stats} > {log} 2>&1"
+
+
+rule tokenize:
+    input:
+        INDEX.tokenized,

@@ -1,0 +1,48 @@
+# Train: a run is a chain of segment jobs, each resuming from the latest complete checkpoint and
+# ending at a checkpoint iteration. Checkpoints live outside Snakemake's outputs; the segment's
+# output is a small marker, so a failed job never deletes saved checkpoints.
+
+
+rule run_config:
+    output:
+        LAYOUT.run_json("{run_id}"),
+    log:
+        LAYOUT.log("train", "{run_id}", "run_config"),
+    params:
+        document=lambda wc: INDEX.run_document(wc.run_id),
+    localrule: True
+    script:
+        "../../scripts/write_json.py"
+
+
+rule train_segment:
+    input:
+        run=LAYOUT.run_json("{run_id}"),
+        data=lambda wc: INDEX.tokenized_inputs(wc.run_id),
+        previous=lambda wc: INDEX.previous_segment(wc.run_id, wc.end),
+    output:
+        LAYOUT.segment_marker("{run_id}", "{end}"),
+    log:
+        LAYOUT.log("train", "{run_id}", "segment_{end}"),
+    params:
+        until=lambda wc: int(wc.end),
+        launcher=lambda wc: INDEX.train_launcher(wc.run_id),
+        env=INDEX.train_env(),
+    threads: lambda wc: INDEX.train_threads(wc.run_id)
+    resources:
+        nodes=lambda wc: INDEX.train_resources(wc.run_id)["nodes"],
+        gres=lambda wc: INDEX.train_resources(wc.run_id)["gres"],
+        tasks_per_gpu=0,
+        mpi=lambda wc: INDEX.train_resources(wc.run_id)["mpi"],
+        tasks=lambda wc: INDEX.train_resources(wc.run_id)["tasks"],
+        runtime=lambda wc: INDEX.train_resources(wc.run_id)["runtime"],
+        mem_mb=lambda wc: INDEX.train_resources(wc.run_id)["mem_mb"],
+        cpus_per_task=lambda wc: INDEX.train_resources(wc.run_id)["cpus_per_task"],
+    shell:
+        "{params.env} {params.launcher} scripts/train.py --run-json {input.run} "
+        "--until {params.until} --marker {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        INDEX.final_segments,
