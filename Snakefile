@@ -19,6 +19,7 @@ min_version("9.27")
 import yaml
 
 from osref.grid import load_grid, plan_rows
+from osref.config import repo_relative
 from osref.workflow import WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
 
 if "experiments" not in config:
@@ -30,6 +31,7 @@ if "experiments" not in config:
 GRID = load_grid(config)  # schema + cross-field validation; a bad config stops here, naming the key
 INDEX = WorkflowIndex(GRID)
 LAYOUT = GRID.layout
+SCRIPTS = repo_path("scripts")
 
 wildcard_constraints:
     **WILDCARD_CONSTRAINTS,

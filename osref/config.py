@@ -95,6 +95,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def repo_relative(path: str) -> str:
+    """Resolve a config path that is relative to the repository (assets, local datasets)."""
+    return path if Path(path).is_absolute() else str(REPO_ROOT / path)
+
+
 # ---- units --------------------------------------------------------------------------------------
 
 def budget_tokens(budget: str | int) -> int:

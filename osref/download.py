@@ -85,22 +85,23 @@ def _list_http(dataset: dict, repo_root: Path) -> list[dict]:
 
 
 def assign_groups(files: list[dict], n_groups: int) -> list[list[int]]:
-    """Contiguous chunks of the path-sorted list with about equal bytes (unknown sizes count 1)."""
+    """Contiguous chunks of the path-sorted list with about equal bytes, at least one file each.
+
+    Unknown sizes count as one byte. Returns indices into ``files``.
+    """
     order = sorted(range(len(files)), key=lambda i: files[i]["path"])
     if len(order) < n_groups:
         raise ValueError(f"{len(order)} files cannot fill {n_groups} shard groups; lower shard_groups")
-    weights = [files[i]["size"] or 1 for i in order]
-    total = sum(weights)
-    groups: list[list[int]] = [[] for _ in range(n_groups)]
-    acc = 0
-    for position, (i, w) in enumerate(zip(order, weights)):
-        remaining_files = len(order) - position
-        g = min(int(acc * n_groups / total), n_groups - 1)
-        # keep at least one file for each group still to come
-        g = max(g, n_groups - remaining_files)
-        groups[g].append(i)
-        acc += w
-    return groups
+    cumulative = [0]
+    for i in order:
+        cumulative.append(cumulative[-1] + (files[i]["size"] or 1))
+    cuts = [0]
+    for k in range(1, n_groups):
+        target = k * cumulative[-1] / n_groups
+        candidates = range(cuts[-1] + 1, len(order) - (n_groups - k) + 1)
+        cuts.append(min(candidates, key=lambda c: abs(cumulative[c] - target)))
+    cuts.append(len(order))
+    return [order[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def list_dataset(name: str, dataset: dict, out_path: str | Path, repo_root: str | Path) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pathlib import Path
 
-from osref.config import ConfigError, budget_tokens, load_config, validate, walltime_minutes
+from osref.config import ConfigError, budget_tokens, load_config, repo_relative, validate, walltime_minutes
 from osref.model_spec import ModelSpec
 from osref.paths import Layout
 from osref.protocol import shot_groups
@@ -327,7 +327,7 @@ def run_document(grid: Grid, run: Run) -> dict[str, Any]:
             "weights": None,
             "cache_dir": layout.index_cache(),
         },
-        "tokenizer": dict(config["tokenizer"]),
+        "tokenizer": {**config["tokenizer"], "path": repo_relative(config["tokenizer"]["path"])},
         "paths": {"run_dir": layout.run_dir(run.run_id)},
     }
 

@@ -123,6 +123,9 @@ class MegatronWriter:
         self._bin.write(flat.tobytes(order="C"))
         self._lengths.append(lengths)
 
+    def has_data(self) -> bool:
+        return any(len(lengths) for lengths in self._lengths)
+
     def finish(self) -> dict[str, int]:
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
@@ -194,21 +197,26 @@ def tokenize_files(
     from tqdm import tqdm  # noqa: PLC0415
 
     writer = MegatronWriter(out_prefix)
-    stats = {"files": [str(f) for f in files], "documents": 0, "tokens": 0, "text_bytes": 0, "empty_documents": 0}
+    stats = {"files": [str(f) for f in files], "documents": 0, "tokens": 0, "text_bytes": 0, "empty_documents": 0,
+             "empty_files": []}
     started = time.time()
     bar = tqdm(total=max_documents, unit="doc", disable=not progress, mininterval=2.0, desc=Path(out_prefix).name)
     try:
         def documents() -> Iterator[str]:
             seen = 0
             for path in files:
+                in_file = 0
                 for text in iter_documents(path, fmt, text_field):
                     if max_documents is not None and seen >= max_documents:
                         return
                     seen += 1
+                    in_file += 1
                     if not text:
                         stats["empty_documents"] += 1
                         continue
                     yield text
+                if in_file == 0:
+                    stats["empty_files"].append(str(path))
 
         for batch in _batched(documents(), batch_size):
             encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
@@ -216,6 +224,8 @@ def tokenize_files(
             writer.add_batch(tokens)
             stats["text_bytes"] += sum(len(t.encode("utf-8")) for t in batch)
             bar.update(len(batch))
+        if not writer.has_data():
+            raise InputError(f"no documents in {', '.join(map(str, files))}")
     except BaseException:
         writer.abort()
         raise

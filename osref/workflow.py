@@ -153,7 +153,7 @@ class WorkflowIndex:
         if launcher == "srun":
             return (
                 f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
-                f"{container}bash scripts/torchrun_slurm.sh {per_node}"
+                f"{container}bash {repo_path('scripts', 'torchrun_slurm.sh')} {per_node}"
             )
         if per_node == 1:
             return f"{container}python"

@@ -8,8 +8,6 @@ configured throughput, nodes, Snakemake jobs) and prints a summary:
     python scripts/plan.py --config config/config.yaml --out /tmp/plan.csv   # without Snakemake
 """
 
-from __future__ import annotations
-
 import argparse
 import csv
 import os
@@ -17,7 +15,6 @@ import sys
 from pathlib import Path
 
 from osref.grid import PLAN_COLUMNS, load_grid, plan_rows
-
 
 def write_plan(rows: list[dict], out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +24,6 @@ def write_plan(rows: list[dict], out: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, out)
-
 
 def summary(rows: list[dict]) -> str:
     lines = [f"{'run_id':40s} {'params':>8s} {'iters':>8s} {'ckpts':>5s} {'FLOPs':>9s} {'GPU-h':>9s} {'nodes':>5s} {'jobs':>5s}"]
@@ -40,7 +36,6 @@ def summary(rows: list[dict]) -> str:
     lines.append(f"{len(rows)} runs, {sum(r['flops'] for r in rows):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
                  f"{sum(r['jobs'] for r in rows)} training/export/eval jobs")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     if "snakemake" in globals():

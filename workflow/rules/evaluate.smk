@@ -13,7 +13,7 @@ if INDEX.eval_tasks_marker:
         params:
             out_dir=LAYOUT.eval_tasks_dir(),
         shell:
-            "python scripts/build_eval_tasks.py --manifest {input.corpus} --out {params.out_dir} > {log} 2>&1"
+            "python {SCRIPTS}/build_eval_tasks.py --manifest {input.corpus} --out {params.out_dir} > {log} 2>&1"
 
 
 rule evaluate_group:
@@ -38,7 +38,7 @@ rule evaluate_group:
     resources:
         **INDEX.eval_resources,
     shell:
-        "python scripts/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {params.iteration} "
+        "python {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {params.iteration} "
         "--group {wildcards.shots} --tasks-json {params.tasks:q} {params.include} --batch-size {params.batch_size} "
         "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.hf_home} "
         "--out {output} > {log} 2>&1"

@@ -19,7 +19,7 @@ rule export_hf:
         runtime=60,
         mem_mb=32000,
     shell:
-        "python scripts/export_hf.py --run-json {input.run} --iteration {params.iteration} "
+        "python {SCRIPTS}/export_hf.py --run-json {input.run} --iteration {params.iteration} "
         "--out {output} --dtype {params.dtype} --tolerance {params.tolerance} > {log} 2>&1"
 
 

@@ -21,7 +21,7 @@ rule tokenize_group:
             if INDEX.dataset_block(wc.dataset)["max_documents"]
             else ""
         ),
-        tokenizer=config["tokenizer"]["path"],
+        tokenizer=repo_relative(config["tokenizer"]["path"]),
         sha256=config["tokenizer"]["sha256"],
         eod=config["tokenizer"]["eod_id"],
     threads: 2
@@ -29,7 +29,7 @@ rule tokenize_group:
         runtime=12 * 60,
         mem_mb=8000,
     shell:
-        "RAYON_NUM_THREADS={threads} python scripts/tokenize_group.py --manifest {input.manifest} "
+        "RAYON_NUM_THREADS={threads} python {SCRIPTS}/tokenize_group.py --manifest {input.manifest} "
         "--format {params.fmt} --text-field {params.text_field} --tokenizer {params.tokenizer} "
         "--tokenizer-sha256 {params.sha256} --eod-id {params.eod} {params.max_docs} "
         "--out-prefix {params.prefix} --stats {output.stats} > {log} 2>&1"

@@ -39,7 +39,7 @@ rule train_segment:
         mem_mb=lambda wc: INDEX.train_resources(wc.run_id)["mem_mb"],
         cpus_per_task=lambda wc: INDEX.train_resources(wc.run_id)["cpus_per_task"],
     shell:
-        "{params.env} {params.launcher} scripts/train.py --run-json {input.run} "
+        "{params.env} {params.launcher} {SCRIPTS}/train.py --run-json {input.run} "
         "--until {params.until} --marker {output} > {log} 2>&1"
 
 

@@ -1,0 +1,239 @@
+"""Config contract: schema, defaults, cross-field checks, and the release grid's golden numbers."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from osref.config import ConfigError, budget_tokens, load_config
+from osref.grid import load_grid, plan_rows, run_document
+from osref.model_spec import ModelSpec, padded_vocab_size
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "config" / "config.yaml"
+DEMO = ROOT / "config" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def release_raw() -> dict:
+    return yaml.safe_load(RELEASE.read_text())
+
+
+@pytest.fixture(scope="module")
+def release_grid():
+    return load_grid(RELEASE)
+
+
+def bad(raw: dict, mutate) -> str:
+    config = copy.deepcopy(raw)
+    mutate(config)
+    with pytest.raises(ConfigError) as info:
+        load_grid(config)
+    return str(info.value)
+
+
+# ---- the release grid ------------------------------------------------------------------------------
+
+def test_release_grid_is_the_36_reference_runs(release_grid):
+    with open(ROOT / "config" / "reference" / "runs.csv", newline="") as fh:
+        refs = [r for r in csv.DictReader(fh) if r["reference"] == "True"]
+    expected = {f"{r['size']}-{r['dataset']}-{r['tokens']}-{r['seq_length']}" for r in refs}
+    assert len(release_grid.runs) == 36
+    assert set(release_grid.runs) == expected
+
+
+@pytest.mark.parametrize(
+    "scale, params_m",
+    [("0.13b", 125.2), ("0.4b", 403.6), ("1.3b", 1308.5), ("1.7b", 1714.4)],
+)
+def test_parameter_counts_match_the_release(release_grid, scale, params_m):
+    run = next(r for r in release_grid.runs.values() if r.scale == scale)
+    assert run.params / 1e6 == pytest.approx(params_m, rel=1e-3)
+
+
+def test_iterations_checkpoints_and_schedule_match_reference_runs(release_grid):
+    with open(ROOT / "config" / "reference" / "runs.csv", newline="") as fh:
+        refs = {f"{r['size']}-{r['dataset']}-{r['tokens']}-{r['seq_length']}": r for r in csv.DictReader(fh) if r["reference"] == "True"}
+    for run_id, run in release_grid.runs.items():
+        ref = refs[run_id]
+        assert run.train_iters == int(ref["train_iters"]), run_id
+        assert run.global_batch_size == int(ref["global_batch_size"]), run_id
+        assert run.recipe["warmup_iters"] == int(ref["lr_warmup_iters"]), run_id
+        assert run.spec.ffn_hidden_size == int(ref["ffn_hidden_size"]), run_id
+
+
+def test_golden_300b_run(release_grid):
+    run = release_grid.runs["1.7b-dclm-300B-4096"]
+    assert run.train_iters == 72661
+    assert len(run.checkpoint_iters) == 37
+    assert run.checkpoint_iters[:2] == (2000, 4000) and run.checkpoint_iters[-2:] == (72000, 72661)
+    assert run.cooldown_iters == 14532
+    assert run.flops == pytest.approx(6 * 1714377728 * 72661 * 1008 * 4096)
+    assert run.segment_ends[-1] == 72661
+    assert all(end % 2000 == 0 for end in run.segment_ends[:-1])
+    assert run.eval_iters == run.checkpoint_iters
+    one_t = release_grid.runs["1.7b-dclm-1T-4096"]
+    assert one_t.train_iters == 242204 and one_t.cooldown_iters == 48440 and len(one_t.checkpoint_iters) == 122
+    fifty = release_grid.runs["1.3b-c4-50B-4096"]
+    assert fifty.train_iters == 12111 and fifty.recipe["warmup_iters"] == 1000 and len(fifty.checkpoint_iters) == 13
+
+
+def test_0_4b_batch_and_override(release_grid):
+    assert release_grid.runs["0.4b-c4-300B-4096"].train_iters == 73243
+    c4_small = release_grid.runs["0.13b-c4-300B-4096"]
+    assert c4_small.global_batch_size == 1024 and c4_small.train_iters == 71526
+    assert c4_small.resources["nodes"] == 16
+
+
+def test_plan_rows_have_the_contract_columns(release_grid):
+    rows = plan_rows(release_grid)
+    assert len(rows) == 36
+    required = ["run_id", "scale", "dataset", "tokens", "seq_length", "global_batch_size", "params", "train_iters",
+                "checkpoints", "flops", "gpu_hours", "nodes", "gpus_per_node", "jobs"]
+    assert list(rows[0])[: len(required)] == required
+    row = next(r for r in rows if r["run_id"] == "1.7b-nemotron-cc-hq-300B-4096")
+    # 1.2 s/iteration on 252 A100s in the original → about 6 100 GPU-hours for 72 661 iterations.
+    assert 5500 < row["gpu_hours"] < 6500
+    assert row["jobs"] == row["segments"] + 37 * (1 + 3)
+
+
+def test_run_document_is_complete_and_stable(release_grid):
+    doc = run_document(release_grid, release_grid.runs["0.13b-pile-300B-4096"])
+    assert doc["model"]["num_layers"] == 22 and doc["model"]["vocab_size"] == 50304
+    assert doc["train"]["lr"] == 4e-3 and doc["train"]["warmup_iters"] == 25000
+    assert doc["train"]["checkpoint_iters"][-1] == doc["train"]["train_iters"] == 72661
+    assert doc["data"]["prefixes"] == [f"results/data/tokenized/pile/group_{g:03d}" for g in range(8)]
+    assert doc == run_document(load_grid(RELEASE), load_grid(RELEASE).runs["0.13b-pile-300B-4096"])
+
+
+def test_defaults_are_the_0_01_architecture(release_grid):
+    spec = release_grid.runs["1.7b-c4-300B-4096"].spec
+    assert (spec.norm_epsilon, spec.rotary_base, spec.kv_channels) == (1e-5, 10000, 64)
+    assert spec.qk_layernorm and spec.add_bias_linear and spec.tie_embeddings and spec.swiglu
+    assert (spec.hidden_dropout, spec.attention_dropout, spec.seq_length) == (0.1, 0.1, 4096)
+    assert spec.family == "hy_v3"
+    assert padded_vocab_size(50277) == 50304 and padded_vocab_size(50277, tensor_parallel=2) == 50432
+
+
+def test_demo_config_is_valid():
+    grid = load_grid(DEMO)
+    (run,) = grid.runs.values()
+    assert run.run_id == "tiny-pydocs-0.25M-128"
+    assert run.train_iters == 245 and run.checkpoint_iters == (50, 100, 150, 200, 245)
+    assert run.segment_ends == (100, 200, 245)
+    assert set(grid.groups) == {"0shot", "2shot"}
+
+
+def test_budget_units():
+    assert budget_tokens("300B") == 300_000_000_000
+    assert budget_tokens("1T") == 10**12
+    assert budget_tokens("0.25M") == 250_000
+    assert budget_tokens(1234) == 1234
+
+
+def test_model_spec_from_config_ignores_resources():
+    spec = ModelSpec.from_config("x", {"num_layers": 2, "hidden_size": 8, "ffn_hidden_size": 16,
+                                       "num_attention_heads": 2, "resources": {}, "global_batch_size": 4})
+    assert spec.num_layers == 2
+
+
+# ---- bad configs: each fails before anything runs, naming the key ------------------------------------
+
+def test_misspelled_key_is_named(release_raw):
+    msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"warmup_iter": 5}))
+    assert "recipes.open-sci-ref-0.01" in msg and "'warmup_iter'" in msg
+
+
+def test_misspelled_top_level_key(release_raw):
+    msg = bad(release_raw, lambda c: c.update({"experiment": []}))
+    assert "unknown key 'experiment'" in msg
+
+
+def test_unknown_scale_is_named(release_raw):
+    msg = bad(release_raw, lambda c: c["experiments"][0]["scales"].append("0.2b"))
+    assert "experiments[0].scales[4]: unknown scale '0.2b'" in msg
+
+
+def test_unknown_dataset_is_named(release_raw):
+    msg = bad(release_raw, lambda c: c["experiments"][1]["datasets"].append("redpajama"))
+    assert "experiments[1].datasets[3]: unknown dataset 'redpajama'" in msg
+
+
+def test_wrong_type_is_named(release_raw):
+    msg = bad(release_raw, lambda c: c["scales"]["0.4b"].update({"num_layers": "22"}))
+    assert "scales.0.4b.num_layers" in msg and "not of type 'integer'" in msg
+
+
+def test_negative_budget(release_raw):
+    msg = bad(release_raw, lambda c: c["experiments"][0].update({"budgets": [-5]}))
+    assert "experiments[0].budgets[0]" in msg
+
+
+def test_malformed_budget(release_raw):
+    msg = bad(release_raw, lambda c: c["experiments"][0].update({"budgets": ["300G"]}))
+    assert "experiments[0].budgets[0]" in msg
+
+
+def test_duplicate_run_id(release_raw):
+    def dup(c):
+        c["experiments"].append(copy.deepcopy(c["experiments"][1]))
+    assert "duplicate run id '1.7b-dclm-1T-4096'" in bad(release_raw, dup)
+
+
+def test_unknown_eval_task(release_raw):
+    msg = bad(release_raw, lambda c: c["evaluation"]["protocols"]["open-sci-ref-0.01"].append(
+        {"task": "hellaswagg", "shots": 10, "metric": "acc"}))
+    assert "unknown eval task 'hellaswagg'" in msg and "evaluation.protocols.open-sci-ref-0.01[12].task" in msg
+
+
+def test_walltime_shorter_than_one_save_interval(release_raw):
+    msg = bad(release_raw, lambda c: c["scales"]["1.7b"]["resources"].update({"walltime": "30m"}))
+    assert "scales.1.7b.resources.walltime" in msg and "shorter than one save interval" in msg
+
+
+def test_batch_not_divisible_by_micro_batch_times_dp(release_raw):
+    msg = bad(release_raw, lambda c: c["scales"]["1.3b"]["resources"].update({"micro_batch_size": 5}))
+    assert "global_batch_size 1008 is not divisible by micro_batch_size 5 x data-parallel size 252" in msg
+
+
+def test_missing_required_path_of_a_source(release_raw):
+    msg = bad(release_raw, lambda c: c["datasets"]["c4"].pop("repo_id"))
+    assert "datasets.c4.repo_id: required for source 'hub'" in msg
+
+
+def test_override_of_unknown_run(release_raw):
+    msg = bad(release_raw, lambda c: c["overrides"].update({"0.13b-c5-300B-4096": {"lr": 1e-3}}))
+    assert "overrides: no run with id '0.13b-c5-300B-4096'" in msg
+
+
+def test_eval_iterations_must_be_checkpoints(release_raw):
+    msg = bad(release_raw, lambda c: c["evaluation"].update({"iterations": [2000, 2500]}))
+    assert "evaluation.iterations: [2500] are not saved checkpoints" in msg
+
+
+def test_unknown_protocol(release_raw):
+    assert "evaluation.protocol: unknown protocol 'v2'" in bad(release_raw, lambda c: c["evaluation"].update({"protocol": "v2"}))
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("datasets: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(path)
+
+
+def test_select_restricts_the_grid(release_raw):
+    config = copy.deepcopy(release_raw)
+    config["select"] = {"scales": ["1.7b"], "datasets": ["dclm"]}
+    assert sorted(load_grid(config).runs) == ["1.7b-dclm-1T-4096", "1.7b-dclm-300B-4096"]
+
+
+def test_eval_every_k_keeps_the_last(release_raw):
+    config = copy.deepcopy(release_raw)
+    config["evaluation"]["every"] = 10
+    run = load_grid(config).runs["1.7b-pile-300B-4096"]
+    assert run.eval_iters == (20000, 40000, 60000, 72661)

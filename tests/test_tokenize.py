@@ -1,0 +1,190 @@
+"""Tokenization: byte-identity with Megatron's format, readers for every input format, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from osref.tokenize import InputError, MegatronWriter, iter_documents, load_tokenizer, tokenize_files
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "assets" / "demo-corpus" / "pydocs311_rst_corpus.jsonl.zst"
+TOKENIZER_SHA256 = "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ROOT / "assets" / "gpt-neox-20b", TOKENIZER_SHA256)
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[str]:
+    out = []
+    for text in iter_documents(CORPUS, "jsonl.zst"):
+        out.append(text)
+        if len(out) == 60:
+            break
+    return out
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def reference_writer(token_lists: list[list[int]], prefix: Path) -> None:
+    """An independent, straightforward writer of Megatron's document-level format (the oracle)."""
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int32)
+    pointers = np.concatenate([[0], np.cumsum(lengths[:-1].astype(np.int64) * 2)]).astype(np.int64)
+    with open(f"{prefix}.bin", "wb") as fh:
+        for toks in token_lists:
+            fh.write(np.array(toks, dtype=np.uint16).tobytes())
+    with open(f"{prefix}.idx", "wb") as fh:
+        fh.write(b"MMIDIDX\x00\x00" + (1).to_bytes(8, "little") + bytes([8]))
+        fh.write(len(lengths).to_bytes(8, "little") + (len(lengths) + 1).to_bytes(8, "little"))
+        fh.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+
+
+def write_jsonl(path: Path, texts: list[str], compress: str | None = None, field: str = "text") -> Path:
+    payload = "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
+    if compress == "gz":
+        payload = gzip.compress(payload)
+    elif compress == "zst":
+        payload = zstandard.ZstdCompressor().compress(payload)
+    path.write_bytes(payload)
+    return path
+
+
+def test_tokenizer_self_check(tokenizer):
+    assert tokenizer.encode("Hello world", add_special_tokens=False).ids == [12092, 1533]
+    assert tokenizer.get_vocab_size() == 50277
+    assert tokenizer.token_to_id("<|endoftext|>") == 0
+
+
+def test_tokenizer_hash_is_checked(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="sha256"):
+        load_tokenizer(tmp_path, TOKENIZER_SHA256)
+
+
+def test_demo_corpus_matches_golden_megatron_output(tokenizer, tmp_path):
+    stats = tokenize_files([CORPUS], tmp_path / "demo", tokenizer, fmt="jsonl.zst", progress=False)
+    assert (stats["documents"], stats["tokens"]) == (2866, 2950737)
+    assert sha256(tmp_path / "demo.bin") == "9e0c2c1ede310368e764eeef709c0c74b4ba0eb4db77130955af8f0d729fcd46"
+    assert sha256(tmp_path / "demo.idx") == "93f8041f19912e93432fec5e89d96ba9e6a7ce239d39b0795f2a62b3f7d350fb"
+
+
+def test_group_equals_reference_writer_over_files_in_order(tokenizer, docs, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", docs[:25])
+    b = write_jsonl(tmp_path / "b.jsonl.zstd", docs[25:], compress="zst")  # DCLM's suffix
+    tokenize_files([a, b], tmp_path / "ours", tokenizer, fmt="jsonl.zstd", batch_size=7, progress=False)
+    expected = [enc.ids + [0] for enc in tokenizer.encode_batch(docs, add_special_tokens=False)]
+    reference_writer(expected, tmp_path / "ref")
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes()
+
+
+def test_megatron_reads_it_back(tokenizer, docs, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokenize_files([write_jsonl(tmp_path / "x.jsonl", docs)], tmp_path / "x", tokenizer, fmt="jsonl", progress=False)
+    dataset = IndexedDataset(str(tmp_path / "x"))
+    assert len(dataset) == len(docs)
+    first = tokenizer.encode(docs[0], add_special_tokens=False).ids + [0]
+    assert dataset[0].tolist() == first and dataset[0].dtype == np.uint16
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "json.gz", "jsonl.zst", "parquet"])
+def test_every_format_gives_the_same_documents(fmt, docs, tmp_path):
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"text": docs, "other": list(range(len(docs)))}), path, row_group_size=16)
+    else:
+        write_jsonl(path, docs, compress={"jsonl": None, "jsonl.gz": "gz", "json.gz": "gz", "jsonl.zst": "zst"}[fmt])
+    assert list(iter_documents(path, fmt)) == docs
+
+
+def test_configurable_text_field(docs, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", docs[:3], field="content")
+    assert list(iter_documents(path, "jsonl", "content")) == docs[:3]
+
+
+def test_empty_documents_are_skipped_and_counted(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "e.jsonl", ["one", "", "two"])
+    stats = tokenize_files([path], tmp_path / "e", tokenizer, fmt="jsonl", progress=False)
+    assert stats["documents"] == 2 and stats["empty_documents"] == 1
+
+
+def test_large_document(tokenizer, tmp_path):
+    big = "word " * 400_000  # 2 MB in one document
+    stats = tokenize_files([write_jsonl(tmp_path / "b.jsonl", [big])], tmp_path / "b", tokenizer, fmt="jsonl", progress=False)
+    assert stats["documents"] == 1 and stats["tokens"] > 400_000
+
+
+def test_max_documents(tokenizer, docs, tmp_path):
+    stats = tokenize_files([write_jsonl(tmp_path / "m.jsonl", docs)], tmp_path / "m", tokenizer, fmt="jsonl",
+                           max_documents=5, progress=False)
+    assert stats["documents"] == 5
+
+
+# ---- bad input: a clear error naming the file, and no output pair left behind --------------------------
+
+def assert_fails_cleanly(tokenizer, files, fmt, tmp_path, match):
+    with pytest.raises(InputError, match=match):
+        tokenize_files(files, tmp_path / "out" / "g", tokenizer, fmt=fmt, progress=False)
+    assert list((tmp_path / "out").glob("*")) == []
+
+
+def test_missing_text_field(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", ["a", "b"], field="body")
+    assert_fails_cleanly(tokenizer, [path], "jsonl", tmp_path, r"f\.jsonl: line 1: no text field 'text'")
+
+
+def test_non_utf8(tokenizer, tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe bad"}\n')
+    assert_fails_cleanly(tokenizer, [path], "jsonl", tmp_path, r"n\.jsonl: line 2: not UTF-8")
+
+
+def test_corrupt_zstd(tokenizer, docs, tmp_path):
+    path = write_jsonl(tmp_path / "z.jsonl.zst", docs, compress="zst")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64
+    path.write_bytes(bytes(data))
+    assert_fails_cleanly(tokenizer, [path], "jsonl.zst", tmp_path, r"z\.jsonl\.zst: corrupt")
+
+
+def test_truncated_parquet(tokenizer, docs, tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": docs}), path)
+    path.write_bytes(path.read_bytes()[:-100])
+    assert_fails_cleanly(tokenizer, [path], "parquet", tmp_path, r"t\.parquet")
+
+
+def test_parquet_without_text_column(tokenizer, tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), path)
+    assert_fails_cleanly(tokenizer, [path], "parquet", tmp_path, r"p\.parquet: no text column 'text'")
+
+
+def test_empty_file_is_counted_and_an_all_empty_group_fails(tokenizer, docs, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    full = write_jsonl(tmp_path / "full.jsonl", docs[:2])
+    stats = tokenize_files([empty, full], tmp_path / "ok", tokenizer, fmt="jsonl", progress=False)
+    assert stats["empty_files"] == [str(empty)] and stats["documents"] == 2
+    assert_fails_cleanly(tokenizer, [empty], "jsonl", tmp_path, "no documents in")
+
+
+def test_writer_abort_leaves_nothing(tmp_path):
+    writer = MegatronWriter(tmp_path / "w")
+    writer.add_batch([[1, 2, 0]])
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,119 @@
+"""The Snakemake workflow as users drive it: dry-runs of the release grid, profiles, plan, bad configs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+# Golden job counts of the release grid (36 runs; 8 datasets x 8 shard groups; 1562 evaluated
+# checkpoints; 3 shot groups). A change here is a change of the plan: update it knowingly.
+RELEASE_JOBS = {
+    "list_dataset": 8,
+    "download_group": 64,
+    "tokenize_group": 64,
+    "run_config": 36,
+    "train_segment": 64,
+    "export_hf": 1562,
+    "evaluate_group": 4686,
+    "report": 1,
+    "plan": 1,
+    "all": 1,
+}
+
+
+def snakemake(*args: str, cwd: Path = ROOT, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "OSR_SLURM_ACCOUNT": "acct", "OSR_SLURM_PARTITION": "cpu",
+             "OSR_SLURM_GPU_PARTITION": "gpu", **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[-1]
+    counts = {}
+    for line in table.splitlines():
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def release_dry_run() -> str:
+    """`snakemake --profile slurm -n` literally, from the repo root, on a machine without Slurm."""
+    proc = snakemake("--profile", "slurm", "-n")
+    return proc.stdout + proc.stderr
+
+
+def test_release_dry_run_plans_the_whole_grid(release_dry_run):
+    assert job_counts(release_dry_run) == RELEASE_JOBS
+
+
+def test_slurm_profile_maps_multi_node_training(release_dry_run):
+    job = next(block for block in release_dry_run.split("rule train_segment:")[1:]
+               if "run_id=1.7b-dclm-1T-4096, end=0060000" in block)
+    assert "nodes=63" in job and "gres=gpu:4" in job and "mpi=srun" in job and "tasks=63" in job
+    assert "runtime=1440" in job and "slurm_partition=gpu" in job and "slurm_account=acct" in job
+    assert "srun --nodes=63 --ntasks-per-node=1" in job and "torchrun_slurm.sh 4" in job
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in job
+    assert "--until 60000" in job
+
+
+def test_segment_chain_and_checkpoint_flow(release_dry_run):
+    block = next(b for b in release_dry_run.split("rule train_segment:")[1:]
+                 if "run_id=1.7b-dclm-1T-4096, end=0120000" in b)
+    assert "1.7b-dclm-1T-4096/train/segment_0060000.json" in block.split("output:")[0]
+    export = next(b for b in release_dry_run.split("rule export_hf:")[1:]
+                  if "run_id=1.7b-dclm-1T-4096, iteration=0062000" in b)
+    assert "segment_0120000.json" in export.split("output:")[0]
+
+
+def test_local_profile_and_demo_dry_run(tmp_path):
+    proc = snakemake("-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "profiles" / "local"),
+                     "-n", "--configfile", str(ROOT / "config" / "demo.yaml"))
+    counts = job_counts(proc.stdout)
+    assert counts["train_segment"] == 3 and counts["export_hf"] == 5 and counts["evaluate_group"] == 10
+    assert counts["build_eval_tasks"] == 1 and counts["report"] == 1
+
+
+def test_plan_target_writes_the_plan(tmp_path):
+    snakemake("plan", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "-c1")
+    with open(tmp_path / "results" / "plan.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 36
+    row = next(r for r in rows if r["run_id"] == "1.7b-dclm-300B-4096")
+    assert (row["params"], row["train_iters"], row["checkpoints"]) == ("1714377728", "72661", "37")
+    assert float(row["flops"]) == pytest.approx(6 * 1714377728 * 72661 * 1008 * 4096)
+    assert (tmp_path / "results" / "logs" / "plan" / "plan.log").read_text().startswith("run_id")
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c["recipes"]["demo"].update({"warmup_itrs": 3}), "recipes.demo: unknown key 'warmup_itrs'"),
+        (lambda c: c["experiments"][0].update({"scales": ["huge"]}), "experiments[0].scales[0]: unknown scale 'huge'"),
+    ],
+)
+def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    mutate(config)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    proc = snakemake("-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "-c1", "--configfile", str(bad), check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
