@@ -1,0 +1,317 @@
+"""Evaluate one exported Hugging Face checkpoint with lm-eval, offline and reproducibly.
+
+The open-sci-ref protocol runs lm-evaluation-harness once per few-shot group on every saved
+checkpoint. lm-eval's own outputs are awkward for a workflow: files carry a timestamp in their
+name, stderr may be the string ``"N/A"``, and a hub task without a local cache retries the network
+instead of failing. This module wraps ``lm_eval.simple_evaluate`` so that one call
+
+* evaluates the tasks of one shot group (the protocol is passed in as data),
+* never touches the network (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``, optional private
+  ``HF_HOME``) and fails before loading the model when a task's data is not available locally,
+* writes one JSON with a fixed name, atomically, holding the protocol metric per task plus the
+  raw lm-eval results, and nothing that changes between two identical runs except ``duration_s``.
+
+Protocol task dicts look like ``{"task": "copa", "shots": 0, "metric": "acc", "in_average": True}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Fields of lm-eval's result dict that change on every run; the run time is kept as duration_s.
+VOLATILE_RAW_KEYS = ("date", "start_time", "end_time", "total_evaluation_time_seconds")
+PROTOCOL_METRICS = ("acc", "acc_norm")
+
+
+class EvaluationError(RuntimeError):
+    """A task cannot be evaluated as asked (unknown task, data not available offline, bad metric)."""
+
+
+def validate_protocol_tasks(tasks: list[dict], num_fewshot: int | None = None) -> None:
+    """Check the task dicts' keys and that they all share ``num_fewshot`` (one call per shot group)."""
+    if not tasks:
+        raise ValueError("no tasks given")
+    for spec in tasks:
+        missing = {"task", "shots", "metric"} - set(spec)
+        if missing:
+            raise ValueError(f"task entry {spec!r} lacks key(s) {sorted(missing)}")
+        if spec["metric"] not in PROTOCOL_METRICS:
+            raise ValueError(f"task {spec['task']!r}: metric {spec['metric']!r} is not one of {PROTOCOL_METRICS}")
+        if num_fewshot is not None and int(spec["shots"]) != int(num_fewshot):
+            raise ValueError(
+                f"task {spec['task']!r} has shots={spec['shots']} but this call evaluates num_fewshot={num_fewshot}: "
+                "split the protocol into one call per shot group"
+            )
+    names = [spec["task"] for spec in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate task names in {names}")
+
+
+def average_of(scores: dict[str, float | None], tasks_in_average: Iterable[str]) -> float | None:
+    """Unweighted mean of ``scores`` over ``tasks_in_average``; None if any of them is missing.
+
+    A mean over fewer tasks is not comparable with the published average, so it is never returned.
+    """
+    names = list(tasks_in_average)
+    if not names:
+        return None
+    values = [scores.get(name) for name in names]
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        return None
+    return float(sum(values) / len(values))  # type: ignore[arg-type]
+
+
+def _set_hub_constants(offline: bool, hf_home: Path | None) -> None:
+    """Push the offline switch and cache home into already-imported HF libraries.
+
+    They read the environment once at import; a process that imported them earlier (a test
+    session, a notebook) would otherwise ignore the variables set here.
+    """
+    datasets_config = sys.modules.get("datasets.config")
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = offline
+        datasets_config.HF_DATASETS_OFFLINE = offline
+        if hf_home is not None:
+            datasets_config.HF_DATASETS_CACHE = Path(hf_home) / "datasets"
+            datasets_config.HF_MODULES_CACHE = Path(hf_home) / "modules"
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = offline
+        if hf_home is not None:
+            hub_constants.HF_HOME = str(hf_home)
+            hub_constants.HF_HUB_CACHE = str(Path(hf_home) / "hub")
+
+
+@contextlib.contextmanager
+def offline_environment(hf_home: Path | None = None) -> Iterator[None]:
+    """Run the body with the hub offline (and ``HF_HOME`` set, if given); restore everything after."""
+    names = list(OFFLINE_ENV) + (["HF_HOME"] if hf_home is not None else [])
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(OFFLINE_ENV)
+    if hf_home is not None:
+        Path(hf_home).mkdir(parents=True, exist_ok=True)
+        os.environ["HF_HOME"] = str(hf_home)
+    datasets_config = sys.modules.get("datasets.config")
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    saved_constants = {
+        (module, attr): getattr(module, attr)
+        for module, attrs in (
+            (datasets_config, ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_DATASETS_CACHE", "HF_MODULES_CACHE")),
+            (hub_constants, ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE")),
+        )
+        if module is not None
+        for attr in attrs
+        if hasattr(module, attr)
+    }
+    _set_hub_constants(True, hf_home)
+    try:
+        yield
+    finally:
+        for (module, attr), value in saved_constants.items():
+            setattr(module, attr, value)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def builtin_task_dirs(names: Iterable[str]) -> list[Path] | None:
+    """Folders of lm-eval's built-in tasks that define ``names`` (``task:``/``group:`` lines).
+
+    Indexing all ~15k built-in tasks takes seconds to tens of seconds on a busy CPU; scanning the
+    YAML text for the few names needed and including only their folders takes a fraction of that.
+    Returns None when a name is not found this way (the caller then indexes everything).
+    """
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    wanted = set(names)
+    pattern = re.compile(r"^(?:task|group):\s*['\"]?([A-Za-z0-9_.\-]+)['\"]?\s*$", re.MULTILINE)
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*.yaml")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for match in pattern.finditer(text):
+            if match.group(1) in wanted and match.group(1) not in found:
+                found[match.group(1)] = path.parent
+    if set(found) != wanted:
+        return None
+    return sorted(set(found.values()))
+
+
+def make_task_manager(task_names: list[str], include_path: Path | None):
+    """A TaskManager that knows ``task_names``: the include path alone, or just the built-in folders needed."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        include_path = Path(include_path)
+        if not include_path.is_dir():
+            raise FileNotFoundError(f"task include path is not a directory: {include_path}")
+        return TaskManager(include_path=str(include_path.resolve()), include_defaults=False)
+    dirs = builtin_task_dirs(task_names)
+    if dirs is None:
+        return TaskManager()
+    return TaskManager(include_path=[str(d) for d in dirs], include_defaults=False)
+
+
+def _is_offline_failure(error: BaseException) -> bool:
+    chain: BaseException | None = error
+    while chain is not None:
+        text = f"{type(chain).__name__}: {chain}"
+        if isinstance(chain, ConnectionError) or "Offline" in text or "offline" in text or "not cached" in text:
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def load_tasks(task_names: list[str], task_manager) -> list[Any]:
+    """Build every task (its dataset included) before the model is loaded, so bad tasks fail fast."""
+    loaded_objects = []
+    for name in task_names:
+        try:
+            loaded = task_manager.load([name])
+        except Exception as error:  # lm-eval and datasets raise many types; we re-raise with context
+            if _is_offline_failure(error):
+                raise EvaluationError(
+                    f"task {name!r}: its dataset is not available locally and the hub is offline "
+                    f"(HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, HF_HOME={os.environ.get('HF_HOME', '<default>')}). "
+                    "Pre-fetch it into HF_HOME where network is available, or use local task YAMLs via --include-path. "
+                    f"Cause: {type(error).__name__}: {error}"
+                ) from error
+            raise EvaluationError(f"task {name!r} could not be loaded: {type(error).__name__}: {error}") from error
+        task_object = loaded["groups"].get(name) or loaded["tasks"].get(name)
+        if task_object is None:
+            raise EvaluationError(f"task {name!r}: not found by the task manager (got {sorted(loaded['tasks'])})")
+        loaded_objects.append(task_object)
+    return loaded_objects
+
+
+def _number_or_none(value: Any) -> float | None:
+    if value is None or isinstance(value, str):  # lm-eval writes "N/A" when it has no stderr
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _leaf_sample_count(raw: dict, name: str) -> int | None:
+    counts = raw.get("n-samples", {})
+    if name in counts:
+        return int(counts[name]["effective"])
+    children = raw.get("group_subtasks", {}).get(name)
+    if not children:
+        return None
+    child_counts = [_leaf_sample_count(raw, child) for child in children]
+    return None if any(c is None for c in child_counts) else sum(child_counts)  # type: ignore[misc]
+
+
+def protocol_scores(raw: dict, tasks: list[dict]) -> dict[str, dict]:
+    """Pick the protocol metric (and its stderr) of each task out of lm-eval's result dict."""
+    scores = {}
+    for spec in tasks:
+        name, metric = spec["task"], spec["metric"]
+        task_results = raw.get("results", {}).get(name) or raw.get("groups", {}).get(name)
+        if task_results is None:
+            raise EvaluationError(f"lm-eval returned no results for task {name!r}")
+        key = f"{metric},none"
+        if key not in task_results:
+            raise EvaluationError(f"task {name!r}: metric key {key!r} not in lm-eval results ({sorted(task_results)})")
+        scores[name] = {
+            "metric": metric,
+            "value": _number_or_none(task_results[key]),
+            "stderr": _number_or_none(task_results.get(f"{metric}_stderr,none")),
+            "n_samples": _leaf_sample_count(raw, name),
+        }
+    return scores
+
+
+def json_safe(raw: dict) -> Any:
+    """lm-eval's results without samples or run-time stamps, as plain JSON types."""
+    from lm_eval.utils import handle_non_serializable
+
+    trimmed = {key: value for key, value in raw.items() if key != "samples" and key not in VOLATILE_RAW_KEYS}
+    return json.loads(json.dumps(trimmed, default=handle_non_serializable, sort_keys=True))
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_checkpoint(
+    hf_dir: Path,
+    tasks: list[dict],
+    *,
+    num_fewshot: int,
+    out_json: Path,
+    run_id: str,
+    iteration: int,
+    tokens_seen: int,
+    include_path: Path | None = None,
+    batch_size: int | str = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    limit: int | float | None = None,
+    seed: int = 1234,
+    hf_home: Path | None = None,
+) -> dict:
+    """Evaluate the tasks of one shot group on ``hf_dir``, write ``out_json`` and return its content."""
+    validate_protocol_tasks(tasks, num_fewshot)
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"not a Hugging Face model folder (no config.json): {hf_dir}")
+    task_names = [spec["task"] for spec in tasks]
+    started = time.perf_counter()
+    with offline_environment(hf_home):
+        import lm_eval
+        import torch
+        import transformers
+
+        task_manager = make_task_manager(task_names, include_path)
+        task_objects = load_tasks(task_names, task_manager)
+        raw = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(hf_dir.resolve()), "dtype": dtype},
+            tasks=task_objects,
+            num_fewshot=num_fewshot,
+            task_manager=task_manager,
+            device=device,
+            batch_size=batch_size,
+            limit=limit,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    if raw is None:
+        raise EvaluationError("lm-eval returned no results (not rank 0?)")
+    payload = {
+        "run_id": run_id,
+        "iteration": int(iteration),
+        "tokens_seen": int(tokens_seen),
+        "num_fewshot": int(num_fewshot),
+        "tasks": protocol_scores(raw, tasks),
+        "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else raw.get("lm_eval_version"),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "model_dir": str(hf_dir.resolve()),
+        "duration_s": round(time.perf_counter() - started, 3),
+        "raw": json_safe(raw),
+    }
+    write_json_atomic(Path(out_json), payload)
+    return payload

@@ -1,0 +1,124 @@
+"""Evaluate one exported checkpoint on one shot group of the protocol (lm-eval, offline).
+
+Writes one JSON (fixed name, atomic) with the protocol metric per task; see osref/evaluate.py.
+
+Examples (from the repository root):
+
+    # tiny CPU demo: local demo tasks, 20 items each, a tiny model exported by the demo run
+    python scripts/build_eval_tasks.py --corpus assets/demo-corpus/pydocs311_rst_corpus.jsonl.zst \
+        --out results/data/eval_tasks
+    python scripts/evaluate.py --hf-dir results/runs/tiny-demo-0.25M-128/hf/iter_0000040 \
+        --run-json tests/data/tiny_run.json --iteration 40 --group 0shot \
+        --tasks-json '[{"task": "demo_lastword", "shots": 0, "metric": "acc"},
+                       {"task": "demo_continuation", "shots": 0, "metric": "acc_norm"}]' \
+        --include-path results/data/eval_tasks --limit 20 --out /tmp/eval_0shot.json
+
+    # open-sci-ref protocol, 10-shot group, on a GPU, datasets pre-fetched into HF_HOME
+    python scripts/evaluate.py --hf-dir results/runs/RUN/hf/iter_0072661 --run-json results/runs/RUN/run.json \
+        --iteration 72661 --group 10shot --tasks-json protocol.json --device cuda --dtype bfloat16 \
+        --batch-size 32 --hf-home /path/to/hf_home --out results/runs/RUN/eval/iter_0072661/10shot.json
+
+--tasks-json is a file or an inline JSON list of {"task", "shots", "metric", "in_average"}; --group
+"<k>shot" selects the tasks with k shots from it (all of them must then share k).
+tokens_seen = iteration * train.global_batch_size * train.seq_length of the run JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def read_tasks(tasks_json: str) -> list[dict]:
+    text = Path(tasks_json).read_text(encoding="utf-8") if Path(tasks_json).is_file() else tasks_json
+    try:
+        tasks = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--tasks-json: neither a file nor valid JSON: {error}")
+    if not isinstance(tasks, list):
+        raise SystemExit("--tasks-json: expected a JSON list of task objects")
+    return tasks
+
+
+def select_group(tasks: list[dict], group: str) -> tuple[list[dict], int]:
+    from osref.protocol import shot_groups
+
+    groups = shot_groups(tasks)
+    if group not in groups:
+        raise SystemExit(f"--group {group!r}: the tasks form the groups {sorted(groups)}")
+    selected = groups[group]
+    return selected, int(selected[0]["shots"])
+
+
+def tokens_seen(run: dict, iteration: int, run_json: str) -> int:
+    try:
+        train = run["train"]
+        return iteration * int(train["global_batch_size"]) * int(train["seq_length"])
+    except KeyError as error:
+        raise SystemExit(f"{run_json}: missing key {error} (need train.global_batch_size and train.seq_length)")
+
+
+def batch_size_arg(text: str) -> int | str:
+    return text if text == "auto" or text.startswith("auto:") else int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json, weights, tokenizer)")
+    parser.add_argument("--run-json", required=True, help="resolved run JSON (run_id, train.global_batch_size, train.seq_length)")
+    parser.add_argument("--iteration", type=int, required=True, help="training iteration of the checkpoint")
+    parser.add_argument("--group", required=True, help="shot group to evaluate, '<k>shot' (e.g. 0shot, 10shot)")
+    parser.add_argument("--tasks-json", required=True, help="protocol task list: a file or inline JSON")
+    parser.add_argument("--out", required=True, help="output JSON (written atomically)")
+    parser.add_argument("--include-path", default=None, help="folder of local task YAMLs (only these are used)")
+    parser.add_argument("--batch-size", type=batch_size_arg, default=8, help="an integer, or 'auto' (GPU)")
+    parser.add_argument("--limit", type=float, default=None, help="items per task (int) or fraction (<1); for tests")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--hf-home", default=None, help="private HF_HOME holding pre-fetched datasets")
+    args = parser.parse_args(argv)
+
+    # The HF libraries read these at import time, so set them before anything imports them.
+    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    if args.hf_home:
+        os.environ["HF_HOME"] = str(Path(args.hf_home).resolve())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from osref.evaluate import evaluate_checkpoint
+
+    run = json.loads(Path(args.run_json).read_text(encoding="utf-8"))
+    if "run_id" not in run:
+        raise SystemExit(f"{args.run_json}: missing key 'run_id'")
+    tasks, num_fewshot = select_group(read_tasks(args.tasks_json), args.group)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    result = evaluate_checkpoint(
+        Path(args.hf_dir),
+        tasks,
+        num_fewshot=num_fewshot,
+        out_json=Path(args.out),
+        run_id=run["run_id"],
+        iteration=args.iteration,
+        tokens_seen=tokens_seen(run, args.iteration, args.run_json),
+        include_path=Path(args.include_path) if args.include_path else None,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        limit=limit,
+        seed=args.seed,
+        hf_home=Path(args.hf_home).resolve() if args.hf_home else None,
+    )
+    for task, score in result["tasks"].items():
+        logging.info("%s %s = %s (stderr %s, n=%s)", task, score["metric"], score["value"], score["stderr"], score["n_samples"])
+    logging.info("wrote %s in %.1f s", args.out, result["duration_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Build the report (tidy results table, missing cells, plots, index.html) from a manifest.
+
+Runs as a command line or as a Snakemake ``script:`` (params: manifest (dict), reference_dir,
+out_dir; output: manifest (the manifest is saved there); log: one file).
+
+Examples (from the repository root):
+
+    # the workflow's report, with the reference data
+    python scripts/report.py --manifest results/report/manifest.json --reference-dir config/reference \
+        --out-dir results/report
+
+    # tiny CPU example: a manifest by hand (format: see osref/report.py), a few seconds
+    python scripts/report.py --manifest /tmp/manifest.json --reference-dir config/reference --out-dir /tmp/report
+    xdg-open /tmp/report/index.html   # a static file, no server needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def run(manifest: dict, reference_dir: Path, out_dir: Path) -> list[str]:
+    from osref.report import build_report
+
+    summary = build_report(manifest, reference_dir, out_dir)
+    logging.info("%d result rows, %d missing cells", summary["n_results"], summary["n_missing"])
+    for path in summary["files"]:
+        logging.info("wrote %s", path)
+    return summary["files"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", required=True, help="manifest JSON: protocol + runs with their eval files")
+    parser.add_argument("--reference-dir", default="config/reference", help="folder with runs.csv, curves.csv.gz, baselines.csv")
+    parser.add_argument("--out-dir", required=True, help="report folder (created)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    manifest_path = Path(args.manifest)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"{manifest_path}: cannot read the manifest ({error})")
+    for path in run(manifest, Path(args.reference_dir), Path(args.out_dir)):
+        print(path)
+    return 0
+
+
+def snakemake_main(smk) -> None:
+    logging.basicConfig(
+        filename=smk.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    manifest = smk.params.manifest
+    manifest_out = Path(smk.output.manifest)
+    manifest_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = manifest_out.with_name(f".{manifest_out.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, manifest_out)
+    try:
+        run(manifest, Path(smk.params.reference_dir), Path(smk.params.out_dir))
+    except Exception:
+        logging.exception("report failed")
+        raise
+
+
+if __name__ == "__main__":
+    if "snakemake" in globals():
+        snakemake_main(snakemake)  # noqa: F821 (injected by Snakemake's script: directive)
+    else:
+        sys.exit(main())
