@@ -6,29 +6,47 @@ Group membership is a deterministic chunking of the sorted file list by bytes, w
 ``listing.json``, so reruns see the same groups.
 
 Three source kinds behave identically downstream: each group ends as a directory of files plus a
-``manifest.json`` with every file's size and sha256.
+``manifest.json`` with every file's size and sha256. A file whose size or sha256 differs from the
+listing is deleted and fetched once more; if it is still wrong the job fails naming the file, and no
+manifest is written. One tqdm bar per job shows the group's bytes, rate and ETA.
 
-- ``hub``: ``huggingface_hub`` (``HfApi.list_repo_tree`` at the pinned revision, then
-  ``hf_hub_download`` per file into the group directory). ``HF_ENDPOINT`` and ``HF_TOKEN`` are read
-  by huggingface_hub itself; the token is never written anywhere by this module.
+- ``hub``: ``huggingface_hub``. Listing: ``HfApi.dataset_info(revision=...)`` resolves the configured
+  branch/tag to a commit sha (stored as the listing's ``revision``, so every fetch is pinned to it),
+  then ``list_repo_tree(recursive=True)`` at that sha, filtered with ``allow_patterns`` /
+  ``ignore_patterns`` exactly like ``snapshot_download`` (fnmatch: ``*`` also matches ``/``; a pattern
+  ending in ``/`` selects a folder); LFS files carry their sha256. Fetch: ``hf_hub_download(local_dir=)``
+  per file, which lands at ``<group dir>/<repo path>`` (sub-folders kept) and keeps its bookkeeping in
+  ``<group dir>/.cache/huggingface/``: a file whose metadata matches the commit is returned without a
+  request. huggingface_hub retries a broken transfer in-process with a Range request, but a killed job
+  loses its partial ``*.incomplete`` file; the next run starts that file over (and removes strays).
+  ``HF_ENDPOINT`` is read when a job runs, ``HF_TOKEN`` by huggingface_hub itself; this module never
+  writes the token anywhere.
 - ``local``: glob patterns; files are hard-linked (or copied across filesystems) into the tree.
-- ``http``: a list of URLs (Nemotron-CC lives in Common Crawl's bucket, not on the hub).
+- ``http``: a list of URLs, or of paths relative to ``base_url`` (Nemotron-CC lives in Common Crawl's
+  bucket, not on the hub). Each file is written to ``<path>.partial`` and renamed when complete; a
+  broken transfer, in-process or in a later run, resumes from the partial file with a Range request.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import shutil
+import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 CHUNK = 1 << 20
+HTTP_ATTEMPTS = 5  # per file, for the http source; each attempt resumes where the last one stopped
+RETRYABLE_HTTP_STATUS = {408, 416, 429, 500, 502, 503, 504}  # 416: the partial file was dropped, start over
 
 
 def sha256_file(path: str | Path) -> str:
@@ -49,19 +67,31 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 
 # ---- listing ---------------------------------------------------------------------------------------
 
+def _hub_endpoint() -> str | None:
+    """``HF_ENDPOINT`` as set now; huggingface_hub itself reads it only once, at import."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    return endpoint.rstrip("/") if endpoint else None
+
+
 def _list_hub(dataset: dict) -> tuple[list[dict], str]:
     from huggingface_hub import HfApi  # noqa: PLC0415
+    from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415
+    from huggingface_hub.utils import filter_repo_objects  # noqa: PLC0415
 
-    api = HfApi()
-    info = api.dataset_info(dataset["repo_id"], revision=dataset["revision"])
-    files = []
-    for entry in api.list_repo_tree(dataset["repo_id"], revision=info.sha, repo_type="dataset", recursive=True):
-        if not hasattr(entry, "size") or entry.__class__.__name__ != "RepoFile":
-            continue
-        if any(fnmatch.fnmatchcase(entry.path, pattern) for pattern in dataset.get("allow_patterns", ["*"])):
-            lfs = getattr(entry, "lfs", None)
-            files.append({"path": entry.path, "size": entry.size, "sha256": lfs.sha256 if lfs else None})
-    return files, info.sha
+    api = HfApi(endpoint=_hub_endpoint())
+    commit = api.dataset_info(dataset["repo_id"], revision=dataset["revision"]).sha
+    tree = api.list_repo_tree(dataset["repo_id"], revision=commit, repo_type="dataset", recursive=True)
+    selected = filter_repo_objects(
+        (entry for entry in tree if isinstance(entry, RepoFile)),
+        allow_patterns=dataset.get("allow_patterns"),
+        ignore_patterns=dataset.get("ignore_patterns"),
+        key=lambda entry: entry.path,
+    )
+    files = [
+        {"path": entry.path, "size": entry.size, "sha256": entry.lfs.sha256 if entry.lfs else None}
+        for entry in selected
+    ]
+    return files, commit
 
 
 def _list_local(dataset: dict, repo_root: Path) -> list[dict]:
@@ -130,12 +160,66 @@ def list_dataset(name: str, dataset: dict, out_path: str | Path, repo_root: str 
 
 # ---- fetching one group ----------------------------------------------------------------------------
 
-def _fetch_hub(listing: dict, entry: dict, out_dir: Path) -> Path:
+class _JobProgress:
+    """The job's byte counter: bytes of the file in flight are taken back if that file is discarded."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.in_flight = 0
+
+    def advance(self, n_bytes: int) -> None:
+        self.bar.update(n_bytes)
+        self.in_flight += n_bytes
+
+    def file_done(self, size: int) -> None:
+        self.bar.update(size - self.in_flight)
+        self.in_flight = 0
+
+    def file_discarded(self) -> None:
+        self.bar.update(-self.in_flight)
+        self.in_flight = 0
+
+    def as_tqdm_class(self) -> type:
+        """A stand-in for huggingface_hub's per-file bar that feeds this job's bar instead."""
+        progress = self
+
+        class ForwardingBar:
+            def __init__(self, **_bar_options) -> None:
+                pass
+
+            def update(self, n_bytes: int = 1) -> None:
+                progress.advance(n_bytes)
+
+            def close(self) -> None:
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc_info) -> None:
+                pass
+
+        return ForwardingBar
+
+
+def _remove_stale_hub_partials(out_dir: Path) -> None:
+    """``*.incomplete`` files of a killed job can never be resumed by huggingface_hub; free the space."""
+    for stale in (out_dir / ".cache" / "huggingface" / "download").rglob("*.incomplete"):
+        stale.unlink(missing_ok=True)
+
+
+def _fetch_hub(listing: dict, entry: dict, out_dir: Path, progress: _JobProgress) -> Path:
     from huggingface_hub import hf_hub_download  # noqa: PLC0415
 
     return Path(
         hf_hub_download(
-            listing["repo_id"], entry["path"], repo_type="dataset", revision=listing["revision"], local_dir=out_dir
+            listing["repo_id"],
+            entry["path"],
+            repo_type="dataset",
+            revision=listing["revision"],
+            local_dir=out_dir,
+            endpoint=_hub_endpoint(),
+            tqdm_class=progress.as_tqdm_class(),
         )
     )
 
@@ -154,19 +238,56 @@ def _fetch_local(entry: dict, out_dir: Path) -> Path:
     return target
 
 
-def _fetch_http(entry: dict, out_dir: Path) -> Path:
-    target = out_dir / entry["path"]
+def _http_target(entry: dict, out_dir: Path) -> Path:
+    relative = urlsplit(entry["path"]).path.lstrip("/") if "://" in entry["path"] else entry["path"]
+    return out_dir / relative
+
+
+def _http_transfer(url: str, partial: Path, progress: _JobProgress) -> None:
+    """Append the rest of ``url`` to ``partial`` (a Range request when it has bytes); raise if cut short."""
+    offset = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)  # noqa: S310 (https URLs from config)
+    except urllib.error.HTTPError as error:
+        if error.code == 416:  # the partial file is not a prefix of this object: start over
+            partial.unlink()
+        raise
+    with response:
+        if offset and response.status != 206:  # server ignored the Range: the body is the whole object
+            offset = 0
+        progress.advance(offset)
+        content_range = response.headers.get("Content-Range")
+        content_length = response.headers.get("Content-Length")
+        total = int(content_range.rsplit("/", 1)[1]) if content_range else (
+            offset + int(content_length) if content_length else None
+        )
+        with open(partial, "ab" if offset else "wb") as fh:
+            for block in iter(lambda: response.read(CHUNK), b""):
+                fh.write(block)
+                progress.advance(len(block))
+    if total is not None and partial.stat().st_size != total:
+        raise http.client.IncompleteRead(b"", total - partial.stat().st_size)
+
+
+def _fetch_http(entry: dict, out_dir: Path, progress: _JobProgress) -> Path:
+    target = _http_target(entry, out_dir)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".partial")
-    offset = tmp.stat().st_size if tmp.exists() else 0
-    request = urllib.request.Request(entry["url"], headers={"Range": f"bytes={offset}-"} if offset else {})
-    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (https URLs from config)
-        mode = "ab" if offset and response.status == 206 else "wb"
-        with open(tmp, mode) as fh:
-            shutil.copyfileobj(response, fh, CHUNK)
-    os.replace(tmp, target)
+    partial = target.with_name(target.name + ".partial")
+    for attempt in range(1, HTTP_ATTEMPTS + 1):
+        progress.file_discarded()  # recount from what is on disk
+        try:
+            _http_transfer(entry["url"], partial, progress)
+            break
+        except (OSError, http.client.HTTPException) as error:
+            refused = isinstance(error, urllib.error.HTTPError) and error.code not in RETRYABLE_HTTP_STATUS
+            if attempt == HTTP_ATTEMPTS or refused:
+                raise
+            print(f"{entry['url']}: {error!r}; resuming (attempt {attempt + 1}/{HTTP_ATTEMPTS})", file=sys.stderr)
+            time.sleep(2 ** attempt - 2)  # 0, 2, 6, 14 s: retry a dropped connection at once, back off after
+    os.replace(partial, target)
     return target
 
 
@@ -177,28 +298,37 @@ def fetch_group(name: str, listing_path: str | Path, group: int, out_dir: str | 
     listing = json.loads(Path(listing_path).read_text())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if listing["source"] == "hub":
+        _remove_stale_hub_partials(out_dir)
     entries = [listing["files"][i] for i in listing["groups"][group]]
     records = []
     total = sum(e["size"] or 0 for e in entries) or None
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name} group {group}", mininterval=2.0) as bar:
+    refresh_seconds = 2.0 if sys.stderr.isatty() else 30.0  # Snakemake logs: a line every 30 s, not a flood
+    bar_options = {"unit": "B", "unit_scale": True, "desc": f"{name} group {group}", "mininterval": refresh_seconds}
+    with tqdm(total=total, **bar_options) as bar:
+        progress = _JobProgress(bar)
         for entry in entries:
             for attempt in range(2):
                 if listing["source"] == "hub":
-                    path = _fetch_hub(listing, entry, out_dir)
+                    path = _fetch_hub(listing, entry, out_dir, progress)
                 elif listing["source"] == "local":
                     path = _fetch_local(entry, out_dir)
                 else:
-                    path = _fetch_http(entry, out_dir)
+                    path = _fetch_http(entry, out_dir, progress)
                 digest = sha256_file(path)
                 size = path.stat().st_size
                 expected = entry.get("sha256")
                 if (expected is None or digest == expected) and (entry["size"] is None or size == entry["size"]):
                     break
                 path.unlink()  # never use a file whose hash or size is wrong
+                progress.file_discarded()
                 if attempt == 1:
-                    raise IOError(f"{name}: {entry['path']}: sha256 {digest} / {size} B, expected {expected} / {entry['size']} B")
+                    raise IOError(
+                        f"{name}: {entry['path']}: sha256 {digest} / {size} B after a re-fetch, "
+                        f"expected {expected} / {entry['size']} B"
+                    )
             records.append({"path": str(path), "source_path": entry["path"], "size": size, "sha256": digest})
-            bar.update(size)
+            progress.file_done(size)
     manifest = {"dataset": name, "group": group, "revision": listing.get("revision"), "files": records}
     write_json_atomic(manifest_path, manifest)
     return manifest

@@ -45,6 +45,8 @@ def main() -> None:
     p_fetch.add_argument("--manifest", required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "huggingface_hub"):  # request lines carry signed URLs
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.command == "list":
         dataset = json.loads(args.dataset_json)
