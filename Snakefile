@@ -16,6 +16,8 @@ from snakemake.utils import min_version
 
 min_version("9.27")
 
+import json
+
 import yaml
 
 from osref.grid import load_grid, plan_rows

@@ -10,7 +10,6 @@ grid close to Snakemake's own cost per job.
 from __future__ import annotations
 
 import csv
-import json
 import shlex
 from functools import cached_property
 from pathlib import Path
@@ -105,10 +104,6 @@ class WorkflowIndex:
 
     def run_document(self, run_id: str) -> dict[str, Any]:
         return run_document(self.grid, self.runs[run_id])
-
-    @cached_property
-    def group_tasks_json(self) -> dict[str, str]:
-        return {group: json.dumps(tasks) for group, tasks in self.grid.groups.items()}
 
     @cached_property
     def local_tasks_corpus(self) -> list[str]:

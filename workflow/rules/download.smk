@@ -1,5 +1,3 @@
-import json
-
 # Download: one listing job per dataset, then one job per static shard group.
 
 

@@ -26,21 +26,20 @@ rule evaluate_group:
     log:
         LAYOUT.log("evaluate", "{run_id}", "iter_{iteration}", "{shots}"),
     params:
-        iteration=lambda wc: int(wc.iteration),
-        tasks=lambda wc: INDEX.group_tasks_json[wc.shots],
+        protocol=json.dumps(GRID.protocol),
         include=f"--include-path {LAYOUT.eval_tasks_dir()}" if INDEX.eval_tasks_marker else "",
         batch_size=config["evaluation"]["batch_size"],
         device=config["evaluation"]["device"],
         dtype=config["evaluation"]["dtype"],
         limit=f"--limit {config['evaluation']['limit']}" if config["evaluation"]["limit"] else "",
-        hf_home=lambda wc: f"{LAYOUT.run_dir(wc.run_id)}/eval/hf_home",
+        runs=LAYOUT.runs,
     threads: 1
     resources:
         **INDEX.eval_resources,
     shell:
-        "python {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {params.iteration} "
-        "--group {wildcards.shots} --tasks-json {params.tasks:q} {params.include} --batch-size {params.batch_size} "
-        "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.hf_home} "
+        "python {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {wildcards.iteration} "
+        "--group {wildcards.shots} --tasks-json {params.protocol:q} {params.include} --batch-size {params.batch_size} "
+        "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.runs}/{wildcards.run_id}/eval/hf_home "
         "--out {output} > {log} 2>&1"
 
 

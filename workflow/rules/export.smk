@@ -11,7 +11,6 @@ rule export_hf:
     log:
         LAYOUT.log("export", "{run_id}", "iter_{iteration}"),
     params:
-        iteration=lambda wc: int(wc.iteration),
         dtype=config["evaluation"]["export_dtype"],
         tolerance=config["evaluation"]["parity_tolerance"],
     threads: 1
@@ -19,7 +18,7 @@ rule export_hf:
         runtime=60,
         mem_mb=32000,
     shell:
-        "python {SCRIPTS}/export_hf.py --run-json {input.run} --iteration {params.iteration} "
+        "python {SCRIPTS}/export_hf.py --run-json {input.run} --iteration {wildcards.iteration} "
         "--out {output} --dtype {params.dtype} --tolerance {params.tolerance} > {log} 2>&1"
 
 

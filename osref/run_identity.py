@@ -1,0 +1,62 @@
+"""Guard against silently mixing two configurations in one run directory.
+
+A run id names a directory of checkpoints. If the config that produced those checkpoints changes
+in a training-relevant way (architecture, recipe, data) and training is relaunched, resuming would
+continue the old weights under the new recipe. The first training job of a run therefore records
+the identity-relevant part of ``run.json`` next to the checkpoints; every later job compares and
+refuses with the list of changed keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from osref.download import write_json_atomic
+
+# Keys that may change without changing what is being trained.
+VOLATILE_TRAIN_KEYS = {"segment_ends", "log_interval", "eval_iters"}
+
+
+class RunIdentityError(RuntimeError):
+    pass
+
+
+def identity(run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": run["model"],
+        "train": {k: v for k, v in run["train"].items() if k not in VOLATILE_TRAIN_KEYS},
+        "data": {"prefixes": [Path(p).name for p in run["data"]["prefixes"]], "weights": run["data"]["weights"]},
+        "tokenizer": {k: v for k, v in run["tokenizer"].items() if k != "path"},
+        "dataset": run.get("dataset"),
+    }
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else key))
+        return out
+    return {prefix: value}
+
+
+def check_or_record(run: dict[str, Any], checkpoint_root: str | Path) -> None:
+    """Record the run's identity on first use; raise :class:`RunIdentityError` when it changed."""
+    path = Path(checkpoint_root) / "run_identity.json"
+    current = identity(run)
+    if not path.exists():
+        write_json_atomic(path, current)
+        return
+    recorded = json.loads(path.read_text())
+    if recorded == current:
+        return
+    old, new = _flatten(recorded), _flatten(current)
+    changes = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    raise RunIdentityError(
+        f"run {run['run_id']}: the config changed since its checkpoints in {Path(checkpoint_root)} were written:\n  "
+        + "\n  ".join(changes)
+        + "\nGive the changed experiment a new `suffix` (a new run id), or delete the run directory to start over."
+    )
