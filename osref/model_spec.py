@@ -101,6 +101,8 @@ class ModelSpec:
     # ---- megatron-core ---------------------------------------------------------------------
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``megatron.core.transformer.TransformerConfig``."""
+        import torch.nn.functional as F  # noqa: PLC0415  (keep this module importable without torch)
+
         return dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -112,6 +114,8 @@ class ModelSpec:
             layernorm_epsilon=self.norm_epsilon,
             qk_layernorm=self.qk_layernorm,
             gated_linear_unit=self.swiglu,
+            # megatron's default activation is GELU: without this, a "gated" MLP is GeGLU, not SwiGLU
+            activation_func=F.silu if self.swiglu else F.gelu,
             add_bias_linear=self.add_bias_linear,
             add_qkv_bias=self.add_qkv_bias or self.add_bias_linear,
             hidden_dropout=self.hidden_dropout,

@@ -119,6 +119,14 @@ def test_defaults_are_the_0_01_architecture(release_grid):
     assert padded_vocab_size(50277) == 50304 and padded_vocab_size(50277, tensor_parallel=2) == 50432
 
 
+def test_swiglu_means_silu_in_megatron():
+    import torch.nn.functional as F
+
+    spec = ModelSpec(name="x", num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1)
+    kwargs = spec.transformer_config_kwargs()
+    assert kwargs["gated_linear_unit"] and kwargs["activation_func"] is F.silu
+
+
 def test_demo_config_is_valid():
     grid = load_grid(DEMO)
     (run,) = grid.runs.values()
