@@ -1,0 +1,213 @@
+"""torch_dist checkpoints of a training run, and how to tell a complete one from a torn one.
+
+Layout (one directory per saved iteration, never rotated away)::
+
+    {run_dir}/checkpoints/iter_0000020/
+        .metadata, __*_*.distcp, common.pt, metadata.json   # megatron dist_checkpointing files
+        rng/rank_00000.pt ...                               # per-rank RNG states (resume only)
+        complete.json                                       # written last: the checkpoint counts
+
+A job killed mid-save leaves a directory without ``complete.json``; it is ignored by
+:func:`latest_complete_iteration` and replaced by the next save of that iteration. The torch_dist
+format reshards on load, so any world size / TP layout can read any other's model weights
+(:func:`load_model_for_inference` reads with one process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "complete.json"
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_dir(run_dir: str | Path, iteration: int) -> Path:
+    return checkpoint_root(run_dir) / f"iter_{iteration:07d}"
+
+
+def is_complete(ckpt_dir: str | Path) -> bool:
+    return (Path(ckpt_dir) / COMPLETE_MARKER).is_file()
+
+
+def complete_iterations(ckpt_root: str | Path) -> list[int]:
+    """Sorted iterations whose checkpoint directory holds ``complete.json``."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _ITER_DIR.match(entry.name)
+        if match and is_complete(entry):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def latest_complete_iteration(ckpt_root: str | Path, at_most: int | None = None) -> int | None:
+    """Highest complete checkpoint iteration (optionally ``<= at_most``), or None."""
+    candidates = [i for i in complete_iterations(ckpt_root) if at_most is None or i <= at_most]
+    return candidates[-1] if candidates else None
+
+
+def read_complete_marker(ckpt_dir: str | Path) -> dict:
+    return json.loads((Path(ckpt_dir) / COMPLETE_MARKER).read_text())
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """Write JSON to a temporary name in the same directory, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- RNG state ------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+    if torch.cuda.is_available() and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def _rng_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / "rng" / f"rank_{rank:05d}.pt"
+
+
+# ---- save / load for training ----------------------------------------------------------------
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded_state_dict(model, optimizer, scheduler, *, is_loading: bool, dist_optimizer: bool) -> dict:
+    model_sd = model.sharded_state_dict()
+    metadata = {"distrib_optim_sharding_type": "dp_reshardable"} if dist_optimizer else None
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata),
+        "opt_param_scheduler": scheduler.state_dict(),
+    }
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    iteration: int,
+    consumed_tokens: int,
+    model,
+    optimizer,
+    scheduler,
+    *,
+    dist_optimizer: bool = False,
+) -> Path:
+    """Collectively save a resumable checkpoint; ``model`` is the unwrapped megatron module."""
+    from megatron.core import dist_checkpointing
+
+    target = checkpoint_dir(run_dir, iteration)
+    if _rank() == 0:
+        if target.exists():
+            (target / COMPLETE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+    _barrier()
+    state = _sharded_state_dict(model, optimizer, scheduler, is_loading=False, dist_optimizer=dist_optimizer)
+    dist_checkpointing.save(state, str(target))
+    _rng_file(target, 0).parent.mkdir(exist_ok=True)
+    torch.save(capture_rng_state(), _rng_file(target, _rank()))
+    _barrier()
+    if _rank() == 0:
+        saved_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        marker = {"iteration": iteration, "consumed_tokens": consumed_tokens, "saved_at": saved_at}
+        write_json_atomic(target / COMPLETE_MARKER, marker)
+    _barrier()
+    return target
+
+
+def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, *, dist_optimizer: bool = False) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns the ``complete.json`` dict."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: no {COMPLETE_MARKER}; not a complete checkpoint")
+    state = _sharded_state_dict(model, optimizer, scheduler, is_loading=True, dist_optimizer=dist_optimizer)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(state, str(ckpt_dir))
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    rng_file = _rng_file(ckpt_dir, _rank())
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log.warning("%s missing (different world size?): RNG not restored, resume not bit-identical", rng_file)
+    return read_complete_marker(ckpt_dir)
+
+
+# ---- inference -------------------------------------------------------------------------------
+
+
+def load_model_for_inference(run: dict, iteration: int):
+    """The megatron ``GPTModel`` of ``run`` at ``iteration``: one process, CPU, fp32, eval mode.
+
+    Reads only the model weights from the torch_dist checkpoint, whatever world size or TP layout
+    wrote it. Creates a world-size-1 process group when none exists.
+    """
+    from megatron.core import dist_checkpointing
+
+    from osref.megatron_compat import enable_cpu_guards, init_single_process_parallel
+    from osref.megatron_model import build_gpt_model
+    from osref.model_spec import ModelSpec
+
+    ckpt_dir = checkpoint_dir(run["paths"]["run_dir"], iteration)
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: no {COMPLETE_MARKER}; not a complete checkpoint")
+    enable_cpu_guards()
+    init_single_process_parallel()
+    spec = ModelSpec.from_run(run)
+    model = build_gpt_model(spec, seed=run["train"]["seed"], use_transformer_engine=False, device="cpu")
+    with torch.no_grad():
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
+        model.load_state_dict(loaded["model"])
+    return model.float().cpu().eval()

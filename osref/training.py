@@ -1,0 +1,524 @@
+"""The training stage: train one run's megatron-core GPT model up to a given iteration.
+
+``train(run, until_iteration)`` is the whole stage, driven only by the resolved run JSON
+(``model``/``train``/``data``/``tokenizer``/``paths``). It resumes from the newest complete
+checkpoint, so a resubmitted or preempted job continues where the last one stopped, and on the
+CPU a resumed run is bit-identical to an uninterrupted one (weights and logged losses).
+
+Everything that megatron-core already does is taken from it: ``GPTDataset`` through
+``BlendedMegatronDatasetBuilder``, megatron DDP + ``finalize_model_grads``,
+``get_megatron_optimizer`` (AdamW; distributed optimizer / bf16 on GPU), ``OptimizerParamScheduler``
+(WSD or cosine, counted in iterations), ``get_forward_backward_func`` and torch_dist checkpoints.
+
+Iteration semantics: iteration ``i`` is the state after ``i`` optimizer updates. The update that
+produces iteration ``i`` uses the micro-batches of global batch ``i - 1`` and the learning rate
+``lr(i - 1)``; the metrics line for iteration ``i`` reports that update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from osref import checkpointing
+from osref.megatron_compat import enable_cpu_guards
+from osref.megatron_model import build_gpt_model
+from osref.model_spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+VALID_BATCHES_DEFAULT = 2
+
+
+# ---- configuration helpers ----------------------------------------------------------------------
+
+
+def _require(section: dict, key: str, where: str):
+    if key not in section:
+        raise KeyError(f"run JSON: missing key {where}.{key}")
+    return section[key]
+
+
+def scheduled_lr(train_cfg: dict, step: int) -> float:
+    """Closed-form learning rate for the update after ``step`` completed iterations."""
+    peak, floor = train_cfg["lr"], train_cfg["min_lr"]
+    warmup, total = train_cfg["warmup_iters"], train_cfg["train_iters"]
+    if warmup > 0 and step < warmup:
+        return peak * step / warmup
+    if train_cfg["schedule"] == "wsd":
+        cooldown = train_cfg["cooldown_iters"]
+        if step <= total - cooldown:
+            return peak
+        return floor + (peak - floor) * (total - step) / cooldown
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- distributed setup ----------------------------------------------------------------------------
+
+
+def init_distributed(tensor_parallel: int) -> None:
+    """Idempotently initialise torch.distributed (env:// under torchrun/srun, else world size 1)
+    and megatron's model parallel state."""
+    from megatron.core import parallel_state
+
+    on_gpu = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ:
+            if on_gpu:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if on_gpu else "gloo", init_method="env://")
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    elif parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel:
+        raise RuntimeError(
+            f"model parallel state already initialised with TP="
+            f"{parallel_state.get_tensor_model_parallel_world_size()}, run asks train.tensor_parallel={tensor_parallel}"
+        )
+
+
+def is_rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _EodTokenizer:
+    """What ``GPTDataset`` needs from a tokenizer: ids of EOD/pad and a cache identity."""
+
+    vocab_size: int
+    eod: int
+    path: str
+
+    @property
+    def pad(self) -> int:
+        return -1
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": "osref-eod-tokenizer", "path": self.path, "eod": self.eod}
+
+
+def _blend(data_cfg: dict) -> tuple[list[str], list[float] | None]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefixes = list(_require(data_cfg, "prefixes", "data"))
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise FileNotFoundError(f"data.prefixes: {prefix}{suffix} does not exist")
+    weights = data_cfg.get("weights")
+    if weights is None and len(prefixes) > 1:
+        weights = [float(IndexedDataset(p).sequence_lengths.sum()) for p in prefixes]
+    return prefixes, weights
+
+
+def valid_batches(train_cfg: dict) -> int:
+    return max(1, int(train_cfg.get("eval_iters") or VALID_BATCHES_DEFAULT))
+
+
+def build_datasets(run: dict):
+    """(train, valid) ``GPTDataset``/``BlendedDataset`` of the run, built collectively."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    train_cfg, data_cfg = run["train"], run["data"]
+    tokenizer = _EodTokenizer(
+        vocab_size=run["tokenizer"]["size"], eod=run["tokenizer"]["eod_id"], path=str(run["tokenizer"]["path"])
+    )
+    config = GPTDatasetConfig(
+        random_seed=train_cfg["seed"],
+        sequence_length=train_cfg["seq_length"],
+        blend=_blend(data_cfg),
+        split=train_cfg["split"],
+        path_to_cache=_require(data_cfg, "cache_dir", "data"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    # The test share stays held out but is never built: on small corpora it can hold no
+    # document, and megatron then loops forever looking for tokens.
+    config.split_matrix[2] = None
+    gbs = train_cfg["global_batch_size"]
+    sizes = [train_cfg["train_iters"] * gbs, valid_batches(train_cfg) * gbs, 0]
+    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return train_ds, valid_ds
+
+
+def micro_batches(dataset, batch_index: int, train_cfg: dict, device):
+    """This rank's micro-batches of global batch ``batch_index`` (samples are laid out per
+    micro-batch step as ``[dp rank 0 | dp rank 1 | ...]``, megatron's pretraining sampler order)."""
+    from megatron.core import parallel_state
+
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    mbs, gbs = train_cfg["micro_batch_size"], train_cfg["global_batch_size"]
+    for micro in range(gbs // (mbs * dp_size)):
+        start = batch_index * gbs + (micro * dp_size + dp_rank) * mbs
+        samples = [dataset[i] for i in range(start, start + mbs)]
+        yield {
+            key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
+            for key in ("tokens", "labels", "loss_mask", "position_ids")
+        }
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def _masked_mean_loss(loss_mask, per_token_loss):
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(per_token_loss.float().view(-1) * mask) / mask.sum()
+    return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+
+# ---- optimizer and schedule -----------------------------------------------------------------------
+
+
+def build_optimizer(model, train_cfg: dict, params_dtype: torch.dtype):
+    """Megatron's AdamW (no weight decay on biases and norms; bf16 with fp32 main weights when
+    ``params_dtype`` is bf16) and its learning-rate scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=train_cfg["lr"],
+        min_lr=train_cfg["min_lr"],
+        weight_decay=train_cfg["weight_decay"],
+        adam_beta1=train_cfg["adam_beta1"],
+        adam_beta2=train_cfg["adam_beta2"],
+        adam_eps=train_cfg["adam_eps"],
+        clip_grad=train_cfg["clip_grad"],
+        bf16=params_dtype == torch.bfloat16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer(train_cfg),
+    )
+    optimizer = get_megatron_optimizer(config, [model])
+    return optimizer, build_scheduler(optimizer, train_cfg)
+
+
+def build_scheduler(optimizer, train_cfg: dict):
+    """Megatron's ``OptimizerParamScheduler`` for ``train.schedule`` (wsd or cosine), in iterations.
+
+    Its constructor already applies step 0, so the first update uses ``lr(0) = 0``.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    total = train_cfg["train_iters"]
+    wsd = train_cfg["schedule"] == "wsd"
+    if train_cfg["schedule"] not in ("wsd", "cosine"):
+        raise ValueError(f"train.schedule={train_cfg['schedule']!r}: expected 'wsd' or 'cosine'")
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train_cfg["lr"],
+        min_lr=train_cfg["min_lr"],
+        lr_warmup_steps=train_cfg["warmup_iters"],
+        lr_decay_steps=total,
+        lr_decay_style="WSD" if wsd else "cosine",
+        start_wd=train_cfg["weight_decay"],
+        end_wd=train_cfg["weight_decay"],
+        wd_incr_steps=total,
+        wd_incr_style="constant",
+        wsd_decay_steps=train_cfg["cooldown_iters"] if wsd else None,
+        lr_wsd_decay_style="linear" if wsd else None,
+    )
+
+
+def use_distributed_optimizer(train_cfg: dict) -> bool:
+    # On the CPU the distributed optimizer needs extra resume work (notes §6): plain optimizer there.
+    return bool(train_cfg.get("distributed_optimizer")) and torch.cuda.is_available()
+
+
+def training_dtype(train_cfg: dict) -> torch.dtype:
+    if train_cfg.get("precision") == "bf16" and torch.cuda.is_available():
+        return torch.bfloat16
+    return torch.float32
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+
+def _metrics_path(run_dir: Path, name: str) -> Path:
+    return run_dir / "logs" / name
+
+
+def truncate_metrics(path: Path, keep_up_to: int) -> None:
+    """Drop lines with ``iteration > keep_up_to`` (a resumed run re-logs them)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["iteration"] <= keep_up_to]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _append_json_line(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+
+
+def _mean_loss_across_dp(losses_reduced: list[dict], device) -> float:
+    from megatron.core import parallel_state
+
+    loss = torch.stack([d["lm loss"].float() for d in losses_reduced]).mean().to(device)
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return loss.item() / parallel_state.get_data_parallel_world_size()
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Trainer:
+    run: dict
+    model: object  # megatron DDP wrapper
+    optimizer: object
+    scheduler: object
+    train_ds: object
+    valid_ds: object
+    device: torch.device
+
+    @property
+    def cfg(self) -> dict:
+        return self.run["train"]
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.cfg["global_batch_size"] * self.cfg["seq_length"]
+
+    def _run_batches(self, batches, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.cfg
+        batches = list(batches)
+        return get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iter(batches),
+            model=[self.model],
+            num_microbatches=len(batches),
+            seq_length=cfg["seq_length"],
+            micro_batch_size=cfg["micro_batch_size"],
+            forward_only=forward_only,
+        )
+
+    def step(self, iteration: int) -> dict:
+        """One optimizer update producing ``iteration`` (uses global batch ``iteration - 1``)."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.optimizer.param_groups[0]["lr"]
+        losses = self._run_batches(micro_batches(self.train_ds, iteration - 1, self.cfg, self.device), False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok:
+            raise RuntimeError(f"iteration {iteration}: optimizer step skipped (non-finite gradients)")
+        self.scheduler.step(increment=1)
+        return {"loss": _mean_loss_across_dp(losses, self.device), "lr": lr, "grad_norm": float(grad_norm)}
+
+    def validation_loss(self) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            losses = []
+            for batch_index in range(valid_batches(self.cfg)):
+                batches = micro_batches(self.valid_ds, batch_index, self.cfg, self.device)
+                losses += self._run_batches(batches, True)
+        self.model.train()
+        return _mean_loss_across_dp(losses, self.device)
+
+
+def _build_trainer(run: dict) -> _Trainer:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+
+    cfg = run["train"]
+    enable_cpu_guards()
+    init_distributed(cfg.get("tensor_parallel", 1))
+    _check_batch_sizes(cfg)
+    dtype = training_dtype(cfg)
+    module = build_gpt_model(
+        ModelSpec.from_run(run),
+        tensor_parallel=cfg.get("tensor_parallel", 1),
+        params_dtype=dtype,
+        seed=cfg["seed"],
+        **recompute_overrides(cfg.get("recompute", "none")),
+    )
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer(cfg),
+    )
+    model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
+    module.config.finalize_model_grads_func = finalize_model_grads
+    module.config.no_sync_func = model.no_sync
+    optimizer, scheduler = build_optimizer(model, cfg, dtype)
+    train_ds, valid_ds = build_datasets(run)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return _Trainer(run, model, optimizer, scheduler, train_ds, valid_ds, device)
+
+
+def recompute_overrides(recompute: str) -> dict:
+    """``TransformerConfig`` activation-recompute settings for ``train.recompute``."""
+    choices = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    }
+    if recompute not in choices:
+        raise ValueError(f"train.recompute={recompute!r}: expected one of {sorted(choices)}")
+    return choices[recompute]
+
+
+def _check_batch_sizes(cfg: dict) -> None:
+    from megatron.core import parallel_state
+
+    dp_size = parallel_state.get_data_parallel_world_size()
+    per_step = cfg["micro_batch_size"] * dp_size
+    if cfg["global_batch_size"] % per_step:
+        raise ValueError(
+            f"train.global_batch_size={cfg['global_batch_size']} is not divisible by "
+            f"train.micro_batch_size × data-parallel size = {cfg['micro_batch_size']} × {dp_size}"
+        )
+
+
+def save_iterations(cfg: dict, start: int, until: int) -> set[int]:
+    return {i for i in cfg.get("checkpoint_iters", []) if start < i <= until} | {until}
+
+
+def train(run: dict, until_iteration: int) -> dict:
+    """Train ``run`` up to ``until_iteration``; see :func:`train_and_return_model`."""
+    return train_and_return_model(run, until_iteration)[0]
+
+
+def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, object]:
+    """Train ``run`` from its newest complete checkpoint (``<= until_iteration``) up to
+    ``until_iteration``, saving at the scheduled ``train.checkpoint_iters`` and at the end.
+
+    Collective: every rank calls it. Returns (on every rank) ``{"iteration", "consumed_tokens",
+    "checkpoint", "resumed_from", "valid_loss"}`` and the trained megatron module (None when
+    the checkpoint at ``until_iteration`` already existed).
+    """
+    cfg = run["train"]
+    if not 0 < until_iteration <= cfg["train_iters"]:
+        raise ValueError(f"until_iteration={until_iteration} outside 1..train.train_iters={cfg['train_iters']}")
+    run_dir = Path(run["paths"]["run_dir"])
+    start = checkpointing.latest_complete_iteration(checkpointing.checkpoint_root(run_dir), at_most=until_iteration)
+    if start == until_iteration:
+        log.info("checkpoint for iteration %d is already complete: nothing to train", start)
+        return _summary(cfg, run_dir, until_iteration, start, valid_loss=None), None
+    trainer = _build_trainer(run)
+    if start is not None:
+        checkpointing.load_checkpoint(
+            checkpointing.checkpoint_dir(run_dir, start),
+            trainer.model.module,
+            trainer.optimizer,
+            trainer.scheduler,
+            dist_optimizer=use_distributed_optimizer(cfg),
+        )
+        log.info("resumed from %s", checkpointing.checkpoint_dir(run_dir, start))
+    start = start or 0
+
+    metrics_file, valid_file = (_metrics_path(run_dir, n) for n in ("train_metrics.jsonl", "valid_metrics.jsonl"))
+    if is_rank0():
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(metrics_file, start)
+        truncate_metrics(valid_file, start)
+    _train_segment(trainer, run_dir, start, until_iteration, metrics_file)
+
+    valid_loss = trainer.validation_loss()
+    if is_rank0():
+        record = {"iteration": until_iteration, "consumed_tokens": until_iteration * trainer.tokens_per_iteration}
+        _append_json_line(valid_file, {**record, "valid_loss": valid_loss})
+        log.info("iteration %d | validation loss %.4f", until_iteration, valid_loss)
+    return _summary(cfg, run_dir, until_iteration, start, valid_loss), trainer.model.module
+
+
+def _train_segment(trainer: _Trainer, run_dir: Path, start: int, until: int, metrics_file: Path) -> None:
+    cfg = trainer.cfg
+    to_save = save_iterations(cfg, start, until)
+    log_interval = max(1, cfg.get("log_interval", 1))
+    flops_per_token = ModelSpec.from_run(trainer.run).flops_per_token(with_attention=True)
+    segment_start = interval_start = time.perf_counter()
+    interval_steps = 0
+    for iteration in range(start + 1, until + 1):
+        stats = trainer.step(iteration)
+        interval_steps += 1
+        if iteration % log_interval == 0 or iteration == until:
+            now = time.perf_counter()
+            step_s = (now - interval_start) / interval_steps
+            record = _metrics_record(trainer, iteration, stats, step_s, now - segment_start, flops_per_token)
+            if is_rank0():
+                _append_json_line(metrics_file, record)
+                log.info(_console_line(record, cfg["train_iters"]))
+            interval_start, interval_steps = time.perf_counter(), 0
+        if iteration in to_save:
+            checkpointing.save_checkpoint(
+                run_dir,
+                iteration,
+                iteration * trainer.tokens_per_iteration,
+                trainer.model.module,
+                trainer.optimizer,
+                trainer.scheduler,
+                dist_optimizer=use_distributed_optimizer(cfg),
+            )
+            log.info("saved %s", checkpointing.checkpoint_dir(run_dir, iteration))
+            interval_start = time.perf_counter()  # keep save time out of the step time
+
+
+def _metrics_record(trainer, iteration, stats, step_s, elapsed_s, flops_per_token) -> dict:
+    tokens = trainer.tokens_per_iteration
+    return {
+        "iteration": iteration,
+        "consumed_tokens": iteration * tokens,
+        "loss": stats["loss"],
+        "lr": stats["lr"],
+        "grad_norm": stats["grad_norm"],
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "tflops_per_gpu": flops_per_token * tokens / step_s / dist.get_world_size() / 1e12,
+        "elapsed_s": elapsed_s,
+        "eta_s": step_s * (trainer.cfg["train_iters"] - iteration),
+        "mem_gb": _memory_gb(),
+    }
+
+
+def _console_line(record: dict, train_iters: int) -> str:
+    return (
+        f"iteration {record['iteration']:>7d}/{train_iters} | loss {record['loss']:.4f} | lr {record['lr']:.3e} "
+        f"| grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s "
+        f"| {record['tflops_per_gpu']:.2f} TFLOP/s/GPU | elapsed {record['elapsed_s']:.0f} s "
+        f"| ETA {record['eta_s'] / 3600:.2f} h | mem {record['mem_gb']:.2f} GiB"
+    )
+
+
+def _summary(cfg: dict, run_dir: Path, iteration: int, resumed_from: int, valid_loss) -> dict:
+    return {
+        "iteration": iteration,
+        "consumed_tokens": iteration * cfg["global_batch_size"] * cfg["seq_length"],
+        "checkpoint": str(checkpointing.checkpoint_dir(run_dir, iteration)),
+        "resumed_from": resumed_from,
+        "valid_loss": valid_loss,
+    }
