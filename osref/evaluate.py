@@ -29,7 +29,9 @@ from typing import Any, Iterable, Iterator
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Fields of lm-eval's result dict that change on every run; the run time is kept as duration_s.
 VOLATILE_RAW_KEYS = ("date", "start_time", "end_time", "total_evaluation_time_seconds")
-PROTOCOL_METRICS = ("acc", "acc_norm")
+# Accuracies (higher is better) and, for the demo's language-modelling tasks, perplexity-style
+# metrics (lower is better; keep them out of the average).
+PROTOCOL_METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_per_byte")
 
 
 class EvaluationError(RuntimeError):

@@ -319,7 +319,9 @@ def run_document(grid: Grid, run: Run) -> dict[str, Any]:
             "eval_iters": recipe["eval_iters"],
             "tensor_parallel": resources["tensor_parallel"],
             "pipeline_parallel": resources["pipeline_parallel"],
-            "recompute": recipe["recompute"],
+            # activation recompute saves GPU memory; on CPU it only costs time (and megatron's
+            # checkpointed attention builds its mask on CUDA)
+            "recompute": recipe["recompute"] if device == "cuda" else "none",
             "distributed_optimizer": recipe["distributed_optimizer"] and device == "cuda",
         },
         "data": {

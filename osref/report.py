@@ -337,6 +337,7 @@ def final_scores(table: pd.DataFrame, manifest: dict, protocol: list[dict]) -> p
     """Per run and task: our last evaluated checkpoint vs the reference run's last checkpoint."""
     records = []
     tasks = [spec["task"] for spec in protocol] + [AVG_TASK]
+    metric_of = {spec["task"]: spec["metric"] for spec in protocol}
     for run in manifest["runs"]:
         run_rows = table[table["run_id"] == run["run_id"]]
         ours = run_rows[run_rows["source"] == "ours"]
@@ -422,6 +423,7 @@ def plot_run_curves(table: pd.DataFrame, run_id: str, protocol: list[dict], path
         return None
     plt = _pyplot()
     tasks = [spec["task"] for spec in protocol] + [AVG_TASK]
+    metric_of = {spec["task"]: spec["metric"] for spec in protocol}
     columns = min(4, len(tasks))
     n_rows = math.ceil(len(tasks) / columns)
     height = 2.4 * n_rows + 0.8
@@ -431,7 +433,7 @@ def plot_run_curves(table: pd.DataFrame, run_id: str, protocol: list[dict], path
             series = rows[(rows["source"] == source) & (rows["task"] == task)].sort_values("tokens_seen")
             if not series.empty:
                 ax.plot(series["tokens_seen"].astype(float), series["value"], style, markersize=3, label=source)
-        ax.set_title(task, fontsize=9)
+        ax.set_title(f"{task} ({metric_of[task]})" if task in metric_of else task, fontsize=9)
         ax.tick_params(labelsize=7)
         if ax.has_data() and rows["tokens_seen"].min() > 0:
             ax.set_xscale("log")

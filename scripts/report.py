@@ -14,7 +14,6 @@ Examples (from the repository root):
     xdg-open /tmp/report/index.html   # a static file, no server needed
 """
 
-from __future__ import annotations
 
 import argparse
 import json
