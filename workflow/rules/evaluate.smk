@@ -33,11 +33,11 @@ rule evaluate_group:
         dtype=config["evaluation"]["dtype"],
         limit=f"--limit {config['evaluation']['limit']}" if config["evaluation"]["limit"] else "",
         runs=LAYOUT.runs,
-    threads: 1
+    threads: config["cluster"]["eval_resources"]["cpus"]
     resources:
         **INDEX.eval_resources,
     shell:
-        "python {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {wildcards.iteration} "
+        "OMP_NUM_THREADS={threads} python {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {wildcards.iteration} "
         "--group {wildcards.shots} --tasks-json {params.protocol:q} {params.include} --batch-size {params.batch_size} "
         "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.runs}/{wildcards.run_id}/eval/hf_home "
         "--out {output} > {log} 2>&1"
