@@ -338,15 +338,33 @@ PLAN_COLUMNS = [
     "run_id", "scale", "dataset", "tokens", "seq_length", "global_batch_size", "params", "train_iters",
     "checkpoints", "flops", "gpu_hours", "nodes", "gpus_per_node", "jobs",
     "budget", "warmup_iters", "cooldown_iters", "save_interval", "segments", "hours_per_segment",
-    "walltime", "evaluated_checkpoints",
+    "walltime", "evaluated_checkpoints", "dataset_tokens", "dataset_tokens_source", "epochs", "warning",
 ]
+
+
+def dataset_tokens(grid: Grid, dataset: str) -> tuple[float | None, str]:
+    """Tokens in a dataset: counted (tokenized manifest, once it exists) or the catalog's estimate."""
+    manifest = Path(grid.layout.data) / "tokenized" / dataset / "manifest.json"
+    if manifest.exists():
+        import json  # noqa: PLC0415
+
+        return float(json.loads(manifest.read_text())["tokens"]), "tokenized"
+    approx = grid.config["datasets"][dataset].get("approx_tokens")
+    return (float(approx), "catalog estimate") if approx else (None, "unknown")
 
 
 def plan_rows(grid: Grid) -> list[dict[str, Any]]:
     n_groups = len(grid.groups)
+    warn_epochs = grid.config["plan"]["warn_epochs"]
+    sizes = {d: dataset_tokens(grid, d) for d in grid.datasets_in_use}
     rows = []
     for run in grid.runs.values():
         jobs = len(run.segment_ends) + len(run.eval_iters) * (1 + n_groups)
+        size, size_source = sizes[run.dataset]
+        epochs = run.train_iters * run.tokens_per_iteration / size if size else None
+        warning = ""
+        if epochs is not None and epochs > warn_epochs:
+            warning = f"needs {epochs:.1f} epochs of {run.dataset} (more than plan.warn_epochs = {warn_epochs:g})"
         rows.append({
             "run_id": run.run_id,
             "scale": run.scale,
@@ -370,5 +388,9 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
             "hours_per_segment": round(run.hours_per_segment, 2),
             "walltime": run.resources["walltime"],
             "evaluated_checkpoints": len(run.eval_iters),
+            "dataset_tokens": size,
+            "dataset_tokens_source": size_source,
+            "epochs": round(epochs, 3) if epochs is not None else None,
+            "warning": warning,
         })
     return rows

@@ -1,9 +1,11 @@
 """Benchmark: what the workflow's own code adds to `snakemake -n` of the release grid.
 
 Times, in one run on the same machine, (1) `snakemake -n` of the release grid and (2) a toy
-workflow with the same number of jobs and the same DAG shape (data groups → training chains →
-per-checkpoint exports → per-shot-group evaluations → report) whose inputs are plain `expand()`
-patterns, i.e. Snakemake's own cost per job. Prints ms per planned job for both and the ratio.
+workflow with the same number of jobs, the same DAG shape (data groups → training chains →
+per-checkpoint exports → per-shot-group evaluations → report) and a `log:` on every rule, whose
+inputs are plain patterns, i.e. Snakemake's own cost per job. Prints ms per planned job for both
+and the ratio: what the workflow's own functions (config validation, grid expansion, input
+lookups) add.
 
     python scripts/bench_dryrun.py            # release grid, 1 repetition each
     python scripts/bench_dryrun.py --repeat 3 # best of 3
@@ -31,40 +33,48 @@ rule all:
 
 rule listing:
     output: "data/{{d}}/listing"
+    log: "logs/listing/{{d}}.log"
     shell: "touch {{output}}"
 
 rule download:
     input: "data/{{d}}/listing"
     output: "data/{{d}}/g{{g}}.raw"
+    log: "logs/download/{{d}}/{{g}}.log"
     shell: "touch {{output}}"
 
 rule tokenize:
     input: "data/{{d}}/g{{g}}.raw"
     output: "data/{{d}}/g{{g}}.bin"
+    log: "logs/tokenize/{{d}}/{{g}}.log"
     shell: "touch {{output}}"
 
 rule run_config:
     output: "runs/{{r}}/run.json"
+    log: "logs/run_config/{{r}}.log"
     shell: "touch {{output}}"
 
 rule segment:
     input: lambda wc: ["runs/%s/run.json" % wc.r] + expand("data/{{d}}/g{{g}}.bin", d=RUN_DATA[wc.r], g=range(DATA[RUN_DATA[wc.r]]))
     output: "runs/{{r}}/seg_{{s}}"
+    log: "logs/train/{{r}}/{{s}}.log"
     shell: "touch {{output}}"
 
 rule export:
     input: lambda wc: "runs/%s/seg_0" % wc.r
     output: "runs/{{r}}/hf_{{i}}"
+    log: "logs/export/{{r}}/{{i}}.log"
     shell: "touch {{output}}"
 
 rule evaluate:
     input: "runs/{{r}}/hf_{{i}}"
     output: "runs/{{r}}/eval_{{i}}_{{k}}"
+    log: "logs/eval/{{r}}/{{i}}_{{k}}.log"
     shell: "touch {{output}}"
 
 rule report:
     input: [f"runs/{{r}}/eval_{{i}}_{{k}}" for r, (s, c) in RUNS.items() for i in range(c) for k in GROUPS] + [f"runs/{{r}}/seg_{{j}}" for r, (s, c) in RUNS.items() for j in range(s)]
     output: "report.txt"
+    log: "logs/report.log"
     shell: "touch {{output}}"
 '''
 

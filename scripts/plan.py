@@ -32,6 +32,9 @@ def summary(rows: list[dict]) -> str:
             f"{r['run_id']:40s} {r['params'] / 1e6:7.1f}M {r['train_iters']:8d} {r['checkpoints']:5d} "
             f"{r['flops']:9.2e} {r['gpu_hours']:9.1f} {r['nodes']:5d} {r['jobs']:5d}"
         )
+    for r in rows:
+        if r["warning"]:
+            lines.append(f"WARNING {r['run_id']}: {r['warning']}")
     total_h = sum(r["gpu_hours"] for r in rows)
     lines.append(f"{len(rows)} runs, {sum(r['flops'] for r in rows):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
                  f"{sum(r['jobs'] for r in rows)} training/export/eval jobs")

@@ -245,3 +245,13 @@ def test_eval_every_k_keeps_the_last(release_raw):
     config["evaluation"]["every"] = 10
     run = load_grid(config).runs["1.7b-pile-300B-4096"]
     assert run.eval_iters == (20000, 40000, 60000, 72661)
+
+
+def test_plan_warns_when_a_budget_needs_many_epochs(release_raw):
+    config = copy.deepcopy(release_raw)
+    config["datasets"]["c4"]["approx_tokens"] = 50e9
+    rows = {r["run_id"]: r for r in plan_rows(load_grid(config))}
+    assert rows["0.13b-c4-300B-4096"]["epochs"] == pytest.approx(6.0, rel=1e-3)
+    assert "needs 6.0 epochs of c4" in rows["0.13b-c4-300B-4096"]["warning"]
+    assert rows["1.3b-c4-50B-4096"]["warning"] == ""
+    assert rows["0.13b-pile-300B-4096"]["dataset_tokens_source"] == "catalog estimate"
