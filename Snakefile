@@ -34,6 +34,7 @@ GRID = load_grid(config)  # schema + cross-field validation; a bad config stops 
 INDEX = WorkflowIndex(GRID)
 LAYOUT = GRID.layout
 SCRIPTS = repo_path("scripts")
+PYTHON = INDEX.python  # the interpreter running Snakemake (its venv has osref installed)
 
 wildcard_constraints:
     **WILDCARD_CONSTRAINTS,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import shlex
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,11 @@ class WorkflowIndex:
     def eval_tasks_marker(self) -> list[str]:
         return [f"{self.layout.eval_tasks_dir()}/tasks.json"] if self.local_tasks_corpus else []
 
+    @property
+    def python(self) -> str:
+        """Interpreter for job commands: Snakemake's own, or the container's `python`."""
+        return "python" if self.config["cluster"]["container"] else shlex.quote(sys.executable)
+
     # ---- training launch and resources -------------------------------------------------------------
     def train_resources(self, run_id: str) -> dict[str, Any]:
         res = self.runs[run_id].resources
@@ -148,11 +154,11 @@ class WorkflowIndex:
         if launcher == "srun":
             return (
                 f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
-                f"{container}bash {repo_path('scripts', 'torchrun_slurm.sh')} {per_node}"
+                f"{container}bash {repo_path('scripts', 'torchrun_slurm.sh')} {per_node} {self.python}"
             )
         if per_node == 1:
-            return f"{container}python"
-        return f"{container}torchrun --standalone --nproc-per-node={per_node}"
+            return f"{container}{self.python}"
+        return f"{container}{self.python} -m torch.distributed.run --standalone --nproc-per-node={per_node}"
 
     @cached_property
     def eval_resources(self) -> dict[str, Any]:

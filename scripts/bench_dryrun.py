@@ -12,7 +12,6 @@ lookups) add.
 """
 
 import argparse
-import os
 import re
 import subprocess
 import sys

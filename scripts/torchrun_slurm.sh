@@ -6,10 +6,11 @@
 # node count goes to srun explicitly; inside the step every task sees the full Slurm environment,
 # from which the rendezvous (first node of the step, a port derived from the job id) is built.
 #
-#   usage: torchrun_slurm.sh GPUS_PER_NODE SCRIPT [ARGS...]
+#   usage: torchrun_slurm.sh GPUS_PER_NODE PYTHON SCRIPT [ARGS...]
 set -euo pipefail
 gpus_per_node=$1
-shift
+python=$2
+shift 2
 : "${SLURM_STEP_NODELIST:=${SLURM_JOB_NODELIST:-}}"
 if [[ -z "${SLURM_STEP_NODELIST}" ]]; then
     echo "torchrun_slurm.sh: not inside a Slurm step (no SLURM_STEP_NODELIST / SLURM_JOB_NODELIST)" >&2
@@ -18,7 +19,7 @@ fi
 head_node=$(scontrol show hostnames "${SLURM_STEP_NODELIST}" | head -n 1)
 port=$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))
 nnodes=${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-1}}
-exec torchrun \
+exec "${python}" -m torch.distributed.run \
     --nnodes="${nnodes}" \
     --nproc-per-node="${gpus_per_node}" \
     --node-rank="${SLURM_NODEID:-0}" \

@@ -10,7 +10,7 @@ rule list_dataset:
         dataset=lambda wc: json.dumps(INDEX.dataset_block(wc.dataset)),
     localrule: True
     shell:
-        "python {SCRIPTS}/download.py list --name {wildcards.dataset} --dataset-json {params.dataset:q} "
+        "{PYTHON} {SCRIPTS}/download.py list --name {wildcards.dataset} --dataset-json {params.dataset:q} "
         "--out {output} > {log} 2>&1"
 
 
@@ -26,7 +26,7 @@ rule download_group:
     resources:
         runtime=24 * 60,
     shell:
-        "python {SCRIPTS}/download.py fetch --name {wildcards.dataset} --listing {input.listing} "
+        "{PYTHON} {SCRIPTS}/download.py fetch --name {wildcards.dataset} --listing {input.listing} "
         "--group {wildcards.group} --out-dir {params.out_dir} --manifest {output.manifest} > {log} 2>&1"
 
 

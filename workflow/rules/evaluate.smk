@@ -13,7 +13,7 @@ if INDEX.eval_tasks_marker:
         params:
             out_dir=LAYOUT.eval_tasks_dir(),
         shell:
-            "python {SCRIPTS}/build_eval_tasks.py --manifest {input.corpus} --out {params.out_dir} > {log} 2>&1"
+            "{PYTHON} {SCRIPTS}/build_eval_tasks.py --manifest {input.corpus} --out {params.out_dir} > {log} 2>&1"
 
 
 rule evaluate_group:
@@ -37,7 +37,7 @@ rule evaluate_group:
     resources:
         **INDEX.eval_resources,
     shell:
-        "OMP_NUM_THREADS={threads} python {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {wildcards.iteration} "
+        "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {wildcards.iteration} "
         "--group {wildcards.shots} --tasks-json {params.protocol:q} {params.include} --batch-size {params.batch_size} "
         "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.runs}/{wildcards.run_id}/eval/hf_home "
         "--out {output} > {log} 2>&1"
@@ -46,3 +46,20 @@ rule evaluate_group:
 rule evaluate:
     input:
         INDEX.evaluations,
+
+
+# Fill the shared HF cache with every protocol task's datasets; needs network, so it runs where
+# Snakemake runs (the login node), never as a cluster job. Run it once before going offline:
+#   snakemake prefetch_eval_data
+rule prefetch_eval_data:
+    output:
+        f"{LAYOUT.results}/hf_home/prefetched.json",
+    log:
+        LAYOUT.log("evaluate", "prefetch_eval_data"),
+    params:
+        protocol=json.dumps(GRID.protocol),
+        hf_home=f"{LAYOUT.results}/hf_home",
+    localrule: True
+    shell:
+        "{PYTHON} {SCRIPTS}/prefetch_eval_data.py --tasks-json {params.protocol:q} --hf-home {params.hf_home} "
+        "--out {output} > {log} 2>&1"

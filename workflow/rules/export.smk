@@ -18,7 +18,7 @@ rule export_hf:
         runtime=60,
         mem_mb=32000,
     shell:
-        "OMP_NUM_THREADS={threads} python {SCRIPTS}/export_hf.py --run-json {input.run} --iteration {wildcards.iteration} "
+        "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS}/export_hf.py --run-json {input.run} --iteration {wildcards.iteration} "
         "--out {output} --dtype {params.dtype} --tolerance {params.tolerance} > {log} 2>&1"
 
 

@@ -1,4 +1,9 @@
-# Tokenize: one shard group -> one Megatron .bin/.idx pair (+ stats).
+# Tokenize: one shard group -> one Megatron .bin/.idx pair (+ stats); per dataset, a manifest of
+# the groups' totals.
+
+
+def tokenized_manifest(dataset):
+    return f"{LAYOUT.data}/tokenized/{dataset}/manifest.json"
 
 
 rule tokenize_group:
@@ -24,17 +29,33 @@ rule tokenize_group:
         tokenizer=repo_relative(config["tokenizer"]["path"]),
         sha256=config["tokenizer"]["sha256"],
         eod=config["tokenizer"]["eod_id"],
+        backend=config["tokenizer"].get("backend", "hf"),
+        verify_documents=config["tokenizer"].get("verify_documents", 1000),
     threads: 2
     resources:
         runtime=12 * 60,
         mem_mb=8000,
     shell:
-        "RAYON_NUM_THREADS={threads} python {SCRIPTS}/tokenize_group.py --manifest {input.manifest} "
+        # one single-threaded worker process per core; the output does not depend on their number
+        "RAYON_NUM_THREADS=1 {PYTHON} {SCRIPTS}/tokenize_group.py --manifest {input.manifest} "
         "--format {params.fmt} --text-field {params.text_field} --tokenizer {params.tokenizer} "
         "--tokenizer-sha256 {params.sha256} --eod-id {params.eod} {params.max_docs} "
+        "--workers {threads} --backend {params.backend} --verify-documents {params.verify_documents} "
         "--out-prefix {params.prefix} --stats {output.stats} > {log} 2>&1"
+
+
+rule tokenized_dataset_manifest:
+    input:
+        stats=lambda wc: [LAYOUT.tokenized_files(wc.dataset, g)["stats"] for g in GRID.shard_groups(wc.dataset)],
+    output:
+        tokenized_manifest("{dataset}"),
+    run:
+        from osref.tokenize import dataset_manifest
+
+        dataset_manifest(input.stats, output[0])
 
 
 rule tokenize:
     input:
         INDEX.tokenized,
+        [tokenized_manifest(d) for d in GRID.datasets_in_use],
