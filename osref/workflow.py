@@ -20,6 +20,9 @@ from osref.config import REPO_ROOT, walltime_minutes
 from osref.grid import Grid, Run, run_document
 from osref.paths import fmt_iter
 
+LISTING_KEYS = ("source", "repo_id", "revision", "allow_patterns", "ignore_patterns", "paths", "urls_file",
+                "base_url", "format", "shard_groups")
+
 WILDCARD_CONSTRAINTS = {
     "run_id": r"[^/]+",
     "dataset": r"[^/]+",
@@ -88,6 +91,12 @@ class WorkflowIndex:
     def dataset_block(self, dataset: str) -> dict[str, Any]:
         return self.config["datasets"][dataset]
 
+    def listing_params(self, dataset: str) -> dict[str, Any]:
+        """The part of a dataset's config that decides its file list (not label, size estimate, ...),
+        so that editing a description never re-lists, re-downloads and re-tokenizes a dataset."""
+        block = self.config["datasets"][dataset]
+        return {k: block[k] for k in LISTING_KEYS if k in block}
+
     def tokenized_inputs(self, run_id: str) -> list[str]:
         dataset = self.runs[run_id].dataset
         return [
@@ -111,6 +120,16 @@ class WorkflowIndex:
         """Corpus the demo's local eval tasks are built from (the download manifest of group 0)."""
         name = self.config["evaluation"]["local_tasks"]
         return [self.layout.download_manifest(name, 0)] if name else []
+
+    @cached_property
+    def eval_hf_home(self) -> str:
+        """HF cache shared by all evaluation jobs (filled once by `prefetch_eval_data`)."""
+        return f"{self.layout.results}/hf_home"
+
+    @cached_property
+    def prefetch_marker(self) -> list[str]:
+        """Hub tasks need their data prefetched on a node with network; local tasks do not."""
+        return [] if self.local_tasks_corpus else [f"{self.eval_hf_home}/prefetched.json"]
 
     @cached_property
     def eval_tasks_marker(self) -> list[str]:

@@ -27,6 +27,7 @@ RELEASE_JOBS = {
     "evaluate_group": 4686,
     "report": 1,
     "plan": 1,
+    "prefetch_eval_data": 1,
     "all": 1,
 }
 

@@ -7,7 +7,7 @@ rule list_dataset:
     log:
         LAYOUT.log("download", "{dataset}", "listing"),
     params:
-        dataset=lambda wc: json.dumps(INDEX.dataset_block(wc.dataset)),
+        dataset=lambda wc: json.dumps(INDEX.listing_params(wc.dataset)),
     localrule: True
     shell:
         "{PYTHON} {SCRIPTS}/download.py list --name {wildcards.dataset} --dataset-json {params.dataset:q} "

@@ -21,6 +21,7 @@ rule evaluate_group:
         hf=LAYOUT.hf_dir("{run_id}", "{iteration}"),
         run=LAYOUT.run_json("{run_id}"),
         tasks=INDEX.eval_tasks_marker,
+        prefetched=INDEX.prefetch_marker,
     output:
         LAYOUT.eval_json("{run_id}", "{iteration}", "{shots}"),
     log:
@@ -32,14 +33,14 @@ rule evaluate_group:
         device=config["evaluation"]["device"],
         dtype=config["evaluation"]["dtype"],
         limit=f"--limit {config['evaluation']['limit']}" if config["evaluation"]["limit"] else "",
-        runs=LAYOUT.runs,
+        hf_home=INDEX.eval_hf_home,
     threads: config["cluster"]["eval_resources"]["cpus"]
     resources:
         **INDEX.eval_resources,
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {wildcards.iteration} "
         "--group {wildcards.shots} --tasks-json {params.protocol:q} {params.include} --batch-size {params.batch_size} "
-        "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.runs}/{wildcards.run_id}/eval/hf_home "
+        "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.hf_home} "
         "--out {output} > {log} 2>&1"
 
 
@@ -53,12 +54,12 @@ rule evaluate:
 #   snakemake prefetch_eval_data
 rule prefetch_eval_data:
     output:
-        f"{LAYOUT.results}/hf_home/prefetched.json",
+        f"{INDEX.eval_hf_home}/prefetched.json",
     log:
         LAYOUT.log("evaluate", "prefetch_eval_data"),
     params:
         protocol=json.dumps(GRID.protocol),
-        hf_home=f"{LAYOUT.results}/hf_home",
+        hf_home=INDEX.eval_hf_home,
     localrule: True
     shell:
         "{PYTHON} {SCRIPTS}/prefetch_eval_data.py --tasks-json {params.protocol:q} --hf-home {params.hf_home} "
