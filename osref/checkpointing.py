@@ -11,6 +11,10 @@ A job killed mid-save leaves a directory without ``complete.json``; it is ignore
 :func:`latest_complete_iteration` and replaced by the next save of that iteration. The torch_dist
 format reshards on load, so any world size / TP layout can read any other's model weights
 (:func:`load_model_for_inference` reads with one process).
+
+Fault injection for tests: with ``OSREF_TEST_KILL_DURING_SAVE=<iteration>`` in the environment, a
+process saving that iteration SIGKILLs itself after the torch_dist and RNG files are written and
+before ``complete.json`` — the torn checkpoint a preempted job leaves (tests/test_training_faults.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -31,6 +36,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "complete.json"
+KILL_DURING_SAVE_ENV = "OSREF_TEST_KILL_DURING_SAVE"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
@@ -155,6 +161,8 @@ def save_checkpoint(
     dist_checkpointing.save(state, str(target))
     _rng_file(target, 0).parent.mkdir(exist_ok=True)
     torch.save(capture_rng_state(), _rng_file(target, _rank()))
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(iteration):
+        os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
     if _rank() == 0:
         saved_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -13,6 +13,13 @@ Everything that megatron-core already does is taken from it: ``GPTDataset`` thro
 Iteration semantics: iteration ``i`` is the state after ``i`` optimizer updates. The update that
 produces iteration ``i`` uses the micro-batches of global batch ``i - 1`` and the learning rate
 ``lr(i - 1)``; the metrics line for iteration ``i`` reports that update.
+
+Observability: every ``train.log_interval`` iterations (and at a segment's end) rank 0 appends one
+JSON line to ``{run_dir}/logs/train_metrics.jsonl`` — iteration, consumed_tokens, loss, lr,
+grad_norm, step_s, tokens_per_s, tflops_per_gpu (6·N + attention FLOPs per token), mfu (against
+``train.peak_tflops`` or the GPU's bf16 peak; null on the CPU), mem_gb, elapsed_s, eta_s — and logs
+the same as one console line. A resumed run first drops the lines past its checkpoint, so the
+file holds each iteration once.
 """
 
 from __future__ import annotations
@@ -262,11 +269,19 @@ def _metrics_path(run_dir: Path, name: str) -> Path:
 
 
 def truncate_metrics(path: Path, keep_up_to: int) -> None:
-    """Drop lines with ``iteration > keep_up_to`` (a resumed run re-logs them)."""
+    """Drop lines with ``iteration > keep_up_to`` (a resumed run re-logs them), and a last line
+    torn by a kill in the middle of its write."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["iteration"] <= keep_up_to]
+    kept = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: dropping unreadable line %r", path, line[:80])
+            continue
+        if record["iteration"] <= keep_up_to:
+            kept.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -283,6 +298,35 @@ def _memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
 
 
+# Dense bf16 peak TFLOP/s per device, matched against ``torch.cuda.get_device_name()``; the first
+# matching fragment wins, so the more specific names come first.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def peak_tflops_per_device(train_cfg: dict | None = None) -> float | None:
+    """The peak that MFU is measured against: ``train.peak_tflops`` when the run sets it, else
+    the bf16 peak of this GPU from :data:`BF16_PEAK_TFLOPS`; None on the CPU or an unknown GPU."""
+    if train_cfg and train_cfg.get("peak_tflops"):
+        return float(train_cfg["peak_tflops"])
+    if not torch.cuda.is_available():
+        return None
+    name = device_name()
+    for fragment, tflops in BF16_PEAK_TFLOPS:
+        if fragment in name:
+            return tflops
+    log.warning("no bf16 peak known for %r: MFU not reported (set train.peak_tflops)", name)
+    return None
+
+
 def _mean_loss_across_dp(losses_reduced: list[dict], device) -> float:
     from megatron.core import parallel_state
 
@@ -295,7 +339,10 @@ def _mean_loss_across_dp(losses_reduced: list[dict], device) -> float:
 
 
 @dataclasses.dataclass
-class _Trainer:
+class Trainer:
+    """One rank's model, optimizer and data, and the optimizer update (also driven by
+    ``scripts/bench_train.py`` on random tokens)."""
+
     run: dict
     model: object  # megatron DDP wrapper
     optimizer: object
@@ -350,7 +397,17 @@ class _Trainer:
         return _mean_loss_across_dp(losses, self.device)
 
 
-def _build_trainer(run: dict) -> _Trainer:
+def _build_trainer(run: dict) -> Trainer:
+    model, optimizer, scheduler, device = build_model_and_optimizer(run)
+    train_ds, valid_ds = build_datasets(run)
+    return Trainer(run, model, optimizer, scheduler, train_ds, valid_ds, device)
+
+
+def build_model_and_optimizer(run: dict):
+    """(megatron DDP model, optimizer, scheduler, device) of ``run``, as training uses them.
+
+    Shared with ``scripts/bench_train.py`` so that the benchmark measures the training stack.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
 
@@ -375,9 +432,8 @@ def _build_trainer(run: dict) -> _Trainer:
     module.config.finalize_model_grads_func = finalize_model_grads
     module.config.no_sync_func = model.no_sync
     optimizer, scheduler = build_optimizer(model, cfg, dtype)
-    train_ds, valid_ds = build_datasets(run)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return _Trainer(run, model, optimizer, scheduler, train_ds, valid_ds, device)
+    return model, optimizer, scheduler, device
 
 
 def recompute_overrides(recompute: str) -> dict:
@@ -456,11 +512,12 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
     return _summary(cfg, run_dir, until_iteration, start, valid_loss), trainer.model.module
 
 
-def _train_segment(trainer: _Trainer, run_dir: Path, start: int, until: int, metrics_file: Path) -> None:
+def _train_segment(trainer: Trainer, run_dir: Path, start: int, until: int, metrics_file: Path) -> None:
     cfg = trainer.cfg
     to_save = save_iterations(cfg, start, until)
     log_interval = max(1, cfg.get("log_interval", 1))
     flops_per_token = ModelSpec.from_run(trainer.run).flops_per_token(with_attention=True)
+    peak_tflops = peak_tflops_per_device(cfg)
     segment_start = interval_start = time.perf_counter()
     interval_steps = 0
     for iteration in range(start + 1, until + 1):
@@ -469,7 +526,9 @@ def _train_segment(trainer: _Trainer, run_dir: Path, start: int, until: int, met
         if iteration % log_interval == 0 or iteration == until:
             now = time.perf_counter()
             step_s = (now - interval_start) / interval_steps
-            record = _metrics_record(trainer, iteration, stats, step_s, now - segment_start, flops_per_token)
+            record = _metrics_record(
+                trainer, iteration, stats, step_s, now - segment_start, flops_per_token, peak_tflops
+            )
             if is_rank0():
                 _append_json_line(metrics_file, record)
                 log.info(_console_line(record, cfg["train_iters"]))
@@ -488,8 +547,9 @@ def _train_segment(trainer: _Trainer, run_dir: Path, start: int, until: int, met
             interval_start = time.perf_counter()  # keep save time out of the step time
 
 
-def _metrics_record(trainer, iteration, stats, step_s, elapsed_s, flops_per_token) -> dict:
+def _metrics_record(trainer, iteration, stats, step_s, elapsed_s, flops_per_token, peak_tflops) -> dict:
     tokens = trainer.tokens_per_iteration
+    tflops_per_gpu = flops_per_token * tokens / step_s / dist.get_world_size() / 1e12
     return {
         "iteration": iteration,
         "consumed_tokens": iteration * tokens,
@@ -498,20 +558,37 @@ def _metrics_record(trainer, iteration, stats, step_s, elapsed_s, flops_per_toke
         "grad_norm": stats["grad_norm"],
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
-        "tflops_per_gpu": flops_per_token * tokens / step_s / dist.get_world_size() / 1e12,
+        "tflops_per_gpu": tflops_per_gpu,
+        "mfu": tflops_per_gpu / peak_tflops if peak_tflops else None,
+        "mem_gb": _memory_gb(),
         "elapsed_s": elapsed_s,
         "eta_s": step_s * (trainer.cfg["train_iters"] - iteration),
-        "mem_gb": _memory_gb(),
     }
 
 
 def _console_line(record: dict, train_iters: int) -> str:
+    mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
     return (
-        f"iteration {record['iteration']:>7d}/{train_iters} | loss {record['loss']:.4f} | lr {record['lr']:.3e} "
-        f"| grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s "
-        f"| {record['tflops_per_gpu']:.2f} TFLOP/s/GPU | elapsed {record['elapsed_s']:.0f} s "
-        f"| ETA {record['eta_s'] / 3600:.2f} h | mem {record['mem_gb']:.2f} GiB"
+        f"iteration {record['iteration']:>7d}/{train_iters} | tokens {format_count(record['consumed_tokens'])} "
+        f"| loss {record['loss']:.4f} | lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} "
+        f"| {record['step_s']:.3f} s/it | {format_count(record['tokens_per_s'])} tok/s "
+        f"| {record['tflops_per_gpu']:.2f} TFLOP/s/GPU | MFU {mfu} | mem {record['mem_gb']:.2f} GiB "
+        f"| elapsed {format_duration(record['elapsed_s'])} | ETA {format_duration(record['eta_s'])}"
     )
+
+
+def format_count(value: float) -> str:
+    """1234567 -> '1.23M' (tokens, tokens/s)."""
+    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1:02:05'; days are kept in the hours field ('50:00:00')."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _summary(cfg: dict, run_dir: Path, iteration: int, resumed_from: int, valid_loss) -> dict:

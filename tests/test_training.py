@@ -6,7 +6,6 @@ Run from the repository root: ``python -m pytest tests/test_training.py``.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -19,69 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "assets/demo-corpus/pydocs311_rst_corpus.jsonl.zst"
-TOKENIZER = REPO / "assets/gpt-neox-20b/tokenizer.json"
-TINY_RUN = REPO / "tests/data/tiny_run.json"
-DOCUMENTS = 200
+from conftest import REPO, TINY_RUN, checkpoint_tensors, make_run, read_jsonl
 
 torch.set_num_threads(1)
-
-
-def _read_documents(limit: int) -> list[str]:
-    import zstandard
-
-    texts = []
-    with CORPUS.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader:
-        for line in io.TextIOWrapper(reader, encoding="utf-8"):
-            texts.append(json.loads(line)["text"])
-            if len(texts) == limit:
-                break
-    return texts
-
-
-def write_tiny_corpus(prefix: Path) -> None:
-    """The first ``DOCUMENTS`` demo documents as a uint16 Megatron dataset, EOD 0 after each."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(TOKENIZER))
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
-    for text in _read_documents(DOCUMENTS):
-        builder.add_item(torch.tensor(tokenizer.encode(text).ids + [0], dtype=torch.int64))
-        builder.end_document()
-    builder.finalize(f"{prefix}.idx")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    (root / "demo").mkdir()
-    write_tiny_corpus(root / "demo" / "group_000")
-    return root
-
-
-def make_run(data_root: Path, run_dir: Path) -> dict:
-    run = json.loads(TINY_RUN.read_text())
-    run["data"]["prefixes"] = [str(data_root / "demo" / "group_000")]
-    run["data"]["cache_dir"] = str(data_root / "index_cache")
-    run["tokenizer"]["path"] = str(REPO / run["tokenizer"]["path"])
-    run["paths"]["run_dir"] = str(run_dir)
-    return run
-
-
-def checkpoint_tensors(run_dir: Path, iteration: int) -> dict[str, torch.Tensor]:
-    """Every tensor of a torch_dist checkpoint (model and optimizer state), consolidated."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = run_dir / f"consolidated_{iteration}.pt"
-    dcp_to_torch_save(str(run_dir / "checkpoints" / f"iter_{iteration:07d}"), str(out))
-    state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +67,56 @@ def test_lr_follows_wsd_formula(full_run):
             expected = cfg["lr"] * (cfg["train_iters"] - t) / cfg["cooldown_iters"]
         assert record["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), record
         assert scheduled_lr(cfg, t) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+METRIC_KEYS = {
+    "iteration", "consumed_tokens", "loss", "lr", "grad_norm", "step_s", "tokens_per_s", "tflops_per_gpu",
+    "mfu", "mem_gb", "elapsed_s", "eta_s",
+}
+
+
+def test_metrics_records_have_throughput_and_progress_keys(full_run):
+    from osref.training import _console_line
+
+    run, _, _ = full_run
+    records = read_jsonl(Path(run["paths"]["run_dir"]) / "logs/train_metrics.jsonl")
+    for record in records:
+        assert set(record) == METRIC_KEYS, record
+        assert record["consumed_tokens"] == record["iteration"] * 8 * 128
+        assert record["tokens_per_s"] > 0 and record["tflops_per_gpu"] > 0 and record["mem_gb"] > 0
+        assert record["mfu"] is None  # no peak for the CPU
+    assert records[-1]["eta_s"] == 0 and records[0]["eta_s"] > 0
+    line = _console_line(records[-1], 40)
+    for label in ("iteration      40/40", "loss", "lr", "grad norm", "tok/s", "TFLOP/s/GPU", "MFU n/a", "mem", "ETA 0:00:00"):
+        assert label in line, line
+
+
+def test_mfu_peak_from_run_or_device_name(monkeypatch):
+    from osref.training import peak_tflops_per_device
+
+    assert peak_tflops_per_device({"peak_tflops": 500}) == 500.0
+    assert peak_tflops_per_device({}) is None  # CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, peak in [
+        ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA L4", None),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
+        assert peak_tflops_per_device({"peak_tflops": None}) == peak, name
+
+
+def test_bench_train_runs_tiny_on_cpu():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts/bench_train.py"), "--tiny", "--steps", "3", "--warmup-steps", "1", "--json"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    fields = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith("{"))
+    for name in ("device", "model", "step_s", "tokens_per_s", "tflops_per_device", "mfu"):
+        assert name in fields, out
+    results = json.loads(out.splitlines()[-1])
+    assert results["device"] == "cpu" and results["dtype"] == "fp32" and results["steps"] == 3
+    assert results["tokens_per_s"] > 0 and results["tflops_per_device"] > 0 and results["mfu"] is None
 
 
 @pytest.mark.parametrize("schedule", ["wsd", "cosine"])
