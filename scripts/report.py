@@ -1,5 +1,8 @@
 """Build the report (tidy results table, missing cells, plots, index.html) from a manifest.
 
+A rebuild re-reads only new or changed evaluation JSONs and redraws only the plots whose data
+changed (cache: ``<out-dir>/.cache``, safe to delete).
+
 Runs as a command line or as a Snakemake ``script:`` (params: manifest (dict), reference_dir,
 out_dir; output: manifest (the manifest is saved there); log: one file).
 
@@ -30,6 +33,7 @@ def run(manifest: dict, reference_dir: Path, out_dir: Path) -> list[str]:
 
     summary = build_report(manifest, reference_dir, out_dir)
     logging.info("%d result rows, %d missing cells", summary["n_results"], summary["n_missing"])
+    logging.info("cache: %s", ", ".join(f"{key} {value}" for key, value in summary["cache"].items()))
     for path in summary["files"]:
         logging.info("wrote %s", path)
     return summary["files"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -80,11 +81,14 @@ def test_written_files(synthetic):
     out, summary = synthetic
     names = {Path(p).relative_to(out).as_posix() for p in summary["files"]}
     assert {"results.csv", "results.parquet", "missing.csv", "final_scores.csv", "index.html"} <= names
-    assert {"plots/scores_run-a.png", "plots/loss_run-a.png", "plots/avg_vs_flops.png"} <= names
-    assert "plots/scores_run-b.png" not in names  # nothing to plot yet
+    plots = {name for name in names if name.startswith("plots/")}
+    assert plots == {
+        "plots/scores_run-a.png", "plots/loss_run-a.png", "plots/avg_vs_flops.png",
+        "plots/datasets_tiny_0.25M.png", "plots/losses_tiny_0.25M.png",
+    }  # run-b: nothing to plot yet  # fmt: skip
     assert all(Path(p).is_file() for p in summary["files"])
     page = (out / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 5
     assert "Missing cells" in page and "run-b" in page
     parquet = pd.read_parquet(out / "results.parquet")
     csv = pd.read_csv(out / "results.csv")
@@ -189,3 +193,37 @@ def test_snakemake_script_mode(tmp_path: Path):
     assert (tmp_path / "report" / "index.html").is_file()
     assert len(pd.read_csv(tmp_path / "report" / "missing.csv")) == 6
     assert "missing cells" in (tmp_path / "report.log").read_text()
+
+
+def test_incremental_rebuild_reads_and_draws_only_what_changed(tmp_path: Path):
+    a10 = _eval_json(tmp_path / "a/10.json", "run-a", 10, {"copa": 0.6, "lambada_openai": 0.2, "social_iqa": 0.4})
+    b10 = tmp_path / "b/10.json"
+    manifest = {"protocol": SMALL_PROTOCOL, "runs": [_run("run-a", [a10]), _run("run-b", [b10])]}
+    out = tmp_path / "report"
+    first = build_report(manifest, REFERENCE, out)
+    assert first["cache"]["eval_files_parsed"] == 1 and first["cache"]["plots_reused"] == 0
+    plots_first = {Path(p).name for p in first["files"] if "/plots/" in p}
+    assert plots_first == {"scores_run-a.png", "datasets_tiny_0.25M.png", "avg_vs_flops.png"}
+
+    unchanged = build_report(manifest, REFERENCE, out)
+    assert unchanged["cache"] == {"eval_files_parsed": 0, "eval_files_reused": 1, "plots_drawn": 0, "plots_reused": 3}
+
+    _eval_json(b10, "run-b", 10, {"copa": 0.5, "lambada_openai": 0.3, "social_iqa": 0.1})
+    shutil.rmtree(out / "plots")  # what Snakemake does with a directory output before a rerun
+    added = build_report(manifest, REFERENCE, out)
+    # new: scores_run-b; changed: the scale's datasets plot and avg_vs_flops; scores_run-a reused
+    assert added["cache"] == {"eval_files_parsed": 1, "eval_files_reused": 1, "plots_drawn": 3, "plots_reused": 1}
+    assert (out / "plots" / "scores_run-a.png").is_file()
+
+    _eval_json(a10, "run-a", 10, {"copa": 0.7, "lambada_openai": 0.2, "social_iqa": 0.4})  # re-evaluated
+    changed = build_report(manifest, REFERENCE, out)
+    assert changed["cache"]["eval_files_parsed"] == 1
+    table = pd.read_csv(out / "results.csv").set_index(["run_id", "iteration", "task"])
+    assert table.loc[("run-a", 10, "copa"), "value"] == 0.7
+    assert table.loc[("run-a", 10, "avg"), "value"] == pytest.approx((0.7 + 0.2) / 2)
+    assert table.loc[("run-b", 10, "avg"), "value"] == pytest.approx((0.5 + 0.3) / 2)
+
+    cold = build_report(manifest, REFERENCE, tmp_path / "cold")
+    assert cold["cache"]["eval_files_reused"] == 0
+    for name in ("results.csv", "missing.csv", "final_scores.csv"):
+        assert (out / name).read_text() == (tmp_path / "cold" / name).read_text(), name
