@@ -24,10 +24,10 @@ demo: env
 	@echo "report: results/demo/report/index.html"
 
 test: env
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: env
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
 plan: env
 	$(BIN)/snakemake plan --profile profiles/local

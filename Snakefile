@@ -54,3 +54,4 @@ rule all:
     input:
         rules.report.output,
         rules.plan.output,
+        [LAYOUT.tokenized_manifest(d) for d in GRID.datasets_in_use],

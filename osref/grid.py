@@ -344,7 +344,7 @@ PLAN_COLUMNS = [
 
 def dataset_tokens(grid: Grid, dataset: str) -> tuple[float | None, str]:
     """Tokens in a dataset: counted (tokenized manifest, once it exists) or the catalog's estimate."""
-    manifest = Path(grid.layout.data) / "tokenized" / dataset / "manifest.json"
+    manifest = Path(grid.layout.tokenized_manifest(dataset))
     if manifest.exists():
         import json  # noqa: PLC0415
 

@@ -7,6 +7,7 @@ or Snakemake wildcards (``"{run_id}"``), which is how the rules build their patt
     {data}/raw/{dataset}/listing.json              file list of the dataset, grouped (download)
     {data}/raw/{dataset}/group_{g}/manifest.json   one download group, with sizes and hashes
     {data}/tokenized/{dataset}/group_{g}.bin|.idx  Megatron binaries of that group (+ .stats.json)
+    {data}/tokenized/{dataset}/manifest.json       totals over the dataset's groups
     {runs}/{run_id}/run.json                       the fully resolved run (model, recipe, data)
     {runs}/{run_id}/checkpoints/iter_{i}/          torch_dist checkpoints (never deleted by Snakemake)
     {runs}/{run_id}/train/segment_{i}.json         marker of a training job that ended at iteration i
@@ -56,6 +57,9 @@ class Layout:
     def tokenized_files(self, dataset: str, group: int | str) -> dict[str, str]:
         prefix = self.tokenized_prefix(dataset, group)
         return {"bin": f"{prefix}.bin", "idx": f"{prefix}.idx", "stats": f"{prefix}.stats.json"}
+
+    def tokenized_manifest(self, dataset: str) -> str:
+        return f"{self.data}/tokenized/{dataset}/manifest.json"
 
     def index_cache(self) -> str:
         return f"{self.data}/index_cache"

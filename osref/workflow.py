@@ -63,12 +63,17 @@ class WorkflowIndex:
 
     @cached_property
     def tokenized(self) -> list[str]:
-        return [
+        """Every group's .bin/.idx/.stats.json and every dataset's manifest."""
+        groups = [
             f
             for d in self.grid.datasets_in_use
             for g in self.grid.shard_groups(d)
             for f in self.layout.tokenized_files(d, g).values()
         ]
+        return groups + [self.layout.tokenized_manifest(d) for d in self.grid.datasets_in_use]
+
+    def tokenized_stats(self, dataset: str) -> list[str]:
+        return [self.layout.tokenized_files(dataset, g)["stats"] for g in self.grid.shard_groups(dataset)]
 
     @cached_property
     def final_segments(self) -> list[str]:

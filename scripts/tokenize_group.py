@@ -11,8 +11,16 @@ Usage:
     # only the first 500 documents (tests)
     python scripts/tokenize_group.py ... --max-documents 500
 
+    # the job's 8 cores: 8 single-threaded worker processes (same output bytes)
+    RAYON_NUM_THREADS=1 python scripts/tokenize_group.py ... --workers 8
+
+    # gigatoken (pip install gigatoken): the shard is refused unless its first 1000 documents
+    # tokenize exactly as with HF tokenizers
+    python scripts/tokenize_group.py ... --backend gigatoken --verify-documents 1000
+
 The output is byte-identical to Megatron-LM `tools/preprocess_data.py --append-eod` over the same
-files in the same order. RAYON_NUM_THREADS (set from the job's threads) bounds the tokenizer's threads.
+files in the same order, whatever --workers. With --workers 1 the tokenizer runs in this process and
+RAYON_NUM_THREADS bounds its threads; workers always run one thread each.
 """
 
 from __future__ import annotations
@@ -24,7 +32,14 @@ import sys
 from pathlib import Path
 
 from osref.download import write_json_atomic
-from osref.tokenize import InputError, load_tokenizer, tokenize_files
+from osref.tokenize import (
+    BACKENDS,
+    BackendMismatch,
+    BackendUnavailable,
+    InputError,
+    load_tokenizer,
+    tokenize_files,
+)
 
 
 def main() -> None:
@@ -36,6 +51,10 @@ def main() -> None:
     parser.add_argument("--tokenizer-sha256", default=None)
     parser.add_argument("--eod-id", type=int, default=0)
     parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (the job's cores)")
+    parser.add_argument("--backend", choices=BACKENDS, default="hf")
+    parser.add_argument("--verify-documents", type=int, default=1000,
+                        help="non-HF backend: documents compared with HF tokenizers before the shard is accepted")
     parser.add_argument("--out-prefix", required=True)
     parser.add_argument("--stats", required=True)
     args = parser.parse_args()
@@ -46,8 +65,9 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_sha256)
     try:
         stats = tokenize_files(files, args.out_prefix, tokenizer, fmt=args.format, text_field=args.text_field,
-                               eod_id=args.eod_id, max_documents=args.max_documents)
-    except InputError as exc:
+                               eod_id=args.eod_id, max_documents=args.max_documents, workers=args.workers,
+                               backend=args.backend, verify_documents=args.verify_documents)
+    except (InputError, BackendUnavailable, BackendMismatch) as exc:
         sys.exit(f"tokenize: {exc}")
     stats.update({"dataset": manifest["dataset"], "group": manifest["group"], "tokenizer": args.tokenizer})
     write_json_atomic(args.stats, stats)

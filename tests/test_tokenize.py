@@ -1,4 +1,5 @@
-"""Tokenization: byte-identity with Megatron's format, readers for every input format, bad input."""
+"""Tokenization: byte-identity with Megatron's format (any worker count, any accepted backend), readers for every
+input format, bad input, the backend sample check, the per-dataset manifest."""
 
 from __future__ import annotations
 
@@ -13,7 +14,18 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from osref.tokenize import InputError, MegatronWriter, iter_documents, load_tokenizer, tokenize_files
+from osref.tokenize import (
+    BackendMismatch,
+    BackendUnavailable,
+    EncodedBatch,
+    HFEncoder,
+    InputError,
+    MegatronWriter,
+    dataset_manifest,
+    iter_documents,
+    load_tokenizer,
+    tokenize_files,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "assets" / "demo-corpus" / "pydocs311_rst_corpus.jsonl.zst"
@@ -188,3 +200,110 @@ def test_writer_abort_leaves_nothing(tmp_path):
     writer.add_batch([[1, 2, 0]])
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_input_with_workers_fails_cleanly(tokenizer, docs, tmp_path):
+    good = write_jsonl(tmp_path / "a.jsonl.zst", docs, compress="zst")  # batches are in the workers by the error
+    path = write_jsonl(tmp_path / "z.jsonl.zst", docs, compress="zst")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"z\.jsonl\.zst: corrupt"):
+        tokenize_files([good, path], tmp_path / "out" / "g", tokenizer, fmt="jsonl.zst", workers=2, batch_size=10,
+                       progress=False)
+    assert list((tmp_path / "out").glob("*")) == []
+
+
+# ---- parallel workers and backends: the same bytes or no shard ---------------------------------------
+
+def test_two_workers_write_the_same_bytes_as_one(tokenizer, tmp_path):
+    one = tokenize_files([CORPUS], tmp_path / "one", tokenizer, fmt="jsonl.zst", max_documents=300, progress=False)
+    two = tokenize_files([CORPUS], tmp_path / "two", tokenizer, fmt="jsonl.zst", max_documents=300, batch_size=23,
+                         workers=2, progress=False)
+    assert (two["documents"], two["tokens"], two["text_bytes"]) == (one["documents"], one["tokens"], one["text_bytes"])
+    assert two["workers"] == 2 and one["documents"] == 300
+    for ext in ("bin", "idx"):
+        assert sha256(tmp_path / f"two.{ext}") == sha256(tmp_path / f"one.{ext}")
+
+
+class OneTokenOffEncoder(HFEncoder):
+    """A backend that disagrees with HF tokenizers on the fourth document it sees."""
+
+    name = "one-off"
+    is_reference = False
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.seen = 0
+
+    def encode(self, texts, eod_id, dtype=np.uint16):
+        batch = super().encode(texts, eod_id, dtype)
+        if self.seen <= 3 < self.seen + len(texts):
+            start = int(batch.lengths[: 3 - self.seen].sum())
+            tokens = batch.tokens.copy()
+            tokens[start + 1] += 1
+            batch = EncodedBatch(tokens, batch.lengths, batch.text_bytes)
+        self.seen += len(texts)
+        return batch
+
+
+def test_sample_check_refuses_a_shard_that_differs_from_hf(tokenizer, docs, tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    with pytest.raises(BackendMismatch, match=r"'one-off' differs from HF tokenizers on non-empty document 3 .* token 1"):
+        tokenize_files([path], tmp_path / "out" / "g", tokenizer, fmt="jsonl", batch_size=2,
+                       backend=OneTokenOffEncoder(tokenizer), verify_documents=10, progress=False)
+    assert list((tmp_path / "out").glob("*")) == []
+
+
+def test_sample_check_looks_only_at_the_first_documents(tokenizer, docs, tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", docs)
+    stats = tokenize_files([path], tmp_path / "g", tokenizer, fmt="jsonl", batch_size=2,
+                           backend=OneTokenOffEncoder(tokenizer), verify_documents=3, progress=False)
+    assert stats["verified_documents"] == 3 and stats["backend"] == "one-off"
+
+
+def test_gigatoken_shard_is_accepted_and_identical(tokenizer, tmp_path):
+    pytest.importorskip("gigatoken")
+    hf = tokenize_files([CORPUS], tmp_path / "hf", tokenizer, fmt="jsonl.zst", max_documents=200, progress=False)
+    giga = tokenize_files([CORPUS], tmp_path / "giga", tokenizer, fmt="jsonl.zst", max_documents=200, batch_size=64,
+                          backend="gigatoken", verify_documents=100, progress=False)
+    assert giga["verified_documents"] == 100 and giga["backend"] == "gigatoken"
+    assert giga["text_bytes"] == hf["text_bytes"]
+    for ext in ("bin", "idx"):
+        assert sha256(tmp_path / f"giga.{ext}") == sha256(tmp_path / f"hf.{ext}")
+
+
+def test_unavailable_backends_fail_clearly(tokenizer, tmp_path, monkeypatch):
+    with pytest.raises(BackendUnavailable, match="unknown tokenizer backend 'nope'"):
+        tokenize_files([CORPUS], tmp_path / "n", tokenizer, fmt="jsonl.zst", backend="nope", progress=False)
+    monkeypatch.setitem(__import__("sys").modules, "gigatoken", None)  # as if not installed
+    with pytest.raises(BackendUnavailable, match="pip install gigatoken"):
+        tokenize_files([CORPUS], tmp_path / "g", tokenizer, fmt="jsonl.zst", backend="gigatoken", progress=False)
+    assert list(tmp_path.glob("*")) == []
+
+
+# ---- per-dataset manifest ------------------------------------------------------------------------------
+
+def test_dataset_manifest_sums_the_groups(tokenizer, docs, tmp_path):
+    stats_paths = []
+    for group, texts in enumerate([docs[:20], docs[20:] + ["", ""]]):
+        stats = tokenize_files([write_jsonl(tmp_path / f"{group}.jsonl", texts)], tmp_path / f"group_{group:03d}",
+                               tokenizer, fmt="jsonl", progress=False)
+        stats.update({"dataset": "demo", "group": group})
+        stats_paths.append(tmp_path / f"group_{group:03d}.stats.json")
+        stats_paths[-1].write_text(json.dumps(stats))
+    manifest = dataset_manifest(stats_paths, tmp_path / "manifest.json")
+    expected_tokens = sum(len(enc.ids) + 1 for enc in tokenizer.encode_batch(docs, add_special_tokens=False))
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert manifest["dataset"] == "demo" and manifest["groups"] == 2
+    assert (manifest["documents"], manifest["tokens"], manifest["empty_documents"]) == (len(docs), expected_tokens, 2)
+    assert manifest["text_bytes"] == sum(len(t.encode()) for t in docs)
+    assert [g["documents"] for g in manifest["per_group"]] == [20, len(docs) - 20]
+
+
+def test_dataset_manifest_refuses_mixed_datasets(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"dataset": name, "documents": 1, "tokens": 2, "text_bytes": 3, "empty_documents": 0}))
+    with pytest.raises(ValueError, match="several datasets"):
+        dataset_manifest([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "m.json")

@@ -21,6 +21,7 @@ RELEASE_JOBS = {
     "list_dataset": 8,
     "download_group": 64,
     "tokenize_group": 64,
+    "tokenized_dataset_manifest": 8,
     "run_config": 36,
     "train_segment": 64,
     "export_hf": 1562,

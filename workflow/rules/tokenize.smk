@@ -2,10 +2,6 @@
 # the groups' totals.
 
 
-def tokenized_manifest(dataset):
-    return f"{LAYOUT.data}/tokenized/{dataset}/manifest.json"
-
-
 rule tokenize_group:
     input:
         manifest=LAYOUT.download_manifest("{dataset}", "{group}"),
@@ -29,8 +25,8 @@ rule tokenize_group:
         tokenizer=repo_relative(config["tokenizer"]["path"]),
         sha256=config["tokenizer"]["sha256"],
         eod=config["tokenizer"]["eod_id"],
-        backend=config["tokenizer"].get("backend", "hf"),
-        verify_documents=config["tokenizer"].get("verify_documents", 1000),
+        backend=config["tokenizer"]["backend"],
+        verify_documents=config["tokenizer"]["verify_documents"],
     threads: 2
     resources:
         runtime=12 * 60,
@@ -46,16 +42,16 @@ rule tokenize_group:
 
 rule tokenized_dataset_manifest:
     input:
-        stats=lambda wc: [LAYOUT.tokenized_files(wc.dataset, g)["stats"] for g in GRID.shard_groups(wc.dataset)],
+        stats=lambda wc: INDEX.tokenized_stats(wc.dataset),
     output:
-        tokenized_manifest("{dataset}"),
-    run:
-        from osref.tokenize import dataset_manifest
-
-        dataset_manifest(input.stats, output[0])
+        LAYOUT.tokenized_manifest("{dataset}"),
+    log:
+        LAYOUT.log("tokenize", "{dataset}", "manifest"),
+    localrule: True
+    shell:
+        "{PYTHON} {SCRIPTS}/dataset_manifest.py --out {output} {input.stats} > {log} 2>&1"
 
 
 rule tokenize:
     input:
         INDEX.tokenized,
-        [tokenized_manifest(d) for d in GRID.datasets_in_use],
