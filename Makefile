@@ -40,3 +40,10 @@ bench-dryrun: env
 
 clean-demo:
 	rm -rf results/demo
+
+# Slurm tier: a real local Slurm (2 fake nodes, slurmdbd accounting; root on Debian 12) and the
+# workflow through profiles/slurm against it. `scripts/slurm_local.sh stop` shuts the cluster down.
+.PHONY: test-slurm
+test-slurm: env
+	bash scripts/slurm_local.sh start
+	OSREF_SLURM_TESTS=1 $(BIN)/python -m pytest -q -m slurm tests/slurm $(PYTEST_ARGS)

@@ -29,6 +29,8 @@ rule train_segment:
         launcher=lambda wc: INDEX.train_launcher(wc.run_id),
         env=INDEX.train_env(),
     threads: lambda wc: INDEX.train_threads(wc.run_id)
+    # keep the training chain moving: its next segment before queued exports and evaluations
+    priority: 10
     resources:
         nodes=lambda wc: INDEX.train_resources(wc.run_id)["nodes"],
         gres=lambda wc: INDEX.train_resources(wc.run_id)["gres"],
