@@ -582,6 +582,40 @@ def read_metrics(path: str | Path | None, value_keys: tuple[str, ...], tokens_pe
     return pd.DataFrame(records, columns=["tokens_seen", "loss"])
 
 
+TRAINING_COLUMNS = ["run_id", "iteration", "consumed_tokens", "loss", "lr", "grad_norm", "tokens_per_s"]
+
+
+def training_log(manifest: dict) -> pd.DataFrame:
+    """Every run's training metrics (loss, lr, grad norm, throughput per logged iteration) in one table."""
+    frames = []
+    for run in manifest["runs"]:
+        path = run.get("train_metrics")
+        if not path or not Path(path).is_file():
+            continue
+        records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        frame = pd.DataFrame(records).reindex(columns=TRAINING_COLUMNS[1:])
+        frame.insert(0, "run_id", run["run_id"])
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRAINING_COLUMNS)
+
+
+def training_summary(manifest: dict, log: pd.DataFrame) -> pd.DataFrame:
+    """Per run: where training stands, its recent loss, last validation loss, peak LR, throughput."""
+    rows = []
+    for run in manifest["runs"]:
+        own = log[log["run_id"] == run["run_id"]]
+        valid = read_metrics(run.get("valid_metrics"), ("valid_loss", "loss"), _tokens_per_iteration(run))
+        rows.append({
+            "run_id": run["run_id"],
+            "trained_iterations": int(own["iteration"].max()) if not own.empty else 0,
+            "train_loss_last5": float(own["loss"].tail(5).mean()) if not own.empty else None,
+            "valid_loss": float(valid["loss"].iloc[-1]) if not valid.empty else None,
+            "peak_lr": float(own["lr"].max()) if not own.empty else None,
+            "median_tokens_per_s": float(own["tokens_per_s"].median()) if not own.empty else None,
+        })
+    return pd.DataFrame(rows)
+
+
 # ---- plots --------------------------------------------------------------------------------------
 
 # A change to this module (its styles or the data it selects) redraws every plot.
@@ -1026,7 +1060,10 @@ def build_report(manifest: dict, reference_dir: Path, out_dir: Path) -> dict:
         ]
     )
 
+    log = training_log(manifest)
+    overview = overview.merge(training_summary(manifest, log), on="run_id", how="left")
     written = [
+        _write_frame(log, out_dir / "training.csv"),
         _write_frame(table, out_dir / "results.csv"),
         _write_frame(table, out_dir / "results.parquet"),
         _write_frame(missing, out_dir / "missing.csv"),

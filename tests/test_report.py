@@ -227,3 +227,25 @@ def test_incremental_rebuild_reads_and_draws_only_what_changed(tmp_path: Path):
     assert cold["cache"]["eval_files_reused"] == 0
     for name in ("results.csv", "missing.csv", "final_scores.csv"):
         assert (out / name).read_text() == (tmp_path / "cold" / name).read_text(), name
+
+
+def test_training_logs_are_folded_in(tmp_path):
+    from osref.report import training_log, training_summary
+
+    metrics = tmp_path / "train_metrics.jsonl"
+    metrics.write_text("".join(
+        json.dumps({"iteration": i, "consumed_tokens": i * 10, "loss": 10.0 - i, "lr": 0.001 * i,
+                    "grad_norm": 1.0, "tokens_per_s": 100.0 + i}) + "\n" for i in range(1, 8)))
+    valid = tmp_path / "valid_metrics.jsonl"
+    valid.write_text(json.dumps({"iteration": 7, "consumed_tokens": 70, "valid_loss": 3.5}) + "\n")
+    manifest = {"runs": [{"run_id": "r", "train_metrics": str(metrics), "valid_metrics": str(valid),
+                          "global_batch_size": 1, "seq_length": 10},
+                         {"run_id": "not-started", "train_metrics": str(tmp_path / "absent.jsonl")}]}
+    log = training_log(manifest)
+    assert list(log["iteration"]) == list(range(1, 8)) and set(log["run_id"]) == {"r"}
+    summary = training_summary(manifest, log).set_index("run_id")
+    assert summary.loc["r", "trained_iterations"] == 7
+    assert summary.loc["r", "train_loss_last5"] == pytest.approx((7 + 6 + 5 + 4 + 3) / 5)
+    assert summary.loc["r", "valid_loss"] == 3.5 and summary.loc["r", "peak_lr"] == pytest.approx(0.007)
+    assert summary.loc["r", "median_tokens_per_s"] == 104.0
+    assert summary.loc["not-started", "trained_iterations"] == 0
