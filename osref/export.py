@@ -31,6 +31,7 @@ for it this rounding changes nothing.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -469,6 +470,28 @@ def measure_parity(run: dict, iteration: int, hf_dir: Path, token_ids: torch.Ten
             "max_abs_logit": float(expected.abs().max())}
 
 
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path):
+    """Yield a temporary sibling of ``out_dir``; it replaces ``out_dir`` only if the block succeeds.
+
+    On any error (a parity failure included) the temporary directory is removed, so a half-written
+    export can never be taken for a finished one.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_checkpoint(
     run: dict,
     iteration: int,
@@ -494,11 +517,7 @@ def export_checkpoint(
     if not checkpointing.is_complete(ckpt):
         raise FileNotFoundError(f"{ckpt}: no {checkpointing.COMPLETE_MARKER}; not a complete checkpoint")
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out_dir) as tmp:
         _write_hf_files(tmp, run, spec, ckpt, save_dtype)
         token_ids = parity_token_ids(_resolve(run["tokenizer"]["path"]), min(parity_tokens, spec.seq_length),
                                      vocab_limit=int(run["tokenizer"].get("size", spec.vocab_size)))
@@ -531,10 +550,4 @@ def export_checkpoint(
             },
         }
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return provenance

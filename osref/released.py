@@ -42,9 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -305,11 +303,7 @@ def convert_released(
 
     eod = int(config.get("eos_token_id", 0))
     tokenizer_info = {"eod_id": eod}
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with export.atomic_directory(out) as tmp:
         save_file({name: t.to(save_dtype).contiguous() for name, t in hf_state.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_config = export.hf_config_for(spec, tokenizer_info)
@@ -343,10 +337,4 @@ def convert_released(
             "libraries": export._library_versions(),
         }
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return provenance
