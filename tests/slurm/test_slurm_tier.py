@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from demo_pipeline import assert_demo_outputs, reduced_demo_config
+
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE = ROOT / "profiles" / "slurm"
 ACCOUNT = os.environ.get("OSREF_SLURM_ACCOUNT", "testacct")
@@ -56,18 +58,13 @@ def slurm_cluster():
 
 def reduced_config(tmp_path: Path, *, nodes: int = 1, budget_iters: int = 30) -> Path:
     """The reduced demo of tests/test_demo_e2e.py, fitted to 2-CPU / 4000 MB fake nodes."""
-    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    config["datasets"]["pydocs"]["max_documents"] = 400
+    config = reduced_demo_config(budget_iters)
     tiny = config["scales"]["tiny"]
-    tiny["num_layers"] = 2
-    tiny["resources"].update({"segment_iters": 10, "mem_mb": 1800, "cpus_per_task": 1, "nodes": nodes})
+    tiny["resources"].update({"mem_mb": 1800, "cpus_per_task": 1, "nodes": nodes})
     if nodes > 1:
         # CPU data parallel over the nodes: one rank per node, global batch 8 = 4 per rank x 2
         tiny["resources"]["micro_batch_size"] = 4
         config["cluster"]["launcher"] = "srun"
-    config["recipes"]["demo"].update({"warmup_iters": 4, "save_interval": 10, "log_interval": 2})
-    config["experiments"][0]["budgets"] = [budget_iters * 8 * 128]
-    config["evaluation"]["limit"] = 16
     config["cluster"]["eval_resources"]["mem_mb"] = 1800
     path = tmp_path / "slurm_demo.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -123,23 +120,7 @@ def test_demo_pipeline_through_slurm_profile(tmp_path):
     config = reduced_config(tmp_path)
     proc = run_snakemake(tmp_path, config)
     assert proc.returncode == 0, failure_details(proc, tmp_path)
-    demo = tmp_path / "work" / "results" / "demo"
-    run_dir = demo / "runs" / "tiny-pydocs-30720-128"
-
-    assert sorted(p.name for p in (run_dir / "train").iterdir()) == [
-        "segment_0000010.json", "segment_0000020.json", "segment_0000030.json"]
-    for it in (10, 20, 30):
-        assert (run_dir / "checkpoints" / f"iter_{it:07d}" / "complete.json").exists()
-    losses = [json.loads(line)["loss"] for line in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
-    assert losses[-1] < losses[0]
-    for it in (10, 20, 30):
-        provenance = json.loads((run_dir / "hf" / f"iter_{it:07d}" / "provenance.json").read_text())
-        assert provenance["parity"]["max_abs_logit_diff"] < provenance["parity"]["tolerance"]
-    with open(demo / "report" / "results.csv", newline="") as fh:
-        cells = {(int(r["iteration"]), r["task"]) for r in csv.DictReader(fh) if r["source"] == "ours"}
-    for it in (10, 20, 30):
-        assert {(it, "demo_lastword"), (it, "demo_continuation")} <= cells
-    assert (demo / "report" / "index.html").stat().st_size > 10_000
+    assert_demo_outputs(tmp_path / "work" / "results" / "demo")
 
     # the jobs really went through Slurm, under the account, and accounting saw them
     logs = tmp_path / "work" / ".snakemake" / "slurm_logs"
