@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from osref.files import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "complete.json"
@@ -73,14 +75,6 @@ def latest_complete_iteration(ckpt_root: str | Path, at_most: int | None = None)
 
 def read_complete_marker(ckpt_dir: str | Path) -> dict:
     return json.loads((Path(ckpt_dir) / COMPLETE_MARKER).read_text())
-
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write JSON to a temporary name in the same directory, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # ---- RNG state ------------------------------------------------------------------------------

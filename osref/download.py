@@ -41,8 +41,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
+
+from osref.files import write_json_atomic
 
 CHUNK = 1 << 20
 HTTP_ATTEMPTS = 5  # per file, for the http source; each attempt resumes where the last one stopped
@@ -55,14 +56,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 # ---- listing ---------------------------------------------------------------------------------------

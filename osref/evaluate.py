@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from osref.files import write_json_atomic
+
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Fields of lm-eval's result dict that change on every run; the run time is kept as duration_s.
 VOLATILE_RAW_KEYS = ("date", "start_time", "end_time", "total_evaluation_time_seconds")
@@ -249,14 +251,6 @@ def json_safe(raw: dict) -> Any:
     return json.loads(json.dumps(trimmed, default=handle_non_serializable, sort_keys=True))
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def evaluate_checkpoint(
     hf_dir: Path,
     tasks: list[dict],
@@ -321,5 +315,5 @@ def evaluate_checkpoint(
         "duration_s": round(time.perf_counter() - started, 3),
         "raw": json_safe(raw),
     }
-    write_json_atomic(Path(out_json), payload)
+    write_json_atomic(Path(out_json), payload, indent=2, sort_keys=True, allow_nan=False)
     return payload

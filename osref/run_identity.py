@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from osref.download import write_json_atomic
+from osref.files import write_json_atomic
 
 # Keys that may change without changing what is being trained.
 VOLATILE_TRAIN_KEYS = {"segment_ends", "log_interval", "eval_iters"}

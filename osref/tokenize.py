@@ -474,7 +474,7 @@ def tokenize_files(
 
 def dataset_manifest(stats_paths: list[str | Path], out_path: str | Path) -> dict:
     """Sums the groups' ``.stats.json`` of one dataset into ``out_path``; returns the manifest."""
-    from osref.download import write_json_atomic
+    from osref.files import write_json_atomic
 
     totals = {"documents": 0, "tokens": 0, "text_bytes": 0, "empty_documents": 0}
     groups, empty_files, datasets, backends = [], [], set(), set()

@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from osref.files import write_json_atomic
 from osref.protocol import LOCAL_DEMO_TASKS
 
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -107,13 +108,6 @@ def prefetch(task_names: list[str], include_path: Path | None) -> dict[str, list
     return fetched
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = read_tasks(args.tasks_json)
@@ -146,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "libraries": {package: metadata.version(package) for package in ("lm_eval", "datasets", "huggingface_hub")},
     }
     if args.out is not None:
-        write_json_atomic(args.out, marker)
+        write_json_atomic(args.out, marker, indent=2, sort_keys=True)
     print(json.dumps({"tasks": list(marker["tasks"]), "dataset_ids": marker["dataset_ids"]}))
     return 0
 

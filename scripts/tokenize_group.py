@@ -31,7 +31,7 @@ import logging
 import sys
 from pathlib import Path
 
-from osref.download import write_json_atomic
+from osref.files import write_json_atomic
 from osref.tokenize import (
     BACKENDS,
     BackendMismatch,

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from osref.checkpointing import checkpoint_root, write_json_atomic
+    from osref.checkpointing import checkpoint_root
+    from osref.files import write_json_atomic
     from osref.run_identity import RunIdentityError, check_or_record
     from osref.training import init_distributed, train_and_return_model
 

@@ -12,7 +12,7 @@ From a shell it is `python scripts/write_json.py OUT.json '{"key": 1}'`.
 import json
 import sys
 
-from osref.download import write_json_atomic
+from osref.files import write_json_atomic
 
 if __name__ == "__main__":
     if "snakemake" in globals():

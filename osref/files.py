@@ -1,0 +1,21 @@
+"""Atomic file writes, in one place.
+
+Every JSON the stages leave behind (listings, manifests, markers, checkpoint completion files,
+evaluation results) is written under a temporary name in the same directory and renamed over the
+target, so a killed job never leaves a half-written file that looks complete.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: str | Path, payload: Any, *, indent: int = 1, sort_keys: bool = False,
+                      allow_nan: bool = True) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
