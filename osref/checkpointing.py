@@ -208,7 +208,7 @@ def load_model_for_inference(run: dict, iteration: int):
     enable_cpu_guards()
     init_single_process_parallel()
     spec = ModelSpec.from_run(run)
-    model = build_gpt_model(spec, seed=run["train"]["seed"], use_transformer_engine=False, device="cpu")
+    model = build_gpt_model(spec, seed=run["train"]["seed"], attention="local", device="cpu")
     with torch.no_grad():
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
         model.load_state_dict(loaded["model"])

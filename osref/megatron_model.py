@@ -2,8 +2,9 @@
 
 Training, checkpoint loading and the export parity check must construct exactly the same
 module tree, so they all call :func:`build_gpt_model`. It uses the Transformer Engine layer spec
-when TE is importable (GPU nodes) and megatron's local spec otherwise; both save under the same
-torch_dist keys, so checkpoints move between them.
+when TE is importable (GPU nodes) and megatron's local spec otherwise (with PyTorch SDPA as the
+core attention on a GPU without TE); all save under the same torch_dist keys, so checkpoints move
+between them.
 
 Seeding follows ``notes/megatron-core.md`` §3: ``torch.manual_seed`` on every rank before the
 weights are drawn (megatron DDP does not broadcast parameters) and
@@ -48,15 +49,33 @@ def build_transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(spec: ModelSpec, use_transformer_engine: bool | None = None):
-    """TE layer spec (default when TE is importable and CUDA is up), else the local spec."""
+ATTENTION_BACKENDS = ("transformer_engine", "sdpa", "local")
+
+
+def attention_backend() -> str:
+    """The default: ``transformer_engine`` when TE is importable and CUDA is up, else ``sdpa`` on a
+    GPU without TE (see :mod:`osref.sdpa_attention`), else megatron's ``local`` attention."""
+    if transformer_engine_available():
+        return "transformer_engine"
+    return "sdpa" if torch.cuda.is_available() else "local"
+
+
+def layer_spec(spec: ModelSpec, backend: str | None = None):
+    """TE layer spec (default when TE is importable and CUDA is up), else the local spec — with
+    SDPA core attention on a GPU. All three save the same checkpoint keys."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
-    if use_transformer_engine:
+    backend = backend or attention_backend()
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: expected one of {ATTENTION_BACKENDS}")
+    if backend == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
+    local = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
+    if backend == "sdpa":
+        from osref.sdpa_attention import SDPACoreAttention
+
+        local.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return local
 
 
 def build_gpt_model(
@@ -65,7 +84,7 @@ def build_gpt_model(
     tensor_parallel: int = 1,
     params_dtype: torch.dtype = torch.float32,
     seed: int = 1234,
-    use_transformer_engine: bool | None = None,
+    attention: str | None = None,
     device: str | torch.device | None = None,
     **config_overrides,
 ):
@@ -73,7 +92,8 @@ def build_gpt_model(
 
     Needs megatron's parallel state (``osref.megatron_compat.init_single_process_parallel`` for a
     single process). On CPU the guards are enabled. ``device`` defaults to the current CUDA device
-    when CUDA is available, else the CPU; ``use_transformer_engine`` defaults to "TE importable".
+    when CUDA is available, else the CPU; ``attention`` (one of :data:`ATTENTION_BACKENDS`)
+    defaults to :func:`attention_backend`.
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -86,7 +106,7 @@ def build_gpt_model(
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(spec, use_transformer_engine),
+        transformer_layer_spec=layer_spec(spec, attention),
         **spec.gpt_model_kwargs(),
     )
     if device is None and torch.cuda.is_available():

@@ -421,7 +421,9 @@ def build_model_and_optimizer(run: dict):
         tensor_parallel=cfg.get("tensor_parallel", 1),
         params_dtype=dtype,
         seed=cfg["seed"],
+        attention=cfg.get("attention"),
         **recompute_overrides(cfg.get("recompute", "none")),
+        **fusion_overrides(cfg.get("fusion", torch.cuda.is_available())),
     )
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -434,6 +436,12 @@ def build_model_and_optimizer(run: dict):
     optimizer, scheduler = build_optimizer(model, cfg, dtype)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return model, optimizer, scheduler, device
+
+
+def fusion_overrides(fused: bool) -> dict:
+    """Megatron's own jit-fused bias+SwiGLU and bias+dropout+add (on by default on GPUs, as in
+    Megatron-LM's pretraining defaults; off on the CPU, where they only cost compile time)."""
+    return {"bias_activation_fusion": bool(fused), "bias_dropout_fusion": bool(fused)}
 
 
 def recompute_overrides(recompute: str) -> dict:

@@ -4,7 +4,8 @@ The plan's GPU-hours rest on an assumed throughput (``tokens_per_gpu_second`` or
 ``cluster.peak_tflops_per_gpu × assumed_mfu`` in the config). This script measures it with the
 training stack itself — the model, megatron DDP, optimizer and update step of ``osref.training`` —
 on random tokens, so it needs no data. On a GPU it trains in bf16 with the Transformer Engine
-layer spec when TE is installed; on the CPU in fp32 (only ``--tiny`` is practical there).
+layer spec when TE is installed (else megatron's local spec with PyTorch SDPA attention); on the
+CPU in fp32 (only ``--tiny`` is practical there).
 
 FLOPs per token are ``ModelSpec.flops_per_token(with_attention=True)`` (6·N + causal attention);
 MFU is against the device's dense bf16 peak (``osref.training.BF16_PEAK_TFLOPS``, or
@@ -52,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches per step")
     parser.add_argument("--seq-length", type=int, help="default: the scale's sequence length")
     parser.add_argument("--recompute", choices=["none", "selective", "full"], help="default: the recipe's (GPU)")
+    parser.add_argument(
+        "--attention",
+        choices=["transformer_engine", "sdpa", "local"],
+        help="core attention (default: TE when installed, else SDPA on a GPU, else megatron's local)",
+    )
+    parser.add_argument("--no-fusion", action="store_true", help="turn off megatron's jit bias/activation fusions")
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: by GPU name)")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     return parser.parse_args(argv)
@@ -86,6 +93,8 @@ def bench_run(args, on_gpu: bool, world_size: int) -> dict:
         precision="bf16" if on_gpu else "fp32",
         recompute=(args.recompute or train.get("recompute", "none")) if on_gpu else "none",
         peak_tflops=args.peak_tflops,
+        attention=args.attention,
+        fusion=on_gpu and not args.no_fusion,
     )
     run["model"]["seq_length"] = max(run["model"]["seq_length"], seq_length)
     return run
@@ -128,7 +137,7 @@ def main(argv=None) -> int:
         use_nccl_for_a_single_gpu()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
-    from osref.megatron_model import transformer_engine_available
+    from osref.megatron_model import attention_backend
     from osref.model_spec import ModelSpec
     from osref.training import Trainer, build_model_and_optimizer, device_name, peak_tflops_per_device
 
@@ -138,12 +147,12 @@ def main(argv=None) -> int:
     data = RandomTokens(run["model"]["vocab_size"], train_cfg["seq_length"])
     trainer = Trainer(run, model, optimizer, scheduler, data, None, device)
 
-    step_seconds = []
+    step_seconds, losses = [], []
     for iteration in range(1, args.warmup_steps + args.steps + 1):
         if on_gpu:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        trainer.step(iteration)  # ends with loss.item(): the step has finished on the device
+        losses.append(trainer.step(iteration)["loss"])  # loss.item(): the step has finished on the device
         if iteration > args.warmup_steps:
             step_seconds.append(time.perf_counter() - started)
 
@@ -156,7 +165,8 @@ def main(argv=None) -> int:
         "device": device_name(),
         "devices": dist.get_world_size(),
         "dtype": "bf16" if train_cfg["precision"] == "bf16" else "fp32",
-        "layer_spec": "transformer_engine" if transformer_engine_available() else "local",
+        "attention": train_cfg["attention"] or attention_backend(),
+        "fusion": train_cfg["fusion"],
         "model": spec.name,
         "parameters": spec.parameter_count(),
         "seq_length": train_cfg["seq_length"],
@@ -171,6 +181,8 @@ def main(argv=None) -> int:
         "peak_tflops": peak,
         "mfu": tflops_per_device / peak if peak else None,
         "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
     }
     if dist.get_rank() == 0:
         print_results(results, as_json=args.json)
@@ -188,6 +200,8 @@ def print_results(results: dict, as_json: bool) -> None:
         "mfu": lambda v: "n/a (no bf16 peak for this device)" if v is None else f"{100 * v:.1f} %",
         "mem_gb": lambda v: "n/a" if v is None else f"{v:.2f} (max allocated)",
         "peak_tflops": lambda v: "n/a" if v is None else f"{v:g}",
+        "loss_first": lambda v: f"{v:.4f}",
+        "loss_last": lambda v: f"{v:.4f}",
     }
     for name, value in results.items():
         print(f"{name}: {formats.get(name, str)(value)}")

@@ -56,7 +56,7 @@ def build_model(run: dict):
 
     enable_cpu_guards()
     init_single_process_parallel()
-    return build_gpt_model(ModelSpec(**run["model"]), seed=run["train"]["seed"], use_transformer_engine=False, device="cpu")
+    return build_gpt_model(ModelSpec(**run["model"]), seed=run["train"]["seed"], attention="local", device="cpu")
 
 
 def save_torch_dist(model, run: dict, iteration: int) -> Path:
@@ -278,7 +278,7 @@ def _reshard_to_tp2(rank: int, world_size: int, port: int, run: dict, source: st
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     model = build_gpt_model(ModelSpec(**run["model"]), tensor_parallel=2, seed=run["train"]["seed"],
-                            use_transformer_engine=False, device="cpu")
+                            attention="local", device="cpu")
     with torch.no_grad():
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, source)
         model.load_state_dict(loaded["model"])
