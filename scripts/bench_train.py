@@ -88,7 +88,7 @@ def bench_run(args, on_gpu: bool, world_size: int) -> dict:
         global_batch_size=micro_batch_size * args.micro_batches * data_parallel,
         seq_length=seq_length,
         train_iters=total_steps + 2,
-        warmup_iters=1,
+        warmup_iters=total_steps,  # a gentle ramp: random tokens at the peak LR diverge
         cooldown_iters=1,
         precision="bf16" if on_gpu else "fp32",
         recompute=(args.recompute or train.get("recompute", "none")) if on_gpu else "none",
