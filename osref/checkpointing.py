@@ -124,11 +124,13 @@ def _barrier() -> None:
 def _sharded_state_dict(model, optimizer, scheduler, *, is_loading: bool, dist_optimizer: bool) -> dict:
     model_sd = model.sharded_state_dict()
     metadata = {"distrib_optim_sharding_type": "dp_reshardable"} if dist_optimizer else None
-    return {
+    state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata),
-        "opt_param_scheduler": scheduler.state_dict(),
     }
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    return state
 
 
 def save_checkpoint(
@@ -167,7 +169,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, *, dist_optimizer: bool = False) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the ``complete.json`` dict."""
+    """Restore model, optimizer, scheduler (unless None) and this rank's RNG; returns the
+    ``complete.json`` dict."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
@@ -178,7 +181,8 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, *, dist_o
         loaded = dist_checkpointing.load(state, str(ckpt_dir))
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
     rng_file = _rng_file(ckpt_dir, _rank())
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))

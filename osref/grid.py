@@ -47,6 +47,15 @@ class Run:
     reference_run: str | None
     gpu_hours: float
     hours_per_segment: float
+    segment_iters: int
+    # a WSD cool-down branch starts from ``parent_run``'s checkpoint at ``branch_iteration``
+    parent_run: str | None = None
+    branch_iteration: int = 0
+
+    @property
+    def trained_iters(self) -> int:
+        """Iterations this run's own jobs train (a branch trains only its cool-down)."""
+        return self.train_iters - self.branch_iteration
 
     @property
     def tokens_per_iteration(self) -> int:
@@ -76,6 +85,7 @@ class Run:
         raise KeyError(iteration)
 
     def previous_segment(self, end: int) -> int | None:
+        """The segment before ``end``; None for the first (a branch's first follows its parent)."""
         index = self.segment_ends.index(end)
         return self.segment_ends[index - 1] if index else None
 
@@ -129,6 +139,19 @@ def throughput_tokens_per_gpu_s(spec: ModelSpec, resources: dict, cluster: dict)
 def segment_schedule(train_iters: int, save_interval: int, segment_iters: int) -> tuple[int, ...]:
     ends = list(range(segment_iters, train_iters, segment_iters))
     return tuple(ends + [train_iters])
+
+
+def segments_from(start: int, checkpoints: tuple[int, ...], segment_iters: int) -> tuple[int, ...]:
+    """Segment ends after ``start``: each the furthest checkpoint within ``segment_iters`` of the
+    previous end (checkpoints are at most one save interval ≤ ``segment_iters`` apart)."""
+    ends, last = [], start
+    pending = [c for c in checkpoints if c > start]
+    for i, c in enumerate(pending):
+        following = pending[i + 1] if i + 1 < len(pending) else None
+        if following is None or following - last > segment_iters:
+            ends.append(c)
+            last = c
+    return tuple(ends)
 
 
 def _selected_eval_iters(checkpoints: tuple[int, ...], evaluation: dict, where: str) -> tuple[int, ...]:
@@ -233,13 +256,82 @@ def build_run(config: dict, experiment: dict, exp_index: int, dataset: str, scal
         reference_run=override.get("reference_run"),
         gpu_hours=gpu_hours,
         hours_per_segment=min(segment_iters, train_iters) * seconds_per_iter / 3600,
+        segment_iters=segment_iters,
     )
+
+
+# Recipe keys a cool-down branch must share with its parent: up to the branch point the two runs
+# are one trajectory (same data order, same optimizer, same constant learning rate).
+_BRANCH_SHARED_KEYS = (
+    "schedule", "lr", "min_lr", "warmup_iters", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay",
+    "clip_grad", "seed", "split", "precision",
+)
+
+
+def make_branch(run: Run, parent: Run, where: str, config: dict) -> tuple[Run, Run]:
+    """(branch, parent with the branch point added to its checkpoints) for a WSD cool-down branch.
+
+    The branch's schedule is the WSD schedule of its own budget: warm-up and constant phase equal
+    the parent's, so the branch starts from the parent's checkpoint at the first iteration of its
+    own cool-down, ``k = train_iters - cooldown_iters``, and trains only ``k+1 … train_iters``.
+    """
+    problems = []
+    if run.recipe["schedule"] != "wsd":
+        problems.append(f"schedule is {run.recipe['schedule']!r}, cool-down branches need 'wsd'")
+    for key in _BRANCH_SHARED_KEYS:
+        if run.recipe[key] != parent.recipe[key]:
+            problems.append(f"{key} {run.recipe[key]!r} differs from the parent's {parent.recipe[key]!r}")
+    for name in ("global_batch_size", "seq_length", "spec"):
+        if getattr(run, name) != getattr(parent, name):
+            problems.append(f"{name} differs from the parent's")
+    branch_at = run.train_iters - run.cooldown_iters
+    stable_end = parent.train_iters - parent.cooldown_iters
+    if run.train_iters >= parent.train_iters:
+        problems.append(f"its {run.train_iters} iterations are not fewer than the parent's {parent.train_iters}")
+    elif branch_at > stable_end:
+        problems.append(
+            f"its cool-down starts at iteration {branch_at}, after the parent's stable phase ends ({stable_end})"
+        )
+    if branch_at <= run.recipe["warmup_iters"]:
+        problems.append(f"its cool-down starts at iteration {branch_at}, inside the warm-up")
+    if problems:
+        raise ConfigError(f"{where}: run {run.run_id} cannot branch from {parent.run_id}: " + "; ".join(problems))
+    checkpoints = tuple(c for c in run.checkpoint_iters if c > branch_at)
+    segments = segments_from(branch_at, checkpoints, run.segment_iters)
+    branch = dataclasses.replace(
+        run,
+        parent_run=parent.run_id,
+        branch_iteration=branch_at,
+        checkpoint_iters=checkpoints,
+        eval_iters=_selected_eval_iters(checkpoints, config["evaluation"], f"run {run.run_id}"),
+        segment_ends=segments,
+        gpu_hours=run.gpu_hours * (run.train_iters - branch_at) / run.train_iters,
+    )
+    parent = dataclasses.replace(parent, checkpoint_iters=tuple(sorted({*parent.checkpoint_iters, branch_at})))
+    return branch, parent
+
+
+def _apply_branches(config: dict, runs: dict[str, Run], built: list[tuple[int, Run]]) -> None:
+    for i, experiment in enumerate(config["experiments"]):
+        if experiment["branch_from"] is None:
+            continue
+        where = f"experiments[{i}].branch_from"
+        if str(experiment["branch_from"]) not in map(str, experiment["budgets"]):
+            raise ConfigError(f"{where}: {experiment['branch_from']!r} is not one of the experiment's budgets")
+        for index, run in built:
+            if index != i or run.budget == str(experiment["branch_from"]):
+                continue
+            parent_id = run_id_for(
+                run.scale, run.dataset, experiment["branch_from"], run.seq_length, experiment["suffix"]
+            )
+            runs[run.run_id], runs[parent_id] = make_branch(run, runs[parent_id], where, config)
 
 
 def expand_grid(config: dict[str, Any]) -> Grid:
     """All runs of the (validated) config, in config order, after ``select``."""
     runs: dict[str, Run] = {}
     origin: dict[str, str] = {}
+    built: list[tuple[int, Run]] = []
     for i, experiment in enumerate(config["experiments"]):
         for dataset in experiment["datasets"]:
             for scale in experiment["scales"]:
@@ -252,6 +344,8 @@ def expand_grid(config: dict[str, Any]) -> Grid:
                         )
                     runs[run.run_id] = run
                     origin[run.run_id] = f"experiments[{i}]"
+                    built.append((i, run))
+    _apply_branches(config, runs, built)
     unknown = sorted(set(config["overrides"]) - set(runs))
     if unknown:
         raise ConfigError(f"overrides: no run with id {', '.join(map(repr, unknown))} in the grid")
@@ -260,12 +354,14 @@ def expand_grid(config: dict[str, Any]) -> Grid:
         missing = sorted(set(select.get("runs", [])) - set(runs))
         if missing:
             raise ConfigError(f"select.runs: no run with id {', '.join(map(repr, missing))} in the grid")
-        runs = {
-            rid: r for rid, r in runs.items()
+        chosen = {
+            rid for rid, r in runs.items()
             if (not select.get("runs") or rid in select["runs"])
             and (not select.get("datasets") or r.dataset in select["datasets"])
             and (not select.get("scales") or r.scale in select["scales"])
         }
+        chosen |= {runs[rid].parent_run for rid in chosen if runs[rid].parent_run}  # a branch needs its parent
+        runs = {rid: r for rid, r in runs.items() if rid in chosen}
     return Grid(config=config, runs=runs, layout=Layout.from_config(config))
 
 
@@ -331,6 +427,21 @@ def run_document(grid: Grid, run: Run) -> dict[str, Any]:
         },
         "tokenizer": {**config["tokenizer"], "path": repo_relative(config["tokenizer"]["path"])},
         "paths": {"run_dir": layout.run_dir(run.run_id)},
+        "branch": _branch_block(grid, run),
+    }
+
+
+def _branch_block(grid: Grid, run: Run) -> dict[str, Any] | None:
+    """Where a cool-down branch starts: the parent's run directory and checkpoint iteration, and
+    the parent's length, which sizes the data so that the branch reads the parent's sample order."""
+    if not run.parent_run:
+        return None
+    parent = grid.runs[run.parent_run]
+    return {
+        "parent_run_id": parent.run_id,
+        "parent_run_dir": grid.layout.run_dir(parent.run_id),
+        "iteration": run.branch_iteration,
+        "parent_train_iters": parent.train_iters,
     }
 
 
@@ -339,6 +450,7 @@ PLAN_COLUMNS = [
     "checkpoints", "flops", "gpu_hours", "nodes", "gpus_per_node", "jobs",
     "budget", "warmup_iters", "cooldown_iters", "save_interval", "segments", "hours_per_segment",
     "walltime", "evaluated_checkpoints", "dataset_tokens", "dataset_tokens_source", "epochs", "warning",
+    "branch_of", "branch_iteration", "trained_iters",
 ]
 
 
@@ -392,5 +504,8 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
             "dataset_tokens_source": size_source,
             "epochs": round(epochs, 3) if epochs is not None else None,
             "warning": warning,
+            "branch_of": run.parent_run or "",
+            "branch_iteration": run.branch_iteration or "",
+            "trained_iters": run.trained_iters,
         })
     return rows

@@ -15,8 +15,9 @@ from typing import Any
 
 from osref.files import write_json_atomic
 
-# Keys that may change without changing what is being trained.
-VOLATILE_TRAIN_KEYS = {"segment_ends", "log_interval", "eval_iters"}
+# Keys that may change without changing what is being trained (extra save points included: a
+# cool-down branch added later adds its branch point to the parent's checkpoints).
+VOLATILE_TRAIN_KEYS = {"segment_ends", "checkpoint_iters", "log_interval", "eval_iters"}
 
 
 class RunIdentityError(RuntimeError):
@@ -30,6 +31,7 @@ def identity(run: dict[str, Any]) -> dict[str, Any]:
         "data": {"prefixes": [Path(p).name for p in run["data"]["prefixes"]], "weights": run["data"]["weights"]},
         "tokenizer": {k: v for k, v in run["tokenizer"].items() if k != "path"},
         "dataset": run.get("dataset"),
+        "branch": {k: v for k, v in (run.get("branch") or {}).items() if k != "parent_run_dir"},
     }
 
 

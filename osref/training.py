@@ -163,7 +163,9 @@ def build_datasets(run: dict):
     # document, and megatron then loops forever looking for tokens.
     config.split_matrix[2] = None
     gbs = train_cfg["global_batch_size"]
-    sizes = [train_cfg["train_iters"] * gbs, valid_batches(train_cfg) * gbs, 0]
+    # a cool-down branch builds its parent's dataset: same size, hence the same sample order
+    data_iters = (run.get("branch") or {}).get("parent_train_iters") or train_cfg["train_iters"]
+    sizes = [data_iters * gbs, valid_batches(train_cfg) * gbs, 0]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return train_ds, valid_ds
 
@@ -493,6 +495,7 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
     if start == until_iteration:
         log.info("checkpoint for iteration %d is already complete: nothing to train", start)
         return _summary(cfg, run_dir, until_iteration, start, valid_loss=None), None
+    branch = run.get("branch")
     trainer = _build_trainer(run)
     if start is not None:
         checkpointing.load_checkpoint(
@@ -503,6 +506,8 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
             dist_optimizer=use_distributed_optimizer(cfg),
         )
         log.info("resumed from %s", checkpointing.checkpoint_dir(run_dir, start))
+    elif branch:
+        start = _start_branch(trainer, branch, until_iteration)
     start = start or 0
 
     metrics_file, valid_file = (_metrics_path(run_dir, n) for n in ("train_metrics.jsonl", "valid_metrics.jsonl"))
@@ -518,6 +523,34 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
         _append_json_line(valid_file, {**record, "valid_loss": valid_loss})
         log.info("iteration %d | validation loss %.4f", until_iteration, valid_loss)
     return _summary(cfg, run_dir, until_iteration, start, valid_loss), trainer.model.module
+
+
+def _start_branch(trainer: Trainer, branch: dict, until_iteration: int) -> int:
+    """Load the parent's checkpoint at the branch point into a cool-down branch's first job.
+
+    Weights, optimizer moments and RNG come from the parent; the scheduler is the branch's own
+    (its WSD total and cool-down differ from the parent's), advanced to the branch point — where
+    both schedules are still at the constant peak, so the first branch step equals the parent's.
+    """
+    iteration = branch["iteration"]
+    if until_iteration <= iteration:
+        raise ValueError(f"until_iteration={until_iteration}: a branch trains after its branch point {iteration}")
+    source = checkpointing.checkpoint_dir(branch["parent_run_dir"], iteration)
+    if not checkpointing.is_complete(source):
+        raise FileNotFoundError(
+            f"{source}: the parent run {branch['parent_run_id']} has no complete checkpoint at the branch "
+            f"point {iteration}; train the parent past it first"
+        )
+    checkpointing.load_checkpoint(
+        source,
+        trainer.model.module,
+        trainer.optimizer,
+        None,
+        dist_optimizer=use_distributed_optimizer(trainer.cfg),
+    )
+    trainer.scheduler.step(increment=iteration)
+    log.info("branched from %s (run %s)", source, branch["parent_run_id"])
+    return iteration
 
 
 def _train_segment(trainer: Trainer, run_dir: Path, start: int, until: int, metrics_file: Path) -> None:

@@ -44,9 +44,14 @@ class WorkflowIndex:
         for run in self.runs.values():
             for end in run.segment_ends:
                 prev = run.previous_segment(end)
-                self._previous_segment[(run.run_id, fmt_iter(end))] = (
-                    [self.layout.segment_marker(run.run_id, prev)] if prev else []
-                )
+                if prev:
+                    after = [self.layout.segment_marker(run.run_id, prev)]
+                elif run.parent_run:  # a cool-down branch starts once its parent has saved the branch point
+                    parent = self.runs[run.parent_run]
+                    after = [self.layout.segment_marker(parent.run_id, parent.segment_for(run.branch_iteration))]
+                else:
+                    after = []
+                self._previous_segment[(run.run_id, fmt_iter(end))] = after
             for iteration in run.checkpoint_iters:
                 self._segment_of_checkpoint[(run.run_id, fmt_iter(iteration))] = self.layout.segment_marker(
                     run.run_id, run.segment_for(iteration)
