@@ -429,7 +429,8 @@ def build_model_and_optimizer(run: dict):
     )
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        # buckets are reduced as the backward pass fills them (finished in finalize_model_grads)
+        overlap_grad_reduce=bool(cfg.get("overlap_grad_reduce", False)),
         use_distributed_optimizer=use_distributed_optimizer(cfg),
     )
     model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)

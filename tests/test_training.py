@@ -206,6 +206,7 @@ def _free_port() -> int:
 def test_data_parallel_two_ranks_identical(data_root, tmp_path, full_run):
     run = make_run(data_root, tmp_path / "dp2")
     run["train"]["train_iters"] = 40
+    run["train"]["overlap_grad_reduce"] = True  # the GPU default; gloo runs the same bucketed path
     run_json = tmp_path / "dp2.json"
     run_json.write_text(json.dumps(run))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
