@@ -420,6 +420,7 @@ def run_document(grid: Grid, run: Run) -> dict[str, Any]:
             "recompute": recipe["recompute"] if device == "cuda" else "none",
             "distributed_optimizer": recipe["distributed_optimizer"] and device == "cuda",
             "overlap_grad_reduce": recipe["overlap_grad_reduce"] and device == "cuda",
+            "tensorboard": recipe["tensorboard"],
         },
         "data": {
             "prefixes": grid.data_prefixes(run.dataset),

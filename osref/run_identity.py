@@ -17,7 +17,7 @@ from osref.files import write_json_atomic
 
 # Keys that may change without changing what is being trained (extra save points included: a
 # cool-down branch added later adds its branch point to the parent's checkpoints).
-VOLATILE_TRAIN_KEYS = {"segment_ends", "checkpoint_iters", "log_interval", "eval_iters"}
+VOLATILE_TRAIN_KEYS = {"segment_ends", "checkpoint_iters", "log_interval", "eval_iters", "tensorboard"}
 
 
 class RunIdentityError(RuntimeError):

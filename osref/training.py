@@ -511,19 +511,58 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
         start = _start_branch(trainer, branch, until_iteration)
     start = start or 0
 
-    metrics_file, valid_file = (_metrics_path(run_dir, n) for n in ("train_metrics.jsonl", "valid_metrics.jsonl"))
-    if is_rank0():
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_file, start)
-        truncate_metrics(valid_file, start)
-    _train_segment(trainer, run_dir, start, until_iteration, metrics_file)
-
-    valid_loss = trainer.validation_loss()
-    if is_rank0():
-        record = {"iteration": until_iteration, "consumed_tokens": until_iteration * trainer.tokens_per_iteration}
-        _append_json_line(valid_file, {**record, "valid_loss": valid_loss})
-        log.info("iteration %d | validation loss %.4f", until_iteration, valid_loss)
+    metrics = MetricsLog(run_dir, start, tensorboard=bool(cfg.get("tensorboard"))) if is_rank0() else None
+    try:
+        _train_segment(trainer, run_dir, start, until_iteration, metrics)
+        valid_loss = trainer.validation_loss()
+        if metrics:
+            consumed = until_iteration * trainer.tokens_per_iteration
+            metrics.valid({"iteration": until_iteration, "consumed_tokens": consumed, "valid_loss": valid_loss})
+            log.info("iteration %d | validation loss %.4f", until_iteration, valid_loss)
+    finally:
+        if metrics:
+            metrics.close()
     return _summary(cfg, run_dir, until_iteration, start, valid_loss), trainer.model.module
+
+
+class MetricsLog:
+    """Rank 0's training log: JSONL records (always, the report reads them) and, with
+    ``train.tensorboard``, the same numbers as TensorBoard scalars under ``{run_dir}/tensorboard``.
+    A resumed job first drops what the lost job logged after the checkpoint, in both."""
+
+    SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "mem_gb")
+
+    def __init__(self, run_dir: Path, start: int, tensorboard: bool = False):
+        self.train_file = _metrics_path(run_dir, "train_metrics.jsonl")
+        self.valid_file = _metrics_path(run_dir, "valid_metrics.jsonl")
+        self.train_file.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.train_file, start)
+        truncate_metrics(self.valid_file, start)
+        self.tensorboard = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise RuntimeError(
+                    "train.tensorboard is true but the tensorboard package is not installed (pip install tensorboard)"
+                ) from err
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start + 1)
+
+    def train(self, record: dict) -> None:
+        _append_json_line(self.train_file, record)
+        if self.tensorboard:
+            for key in self.SCALARS:
+                if record.get(key) is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", record[key], record["iteration"])
+
+    def valid(self, record: dict) -> None:
+        _append_json_line(self.valid_file, record)
+        if self.tensorboard:
+            self.tensorboard.add_scalar("valid/loss", record["valid_loss"], record["iteration"])
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def _start_branch(trainer: Trainer, branch: dict, until_iteration: int) -> int:
@@ -554,7 +593,7 @@ def _start_branch(trainer: Trainer, branch: dict, until_iteration: int) -> int:
     return iteration
 
 
-def _train_segment(trainer: Trainer, run_dir: Path, start: int, until: int, metrics_file: Path) -> None:
+def _train_segment(trainer: Trainer, run_dir: Path, start: int, until: int, metrics: MetricsLog | None) -> None:
     cfg = trainer.cfg
     to_save = save_iterations(cfg, start, until)
     log_interval = max(1, cfg.get("log_interval", 1))
@@ -571,8 +610,8 @@ def _train_segment(trainer: Trainer, run_dir: Path, start: int, until: int, metr
             record = _metrics_record(
                 trainer, iteration, stats, step_s, now - segment_start, flops_per_token, peak_tflops
             )
-            if is_rank0():
-                _append_json_line(metrics_file, record)
+            if metrics:
+                metrics.train(record)
                 log.info(_console_line(record, cfg["train_iters"]))
             interval_start, interval_steps = time.perf_counter(), 0
         if iteration in to_save:

@@ -274,3 +274,25 @@ def test_tensor_parallel_two_ranks_matches_one(data_root, tmp_path):
     for key, weight in tp1_weights.items():
         assert tp2_weights[key].shape == weight.shape, key
         assert torch.allclose(tp2_weights[key], weight, atol=1e-3), key
+
+
+def test_tensorboard_scalars_mirror_the_jsonl(data_root, tmp_path):
+    """With train.tensorboard the metrics also go to TensorBoard event files; a resumed job
+    replaces (purges) the steps the lost job had logged after its checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from osref.training import train
+
+    run = make_run(data_root, tmp_path / "tb")
+    run["train"].update(tensorboard=True, checkpoint_iters=[4, 8])
+    train(run, 8)
+    shutil.rmtree(tmp_path / "tb/checkpoints/iter_0000008")  # the job died after logging 5..8
+    train(run, 8)  # resumes from 4 and logs 5..8 again
+    events = EventAccumulator(str(tmp_path / "tb/tensorboard"))
+    events.Reload()
+    records = read_jsonl(tmp_path / "tb/logs/train_metrics.jsonl")
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in losses] == list(range(1, 9))
+    assert [value for _, value in losses] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [e.step for e in events.Scalars("valid/loss")] == [8]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/mem_gb"} <= set(events.Tags()["scalars"])
