@@ -202,20 +202,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_train(run: dict, name: Path, until: int, extra: list[str] = ()) -> None:
+    """2 ranks over gloo through torchrun and scripts/train.py, as a training job runs; the run
+    JSON goes to ``{name}.json``, the job's marker to ``{name}.done``."""
+    run_json = name.with_suffix(".json")
+    run_json.write_text(json.dumps(run))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+        str(REPO / "scripts/train.py"), "--run-json", str(run_json), "--until", str(until),
+        "--marker", str(name.with_suffix(".done")), *extra,
+    ]
+    subprocess.run(cmd, env=env, check=True, timeout=300, cwd=REPO)
+
+
 @pytest.mark.slow
 def test_data_parallel_two_ranks_identical(data_root, tmp_path, full_run):
     run = make_run(data_root, tmp_path / "dp2")
     run["train"]["train_iters"] = 40
     run["train"]["overlap_grad_reduce"] = True  # the GPU default; gloo runs the same bucketed path
-    run_json = tmp_path / "dp2.json"
-    run_json.write_text(json.dumps(run))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-        str(REPO / "scripts/train.py"), "--run-json", str(run_json), "--until", "10",
-        "--marker", str(tmp_path / "dp2.done"), "--dump-final-weights",
-    ]
-    subprocess.run(cmd, env=env, check=True, timeout=300, cwd=REPO)
+    torchrun_train(run, tmp_path / "dp2", until=10, extra=["--dump-final-weights"])
     marker = json.loads((tmp_path / "dp2.done").read_text())
     assert marker["iteration"] == 10
     rank0 = torch.load(tmp_path / "dp2/weights_rank0.pt")
@@ -253,15 +259,7 @@ def test_tensor_parallel_two_ranks_matches_one(data_root, tmp_path):
     single = run_for("tp1", 1)
     train(single, 10)
     run = run_for("tp2", 2)
-    run_json = tmp_path / "tp2.json"
-    run_json.write_text(json.dumps(run))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-        str(REPO / "scripts/train.py"), "--run-json", str(run_json), "--until", "10",
-        "--marker", str(tmp_path / "tp2.done"),
-    ]
-    subprocess.run(cmd, env=env, check=True, timeout=300, cwd=REPO)
+    torchrun_train(run, tmp_path / "tp2", until=10)
     tp1_log = read_jsonl(tmp_path / "tp1/logs/train_metrics.jsonl")
     tp2_log = read_jsonl(tmp_path / "tp2/logs/train_metrics.jsonl")
     assert [r["iteration"] for r in tp2_log] == list(range(1, 11))
