@@ -11,6 +11,7 @@ shipped configs can stay short.
 from __future__ import annotations
 
 import copy
+import glob
 import math
 import re
 from pathlib import Path
@@ -125,6 +126,10 @@ def check_semantics(config: dict[str, Any]) -> None:
     for name, ds in datasets.items():
         need = {"hub": ["repo_id"], "local": ["paths"], "http": ["urls_file"]}[ds["source"]]
         problems += [f"datasets.{name}.{k}: required for source '{ds['source']}'" for k in need if k not in ds]
+        if ds["source"] == "local":  # glob patterns, relative to the repository; each must match a file
+            for k, pattern in enumerate(ds.get("paths", [])):
+                if next(glob.iglob(repo_relative(pattern), recursive=True), None) is None:
+                    problems.append(f"datasets.{name}.paths[{k}]: no file matches {pattern!r}")
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
         for j, d in enumerate(exp["datasets"]):

@@ -16,6 +16,10 @@ def write_json_atomic(path: str | Path, payload: Any, *, indent: int = 1, sort_k
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: no stray temporary file
+        raise

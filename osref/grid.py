@@ -23,6 +23,7 @@ from osref.protocol import shot_groups
 
 _SCALE_OVERRIDE_KEYS = {"rotary_base"}
 _RESOURCE_OVERRIDE_KEYS = {"nodes", "micro_batch_size"}
+_RUN_OVERRIDE_KEYS = {"reference_run", "parity_tolerance"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Run:
     eval_iters: tuple[int, ...]
     segment_ends: tuple[int, ...]
     reference_run: str | None
+    parity_tolerance: float  # the export's logit parity gate (evaluation.parity_tolerance unless overridden)
     gpu_hours: float
     hours_per_segment: float
     segment_iters: int
@@ -183,7 +185,7 @@ def build_run(config: dict, experiment: dict, exp_index: int, dataset: str, scal
             scale_fields[key] = value
         elif key in _RESOURCE_OVERRIDE_KEYS:
             resources[key] = value
-        elif key != "reference_run":
+        elif key not in _RUN_OVERRIDE_KEYS:
             recipe[key] = value
     run_id = run_id_for(scale_name, dataset, budget, recipe["seq_length"], experiment["suffix"])
     where = f"run {run_id} (experiments[{exp_index}])"
@@ -254,6 +256,7 @@ def build_run(config: dict, experiment: dict, exp_index: int, dataset: str, scal
         eval_iters=_selected_eval_iters(checkpoints, config["evaluation"], where),
         segment_ends=segments,
         reference_run=override.get("reference_run"),
+        parity_tolerance=override.get("parity_tolerance", config["evaluation"]["parity_tolerance"]),
         gpu_hours=gpu_hours,
         hours_per_segment=min(segment_iters, train_iters) * seconds_per_iter / 3600,
         segment_iters=segment_iters,

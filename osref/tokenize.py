@@ -51,6 +51,11 @@ class InputError(ValueError):
     """Bad input data; the message names the file (and line/row where known)."""
 
 
+class OutputError(OSError):
+    """An output could not be written (disk full, quota, I/O error); the message names the file.
+    The writer has removed its temporary files by then: no partial shard is left behind."""
+
+
 # ---- readers -------------------------------------------------------------------------------------
 
 def _open_text_stream(path: Path) -> io.BufferedIOBase:
@@ -133,21 +138,35 @@ class MegatronWriter:
         self._bin = open(self._bin_tmp, "wb")
         self._lengths: list[np.ndarray] = []
 
+    def _write_error(self, target: str, exc: OSError) -> OutputError:
+        """Removes every temporary file and returns the error to raise, naming the shard's file."""
+        self.abort()
+        return OutputError(exc.errno, f"cannot write {target} ({exc.strerror or exc}); "
+                                      f"no partial {self.prefix.name}.bin/.idx left behind")
+
     def add_batch(self, token_lists: list[list[int]]) -> None:
         lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int32, count=len(token_lists))
         flat = np.fromiter((tok for toks in token_lists for tok in toks), dtype=self.dtype, count=int(lengths.sum()))
-        self._bin.write(flat.tobytes(order="C"))
-        self._lengths.append(lengths)
+        self.add_encoded(flat, lengths)
 
     def add_encoded(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Appends documents given as their tokens back to back plus one length per document."""
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        try:
+            self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        except OSError as exc:
+            raise self._write_error(f"{self.prefix}.bin", exc) from exc
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
 
     def has_data(self) -> bool:
         return any(len(lengths) for lengths in self._lengths)
 
     def finish(self) -> dict[str, int]:
+        try:
+            return self._finish()
+        except OSError as exc:  # a full disk often shows only here, when the buffered tail is flushed
+            raise self._write_error(f"{self.prefix}.bin/.idx", exc) from exc
+
+    def _finish(self) -> dict[str, int]:
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
         count = len(lengths)
@@ -170,7 +189,10 @@ class MegatronWriter:
         return {"documents": count, "tokens": int(lengths.sum(dtype=np.int64))}
 
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:
+            pass  # flushing the buffered tail onto a full disk fails again; the file goes anyway
         for tmp in self.prefix.parent.glob(self.prefix.name + ".*.tmp*"):
             tmp.unlink(missing_ok=True)
 

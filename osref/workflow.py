@@ -10,6 +10,7 @@ grid close to Snakemake's own cost per job.
 from __future__ import annotations
 
 import csv
+import os
 import shlex
 import sys
 from functools import cached_property
@@ -224,6 +225,16 @@ class WorkflowIndex:
         if run.seq_length != 4096:
             return None
         return self._reference_runs.get((run.scale, run.dataset, run.budget))
+
+    def present_evaluations(self) -> list[str]:
+        """The scheduled evaluation files that exist now, each with its mtime (for report_partial)."""
+        present = []
+        for path in self.evaluations:
+            try:
+                present.append(f"{path}@{os.stat(path).st_mtime_ns}")
+            except FileNotFoundError:
+                pass
+        return present
 
     def report_manifest(self) -> dict[str, Any]:
         runs = []

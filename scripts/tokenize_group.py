@@ -37,6 +37,7 @@ from osref.tokenize import (
     BackendMismatch,
     BackendUnavailable,
     InputError,
+    OutputError,
     load_tokenizer,
     tokenize_files,
 )
@@ -67,7 +68,7 @@ def main() -> None:
         stats = tokenize_files(files, args.out_prefix, tokenizer, fmt=args.format, text_field=args.text_field,
                                eod_id=args.eod_id, max_documents=args.max_documents, workers=args.workers,
                                backend=args.backend, verify_documents=args.verify_documents)
-    except (InputError, BackendUnavailable, BackendMismatch) as exc:
+    except (InputError, OutputError, BackendUnavailable, BackendMismatch) as exc:
         sys.exit(f"tokenize: {exc}")
     stats.update({"dataset": manifest["dataset"], "group": manifest["group"], "tokenizer": args.tokenizer})
     write_json_atomic(args.stats, stats)

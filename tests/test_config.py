@@ -213,6 +213,17 @@ def test_missing_required_path_of_a_source(release_raw):
     assert "datasets.c4.repo_id: required for source 'hub'" in msg
 
 
+def test_parity_tolerance_per_run(release_raw):
+    config = copy.deepcopy(release_raw)
+    config["overrides"]["0.13b-c4-300B-4096"] = {"parity_tolerance": 0.01}
+    runs = load_grid(config).runs
+    assert runs["0.13b-c4-300B-4096"].parity_tolerance == 0.01
+    assert runs["0.4b-c4-300B-4096"].parity_tolerance == config["evaluation"]["parity_tolerance"] == 1e-3
+    assert "lr" in runs["0.13b-c4-300B-4096"].recipe and "parity_tolerance" not in runs["0.13b-c4-300B-4096"].recipe
+    assert "overrides.0.13b-c4-300B-4096.parity_tolerance" in bad(
+        release_raw, lambda c: c["overrides"].update({"0.13b-c4-300B-4096": {"parity_tolerance": 0}}))
+
+
 def test_override_of_unknown_run(release_raw):
     msg = bad(release_raw, lambda c: c["overrides"].update({"0.13b-c5-300B-4096": {"lr": 1e-3}}))
     assert "overrides: no run with id '0.13b-c5-300B-4096'" in msg

@@ -307,3 +307,44 @@ def test_dataset_manifest_refuses_mixed_datasets(tmp_path):
             {"dataset": name, "documents": 1, "tokens": 2, "text_bytes": 3, "empty_documents": 0}))
     with pytest.raises(ValueError, match="several datasets"):
         dataset_manifest([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "m.json")
+
+
+def test_disk_full_during_tokenize_names_the_file_and_leaves_no_partial_shard(tmp_path):
+    """ENOSPC for real: the output directory is a 64 KiB tmpfs, the shard needs ~10x that. The job
+    must fail with an error naming the shard file, and leave no .bin/.idx (nor temporary file) in the
+    directory: nothing there relies on Snakemake deleting a failed job's outputs (a node crash would
+    not). Needs root (mount); skipped otherwise. An unwritable directory is no substitute when the
+    tests run as root (CI does): chmod does not stop root."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root_dir = Path(__file__).resolve().parents[1]
+    out_dir = tmp_path / "full"
+    out_dir.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("disk-full test needs root to mount a small tmpfs (not root here)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "osref-enospc", str(out_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"disk-full test: cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        manifest = tmp_path / "manifest.json"
+        manifest.write_text(json.dumps({
+            "dataset": "pydocs", "group": 0,
+            "files": [{"path": str(root_dir / "assets/demo-corpus/pydocs311_rst_corpus.jsonl.zst")}]}))
+        prefix = out_dir / "group_000"
+        proc = subprocess.run(
+            [sys.executable, str(root_dir / "scripts/tokenize_group.py"), "--manifest", str(manifest),
+             "--format", "jsonl.zst", "--tokenizer", str(root_dir / "assets/gpt-neox-20b"),
+             "--max-documents", "300", "--out-prefix", str(prefix), "--stats", str(out_dir / "group_000.stats.json")],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode != 0, proc.stderr[-2000:]
+        last_line = proc.stderr.strip().splitlines()[-1]
+        assert last_line.startswith(f"tokenize: [Errno 28] cannot write {prefix}.bin"), proc.stderr[-2000:]
+        assert "No space left on device" in last_line and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert sorted(p.name for p in out_dir.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(out_dir)], check=True)

@@ -119,3 +119,57 @@ def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
     assert proc.returncode != 0
     assert expected in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+# ---- bad configs through the workflow: `snakemake -n` stops at config loading, naming the field ------
+# (the same checks in detail, on the release grid: tests/test_config.py; here: the Snakefile really
+# runs them before building any job, so nothing is planned, submitted or written)
+
+def _demo_resources(c: dict) -> dict:
+    return c["scales"]["tiny"]["resources"]
+
+
+BAD_DEMO_CONFIGS = {
+    "unknown dataset": (lambda c: c["experiments"][0]["datasets"].append("redpajama"),
+                        "experiments[0].datasets[1]: unknown dataset 'redpajama'"),
+    "unknown scale": (lambda c: c["experiments"][0]["scales"].append("0.2b"),
+                      "experiments[0].scales[1]: unknown scale '0.2b'"),
+    "negative budget": (lambda c: c["experiments"][0].update({"budgets": [-5]}), "experiments[0].budgets[0]"),
+    "malformed budget": (lambda c: c["experiments"][0].update({"budgets": ["300G"]}), "experiments[0].budgets[0]"),
+    "segment not a multiple of the save interval": (
+        lambda c: _demo_resources(c).update({"segment_iters": 75}),
+        "scales.tiny.resources.segment_iters: 75 is not a multiple of save_interval 50"),
+    "missing path": (lambda c: c["datasets"]["pydocs"].pop("paths"),
+                     "datasets.pydocs.paths: required for source 'local'"),
+    "path matching no file": (lambda c: c["datasets"]["pydocs"].update({"paths": ["assets/demo-corpus/nope*.zst"]}),
+                              "datasets.pydocs.paths[0]: no file matches 'assets/demo-corpus/nope*.zst'"),
+    "wrong type": (lambda c: c["scales"]["tiny"].update({"num_layers": "4"}), "scales.tiny.num_layers"),
+    "duplicate run id": (lambda c: c["experiments"].append(dict(c["experiments"][0])),
+                         "duplicate run id 'tiny-pydocs-0.25M-128'"),
+    "unknown eval task": (
+        lambda c: c["evaluation"]["protocols"]["demo"].append({"task": "hellaswagg", "shots": 0, "metric": "acc"}),
+        "evaluation.protocols.demo[2].task"),
+    "walltime shorter than one save interval": (
+        lambda c: _demo_resources(c).update({"segment_iters": None, "walltime": "1m", "tokens_per_gpu_second": 10}),
+        "scales.tiny.resources.walltime: 1m is shorter than one save interval"),
+    "batch not divisible by micro-batch x DP": (
+        lambda c: _demo_resources(c).update({"micro_batch_size": 3}),
+        "global_batch_size 8 is not divisible by micro_batch_size 3 x data-parallel size 1"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_DEMO_CONFIGS)
+def test_bad_config_stops_snakemake_before_any_job(kind, tmp_path):
+    mutate, expected = BAD_DEMO_CONFIGS[kind]
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    mutate(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    work = tmp_path / "work"
+    proc = snakemake("-n", "-s", str(ROOT / "Snakefile"), "-d", str(work), "--profile", str(ROOT / "profiles" / "local"),
+                     "--configfile", str(path), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert expected in output, output[-3000:]
+    assert "Job stats" not in output and "rule " not in output, output[-3000:]  # no job was planned
+    assert not (work / "results").exists()

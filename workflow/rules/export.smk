@@ -12,7 +12,7 @@ rule export_hf:
         LAYOUT.log("export", "{run_id}", "iter_{iteration}"),
     params:
         dtype=config["evaluation"]["export_dtype"],
-        tolerance=config["evaluation"]["parity_tolerance"],
+        tolerance=lambda wc: INDEX.runs[wc.run_id].parity_tolerance,
     threads: 1
     resources:
         runtime=60,

@@ -34,3 +34,26 @@ rule report:
     localrule: True
     script:
         "../../scripts/report.py"
+
+
+# The report over what exists. After `snakemake --keep-going` with failed jobs (an export that
+# fails its parity gate, an evaluation that crashed) `report` cannot run: some of its inputs are
+# missing. This rule has no inputs: it reads the evaluation files present now and lists every
+# other scheduled cell under "Missing cells" (missing.csv). Its params name the files present, so
+# `snakemake report_partial` rebuilds it exactly when that set changes. Output: <results>/report_partial/.
+rule report_partial:
+    output:
+        html=f"{LAYOUT.report_dir()}_partial/index.html",
+        csv=f"{LAYOUT.report_dir()}_partial/results.csv",
+        missing=f"{LAYOUT.report_dir()}_partial/missing.csv",
+        manifest=f"{LAYOUT.report_dir()}_partial/manifest.json",
+    log:
+        LAYOUT.log("report", "report_partial"),
+    params:
+        manifest=lambda wc: INDEX.report_manifest(),
+        present=lambda wc: INDEX.present_evaluations(),
+        reference_dir=repo_path("config", "reference"),
+        out_dir=f"{LAYOUT.report_dir()}_partial",
+    localrule: True
+    script:
+        "../../scripts/report.py"
