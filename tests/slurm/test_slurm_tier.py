@@ -259,7 +259,8 @@ def test_demo_through_slurm_scancel_rerun_and_no_token_leak(tmp_path):
 def test_timed_out_segment_is_retried_and_resumes(tmp_path):
     """A 120-iteration segment under a 1-minute walltime: Slurm ends attempt 1 with TIMEOUT, the
     profile's retries resubmit it, and each attempt resumes from the latest complete checkpoint
-    (save_interval 10) until the segment's marker is written."""
+    (save_interval 10) until the segment's marker is written; the final weights and optimizer
+    state equal an uninterrupted run's."""
     config_path = reduced_config(tmp_path, budget_iters=120)
     config = yaml.safe_load(config_path.read_text())
     config["scales"]["tiny"]["resources"].update({"segment_iters": 120, "walltime": "1m"})
@@ -278,3 +279,22 @@ def test_timed_out_segment_is_retried_and_resumes(tmp_path):
     assert states[job_ids[-1]] == "COMPLETED", states
     last_log = (tmp_path / "work" / "results" / "demo" / "logs" / "train" / run_id / "segment_0000120.log").read_text()
     assert "resumed from" in last_log, last_log[-3000:]
+
+    # The attempts end where one uninterrupted run of the same run JSON ends, bit for bit.
+    import torch
+
+    from conftest import checkpoint_tensors
+
+    run = json.loads((run_dir / "run.json").read_text())
+    run["paths"]["run_dir"] = str(tmp_path / "uninterrupted")
+    reference_json = tmp_path / "uninterrupted.json"
+    reference_json.write_text(json.dumps(run))
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--run-json", str(reference_json), "--until", "120",
+         "--marker", str(tmp_path / "uninterrupted.done")],
+        check=True, timeout=900, cwd=tmp_path / "work", env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    resumed, reference = checkpoint_tensors(run_dir, 120), checkpoint_tensors(tmp_path / "uninterrupted", 120)
+    assert resumed.keys() == reference.keys() and any("optimizer" in key for key in reference)
+    for key, tensor in reference.items():
+        assert torch.equal(resumed[key], tensor), key
