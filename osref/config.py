@@ -125,6 +125,12 @@ def check_semantics(config: dict[str, Any]) -> None:
     for name, ds in datasets.items():
         need = {"hub": ["repo_id"], "local": ["paths"], "http": ["urls_file"]}[ds["source"]]
         problems += [f"datasets.{name}.{k}: required for source '{ds['source']}'" for k in need if k not in ds]
+        if ds["groups_used"] == "auto" and ds["shard_groups"] > 1:
+            problems += [
+                f"datasets.{name}.{k}: required to choose how many of its {ds['shard_groups']} shard_groups the "
+                "runs need (groups_used: auto); give approx_bytes and tokens_per_byte, or set groups_used: all"
+                for k in ("approx_bytes", "tokens_per_byte") if ds[k] is None
+            ]
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
         for j, d in enumerate(exp["datasets"]):

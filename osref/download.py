@@ -1,9 +1,11 @@
 """Dataset download: list a source once, split it into static groups, fetch one group per job.
 
 The DAG must be plannable offline from config alone, so the number of groups per dataset is a
-config value and the listing (which needs the network for hub/http sources) is a job of its own.
-Group membership is a deterministic chunking of the sorted file list by bytes, written once into
-``listing.json``, so reruns see the same groups.
+config value (``shard_groups``: the whole listing's group count) and the listing (which needs the
+network for hub/http sources) is a job of its own. Group membership is a deterministic chunking of
+the whole sorted file list by bytes, written once into ``listing.json``, so reruns see the same
+groups; which of them are fetched (the first n the runs need) is decided by the plan
+(``osref.grid.run_group_count``), never here.
 
 Three source kinds behave identically downstream: each group ends as a directory of files plus a
 ``manifest.json`` with every file's size and sha256. A file whose size or sha256 differs from the
@@ -107,14 +109,15 @@ def _list_http(dataset: dict, repo_root: Path) -> list[dict]:
     return [{"path": e, "url": e if "://" in e else base + e, "size": None, "sha256": None} for e in entries]
 
 
-def assign_groups(files: list[dict], n_groups: int) -> list[list[int]]:
+def assign_groups(files: list[dict], n_groups: int, key: str = "shard_groups") -> list[list[int]]:
     """Contiguous chunks of the path-sorted list with about equal bytes, at least one file each.
 
-    Unknown sizes count as one byte. Returns indices into ``files``.
+    Unknown sizes count as one byte. Returns indices into ``files``. The whole listing is always
+    chunked, whatever share of it the runs use, so a group's membership never depends on a budget.
     """
     order = sorted(range(len(files)), key=lambda i: files[i]["path"])
     if len(order) < n_groups:
-        raise ValueError(f"{len(order)} files cannot fill {n_groups} shard groups; lower shard_groups")
+        raise ValueError(f"{key}: {len(order)} files cannot fill {n_groups} shard groups; lower it")
     cumulative = [0]
     for i in order:
         cumulative.append(cumulative[-1] + (files[i]["size"] or 1))
@@ -145,7 +148,7 @@ def list_dataset(name: str, dataset: dict, out_path: str | Path, repo_root: str 
         "repo_id": dataset.get("repo_id"),
         "revision": revision,
         "files": files,
-        "groups": assign_groups(files, dataset["shard_groups"]),
+        "groups": assign_groups(files, dataset["shard_groups"], f"datasets.{name}.shard_groups"),
     }
     write_json_atomic(out_path, listing)
     return listing
