@@ -16,7 +16,8 @@ manifest is written. One tqdm bar per job shows the group's bytes, rate and ETA.
   branch/tag to a commit sha (stored as the listing's ``revision``, so every fetch is pinned to it),
   then ``list_repo_tree(recursive=True)`` at that sha, filtered with ``allow_patterns`` /
   ``ignore_patterns`` exactly like ``snapshot_download`` (fnmatch: ``*`` also matches ``/``; a pattern
-  ending in ``/`` selects a folder); LFS files carry their sha256. Fetch: ``hf_hub_download(local_dir=)``
+  ending in ``/`` selects a folder); LFS files carry their sha256, other files git's blob sha1 (the
+  tree's ``oid``), and a fetched file must match whichever it has. Fetch: ``hf_hub_download(local_dir=)``
   per file, which lands at ``<group dir>/<repo path>`` (sub-folders kept) and keeps its bookkeeping in
   ``<group dir>/.cache/huggingface/``: a file whose metadata matches the commit is returned without a
   request. huggingface_hub retries a broken transfer in-process with a Range request, but a killed job
@@ -53,11 +54,21 @@ RETRYABLE_HTTP_STATUS = {408, 416, 429, 500, 502, 503, 504}  # 416: the partial 
 
 
 def sha256_file(path: str | Path) -> str:
+    return file_digests(path)[0]
+
+
+def file_digests(path: str | Path, git_blob: bool = False) -> tuple[str, str | None]:
+    """sha256 and, when asked, git's blob id (``sha1(b"blob <size>\\0" + content)``), in one read."""
     digest = hashlib.sha256()
+    blob = None
+    if git_blob:
+        blob = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))  # noqa: S324 (git's object id, not security)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)
-    return digest.hexdigest()
+            if blob is not None:
+                blob.update(block)
+    return digest.hexdigest(), blob.hexdigest() if blob is not None else None
 
 
 # ---- listing ---------------------------------------------------------------------------------------
@@ -82,8 +93,11 @@ def _list_hub(dataset: dict) -> tuple[list[dict], str]:
         ignore_patterns=dataset.get("ignore_patterns"),
         key=lambda entry: entry.path,
     )
+    # LFS files: the content's sha256. Other files: the tree's oid is git's blob sha1 of the content
+    # (for an LFS file it is the pointer's, so it is recorded only for non-LFS files).
     files = [
-        {"path": entry.path, "size": entry.size, "sha256": entry.lfs.sha256 if entry.lfs else None}
+        {"path": entry.path, "size": entry.size, "sha256": entry.lfs.sha256 if entry.lfs else None,
+         **({} if entry.lfs else {"git_sha1": entry.blob_id})}
         for entry in selected
     ]
     return files, commit
@@ -311,19 +325,25 @@ def fetch_group(name: str, listing_path: str | Path, group: int, out_dir: str | 
                     path = _fetch_local(entry, out_dir)
                 else:
                     path = _fetch_http(entry, out_dir, progress)
-                digest = sha256_file(path)
+                expected, expected_git = entry.get("sha256"), entry.get("git_sha1")
+                digest, git_sha1 = file_digests(path, git_blob=expected_git is not None)
                 size = path.stat().st_size
-                expected = entry.get("sha256")
-                if (expected is None or digest == expected) and (entry["size"] is None or size == entry["size"]):
+                if ((expected is None or digest == expected) and (expected_git is None or git_sha1 == expected_git)
+                        and (entry["size"] is None or size == entry["size"])):
                     break
                 path.unlink()  # never use a file whose hash or size is wrong
                 progress.file_discarded()
                 if attempt == 1:
+                    got_git = f", git blob sha1 {git_sha1}" if expected_git else ""
+                    want_git = f", git blob sha1 {expected_git}" if expected_git else ""
                     raise IOError(
-                        f"{name}: {entry['path']}: sha256 {digest} / {size} B after a re-fetch, "
-                        f"expected {expected} / {entry['size']} B"
+                        f"{name}: {entry['path']}: sha256 {digest}{got_git} / {size} B after a re-fetch, "
+                        f"expected sha256 {expected}{want_git} / {entry['size']} B"
                     )
-            records.append({"path": str(path), "source_path": entry["path"], "size": size, "sha256": digest})
+            record = {"path": str(path), "source_path": entry["path"], "size": size, "sha256": digest}
+            if git_sha1 is not None:
+                record["git_sha1"] = git_sha1
+            records.append(record)
             progress.file_done(size)
     manifest = {"dataset": name, "group": group, "revision": listing.get("revision"), "files": records}
     write_json_atomic(manifest_path, manifest)
