@@ -330,16 +330,22 @@ _worker_encoder = None
 def _start_worker(encoder) -> None:
     global _worker_encoder
     os.environ["RAYON_NUM_THREADS"] = "1"  # read when the tokenizer first runs in parallel, i.e. later
+    if type(encoder) is not HFEncoder:
+        # HF tokenizers is known to be fork-safe (a child forked after its thread pool ran encodes on
+        # one thread); for any other backend build a fresh copy in this process from its pickled state
+        import pickle  # noqa: PLC0415
+
+        encoder = pickle.loads(pickle.dumps(encoder))  # noqa: S301 (our own object)
     _worker_encoder = encoder
 
 
 def _worker_start_method() -> str:
     """``fork`` on Linux: a worker is up in milliseconds with the parent's tokenizer, where a spawned
     one re-imports numpy and re-parses the 2 MB tokenizer.json (~1-2 s per worker, measured, which
-    is 10-20 % of a benchmark-sized job). Safe here: the parent never encodes with a multi-threaded
-    backend before the workers exist (with workers > 1 it only reads, writes and, for gigatoken, runs
-    the HF sample check), and HF ``tokenizers`` itself falls back to one thread in a child forked
-    after its thread pool was used. ``spawn`` elsewhere (fork is unsafe on macOS)."""
+    is 10-20 % of a benchmark-sized job). Safe here: with workers > 1 the parent only reads, writes
+    and, for gigatoken, runs the HF sample check; HF ``tokenizers`` falls back to one thread in a child
+    forked after its thread pool ran; other backends are rebuilt in the child (:func:`_start_worker`).
+    ``spawn`` elsewhere (fork is unsafe on macOS)."""
     import multiprocessing  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
