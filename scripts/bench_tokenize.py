@@ -20,6 +20,8 @@ once per process), alternated over the rounds so that load from other work hits 
                     (worker start-up included; the tokenizer load is not)
     job N spawn     (--compare-spawn) the same with spawned instead of forked workers, which
                     re-import and re-parse the tokenizer: what the fork start saves
+    job N threads   (--compare-threads) one process: the tokenizer's own N threads encode one batch
+                    at a time on a background thread while the main thread reads and writes
 
 Printed per measurement: best and median tokens/s (wall), tokens per CPU-second (all its processes), and for
 the jobs the peak RSS of the main process and of the largest worker. The ratio job / raw at the
@@ -81,7 +83,8 @@ def measure_job(args) -> dict:
         main_cpu, started = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
         stats = tokenize_files([args.input] * args.repeat, Path(tmp) / "bench", tokenizer, fmt=args.format,
                                batch_size=args.batch_size, workers=args.cores, backend=args.backend, progress=False,
-                               start_method=args.start_method)
+                               start_method=args.start_method,
+                               parallelism="threads" if args.start_method == "threads" else "processes")
         seconds, main_cpu = time.perf_counter() - started, cpu_seconds(resource.RUSAGE_SELF) - main_cpu
     workers_cpu = cpu_seconds(resource.RUSAGE_CHILDREN)  # the workers are the only children
     return {"tokens": stats["tokens"], "seconds": seconds, "cpu_seconds": main_cpu + workers_cpu,
@@ -91,7 +94,7 @@ def measure_job(args) -> dict:
 
 
 def run_child(args, kind: str, cores: int, start_method: str | None = None) -> dict:
-    env = dict(os.environ, RAYON_NUM_THREADS=str(cores if kind == "raw" else 1),
+    env = dict(os.environ, RAYON_NUM_THREADS=str(cores if kind == "raw" or start_method == "threads" else 1),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, __file__, "--child", kind, "--cores", str(cores), "--input", str(args.input),
                "--format", args.format, "--repeat", str(args.repeat), "--batch-size", str(args.batch_size),
@@ -115,6 +118,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=("hf", "gigatoken"), default="hf")
     parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     parser.add_argument("--compare-spawn", action="store_true", help="also run the N-worker job with spawned workers")
+    parser.add_argument("--compare-threads", action="store_true",
+                        help="also run the job in one process: a background encode thread, the tokenizer's own N threads")
     parser.add_argument("--child", choices=("raw", "job"), help=argparse.SUPPRESS)
     parser.add_argument("--start-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cores", type=int, default=1, help=argparse.SUPPRESS)
@@ -131,6 +136,8 @@ def main() -> None:
     cases = [("raw", 1, None), ("job", 1, None), ("raw", args.workers, None), ("job", args.workers, None)]
     if args.compare_spawn:
         cases.append(("job", args.workers, "spawn"))
+    if args.compare_threads:
+        cases.append(("job", args.workers, "threads"))
     results: dict[tuple, list[dict]] = {case: [] for case in cases}
     ratios: dict[int, list[float]] = {1: [], args.workers: []}
     for round_no in range(1, args.rounds + 1):

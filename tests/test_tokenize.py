@@ -227,6 +227,17 @@ def test_two_workers_write_the_same_bytes_as_one(tokenizer, tmp_path, start_meth
         assert sha256(tmp_path / f"two.{ext}") == sha256(tmp_path / f"one.{ext}")
 
 
+def test_one_process_with_an_encode_thread_writes_the_same_bytes(tokenizer, tmp_path):
+    one = tokenize_files([CORPUS], tmp_path / "one", tokenizer, fmt="jsonl.zst", max_documents=300, progress=False)
+    threads = tokenize_files([CORPUS], tmp_path / "threads", tokenizer, fmt="jsonl.zst", max_documents=300,
+                             batch_size=23, workers=2, parallelism="threads", progress=False)
+    assert threads["tokens"] == one["tokens"]
+    for ext in ("bin", "idx"):
+        assert sha256(tmp_path / f"threads.{ext}") == sha256(tmp_path / f"one.{ext}")
+    with pytest.raises(ValueError, match="parallelism must be"):
+        tokenize_files([CORPUS], tmp_path / "x", tokenizer, fmt="jsonl.zst", parallelism="fibres", progress=False)
+
+
 class OneTokenOffEncoder(HFEncoder):
     """A backend that disagrees with HF tokenizers on the fourth document it sees."""
 
