@@ -130,6 +130,12 @@ def check_semantics(config: dict[str, Any]) -> None:
             for k, pattern in enumerate(ds.get("paths", [])):
                 if next(glob.iglob(repo_relative(pattern), recursive=True), None) is None:
                     problems.append(f"datasets.{name}.paths[{k}]: no file matches {pattern!r}")
+        if ds["groups_used"] == "auto" and ds["shard_groups"] > 1:
+            problems += [
+                f"datasets.{name}.{k}: required to choose how many of its {ds['shard_groups']} shard_groups the "
+                "runs need (groups_used: auto); give approx_bytes and tokens_per_byte, or set groups_used: all"
+                for k in ("approx_bytes", "tokens_per_byte") if ds[k] is None
+            ]
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
         for j, d in enumerate(exp["datasets"]):

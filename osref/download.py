@@ -1,9 +1,11 @@
 """Dataset download: list a source once, split it into static groups, fetch one group per job.
 
 The DAG must be plannable offline from config alone, so the number of groups per dataset is a
-config value and the listing (which needs the network for hub/http sources) is a job of its own.
-Group membership is a deterministic chunking of the sorted file list by bytes, written once into
-``listing.json``, so reruns see the same groups.
+config value (``shard_groups``: the whole listing's group count) and the listing (which needs the
+network for hub/http sources) is a job of its own. Group membership is a deterministic chunking of
+the whole sorted file list by bytes, written once into ``listing.json``, so reruns see the same
+groups; which of them are fetched (the first n the runs need) is decided by the plan
+(``osref.grid.run_group_count``), never here.
 
 Three source kinds behave identically downstream: each group ends as a directory of files plus a
 ``manifest.json`` with every file's size and sha256. A file whose size or sha256 differs from the
@@ -14,7 +16,8 @@ manifest is written. One tqdm bar per job shows the group's bytes, rate and ETA.
   branch/tag to a commit sha (stored as the listing's ``revision``, so every fetch is pinned to it),
   then ``list_repo_tree(recursive=True)`` at that sha, filtered with ``allow_patterns`` /
   ``ignore_patterns`` exactly like ``snapshot_download`` (fnmatch: ``*`` also matches ``/``; a pattern
-  ending in ``/`` selects a folder); LFS files carry their sha256. Fetch: ``hf_hub_download(local_dir=)``
+  ending in ``/`` selects a folder); LFS files carry their sha256, other files git's blob sha1 (the
+  tree's ``oid``), and a fetched file must match whichever it has. Fetch: ``hf_hub_download(local_dir=)``
   per file, which lands at ``<group dir>/<repo path>`` (sub-folders kept) and keeps its bookkeeping in
   ``<group dir>/.cache/huggingface/``: a file whose metadata matches the commit is returned without a
   request. huggingface_hub retries a broken transfer in-process with a Range request, but a killed job
@@ -51,11 +54,21 @@ RETRYABLE_HTTP_STATUS = {408, 416, 429, 500, 502, 503, 504}  # 416: the partial 
 
 
 def sha256_file(path: str | Path) -> str:
+    return file_digests(path)[0]
+
+
+def file_digests(path: str | Path, git_blob: bool = False) -> tuple[str, str | None]:
+    """sha256 and, when asked, git's blob id (``sha1(b"blob <size>\\0" + content)``), in one read."""
     digest = hashlib.sha256()
+    blob = None
+    if git_blob:
+        blob = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))  # noqa: S324 (git's object id, not security)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)
-    return digest.hexdigest()
+            if blob is not None:
+                blob.update(block)
+    return digest.hexdigest(), blob.hexdigest() if blob is not None else None
 
 
 # ---- listing ---------------------------------------------------------------------------------------
@@ -80,8 +93,11 @@ def _list_hub(dataset: dict) -> tuple[list[dict], str]:
         ignore_patterns=dataset.get("ignore_patterns"),
         key=lambda entry: entry.path,
     )
+    # LFS files: the content's sha256. Other files: the tree's oid is git's blob sha1 of the content
+    # (for an LFS file it is the pointer's, so it is recorded only for non-LFS files).
     files = [
-        {"path": entry.path, "size": entry.size, "sha256": entry.lfs.sha256 if entry.lfs else None}
+        {"path": entry.path, "size": entry.size, "sha256": entry.lfs.sha256 if entry.lfs else None,
+         **({} if entry.lfs else {"git_sha1": entry.blob_id})}
         for entry in selected
     ]
     return files, commit
@@ -107,14 +123,15 @@ def _list_http(dataset: dict, repo_root: Path) -> list[dict]:
     return [{"path": e, "url": e if "://" in e else base + e, "size": None, "sha256": None} for e in entries]
 
 
-def assign_groups(files: list[dict], n_groups: int) -> list[list[int]]:
+def assign_groups(files: list[dict], n_groups: int, key: str = "shard_groups") -> list[list[int]]:
     """Contiguous chunks of the path-sorted list with about equal bytes, at least one file each.
 
-    Unknown sizes count as one byte. Returns indices into ``files``.
+    Unknown sizes count as one byte. Returns indices into ``files``. The whole listing is always
+    chunked, whatever share of it the runs use, so a group's membership never depends on a budget.
     """
     order = sorted(range(len(files)), key=lambda i: files[i]["path"])
     if len(order) < n_groups:
-        raise ValueError(f"{len(order)} files cannot fill {n_groups} shard groups; lower shard_groups")
+        raise ValueError(f"{key}: {len(order)} files cannot fill {n_groups} shard groups; lower it")
     cumulative = [0]
     for i in order:
         cumulative.append(cumulative[-1] + (files[i]["size"] or 1))
@@ -145,7 +162,7 @@ def list_dataset(name: str, dataset: dict, out_path: str | Path, repo_root: str 
         "repo_id": dataset.get("repo_id"),
         "revision": revision,
         "files": files,
-        "groups": assign_groups(files, dataset["shard_groups"]),
+        "groups": assign_groups(files, dataset["shard_groups"], f"datasets.{name}.shard_groups"),
     }
     write_json_atomic(out_path, listing)
     return listing
@@ -308,19 +325,25 @@ def fetch_group(name: str, listing_path: str | Path, group: int, out_dir: str | 
                     path = _fetch_local(entry, out_dir)
                 else:
                     path = _fetch_http(entry, out_dir, progress)
-                digest = sha256_file(path)
+                expected, expected_git = entry.get("sha256"), entry.get("git_sha1")
+                digest, git_sha1 = file_digests(path, git_blob=expected_git is not None)
                 size = path.stat().st_size
-                expected = entry.get("sha256")
-                if (expected is None or digest == expected) and (entry["size"] is None or size == entry["size"]):
+                if ((expected is None or digest == expected) and (expected_git is None or git_sha1 == expected_git)
+                        and (entry["size"] is None or size == entry["size"])):
                     break
                 path.unlink()  # never use a file whose hash or size is wrong
                 progress.file_discarded()
                 if attempt == 1:
+                    got_git = f", git blob sha1 {git_sha1}" if expected_git else ""
+                    want_git = f", git blob sha1 {expected_git}" if expected_git else ""
                     raise IOError(
-                        f"{name}: {entry['path']}: sha256 {digest} / {size} B after a re-fetch, "
-                        f"expected {expected} / {entry['size']} B"
+                        f"{name}: {entry['path']}: sha256 {digest}{got_git} / {size} B after a re-fetch, "
+                        f"expected sha256 {expected}{want_git} / {entry['size']} B"
                     )
-            records.append({"path": str(path), "source_path": entry["path"], "size": size, "sha256": digest})
+            record = {"path": str(path), "source_path": entry["path"], "size": size, "sha256": digest}
+            if git_sha1 is not None:
+                record["git_sha1"] = git_sha1
+            records.append(record)
             progress.file_done(size)
     manifest = {"dataset": name, "group": group, "revision": listing.get("revision"), "files": records}
     write_json_atomic(manifest_path, manifest)

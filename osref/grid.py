@@ -111,11 +111,69 @@ class Grid:
     def datasets_in_use(self) -> list[str]:
         return sorted({run.dataset for run in self.runs.values()})
 
-    def shard_groups(self, dataset: str) -> list[int]:
-        return list(range(self.config["datasets"][dataset]["shard_groups"]))
+    @cached_property
+    def _groups_per_run(self) -> dict[str, int]:
+        # a cool-down branch reads its parent's groups: the same dataset, hence the same sample order
+        return {rid: run_group_count(self.config["datasets"][r.dataset], r.dataset,
+                                     tokens_read(self.runs[r.parent_run] if r.parent_run else r))
+                for rid, r in self.runs.items()}
 
-    def data_prefixes(self, dataset: str) -> list[str]:
-        return [self.layout.tokenized_prefix(dataset, g) for g in self.shard_groups(dataset)]
+    def run_groups(self, run_id: str) -> list[int]:
+        """The shard groups a run trains on: the first n of its dataset's fixed groups."""
+        return list(range(self._groups_per_run[run_id]))
+
+    def shard_groups(self, dataset: str) -> list[int]:
+        """The groups of ``dataset`` that are downloaded and tokenized: what its largest run reads."""
+        used = [n for rid, n in self._groups_per_run.items() if self.runs[rid].dataset == dataset]
+        return list(range(max(used, default=1)))
+
+    def data_prefixes(self, dataset: str, run_id: str | None = None) -> list[str]:
+        groups = self.run_groups(run_id) if run_id is not None else self.shard_groups(dataset)
+        return [self.layout.tokenized_prefix(dataset, g) for g in groups]
+
+
+# ---- data: how many shard groups a run needs -------------------------------------------------------
+
+def train_share(split: str) -> float:
+    """Share of the documents Megatron's GPTDataset trains on, from a ``"989,10,1"`` split."""
+    weights = [float(w) for w in split.split(",")]
+    return weights[0] / sum(weights)
+
+
+def tokens_read(run: Run) -> float:
+    """Tokens of data a run consumes: what it trains on, over the train share of its split."""
+    return run.train_iters * run.tokens_per_iteration / train_share(run.recipe["split"])
+
+
+def approx_tokens(block: dict[str, Any]) -> float | None:
+    """The catalog's token estimate of a dataset (approx_bytes x tokens_per_byte), if it has one."""
+    if block.get("approx_bytes") and block.get("tokens_per_byte"):
+        return float(block["approx_bytes"]) * float(block["tokens_per_byte"])
+    return None
+
+
+def groups_needed(total_groups: int, needed_tokens: float, dataset_tokens: float, safety: float) -> int:
+    """ceil(total x min(1, needed x safety / dataset)), at least one group.
+
+    The groups are byte-balanced chunks of the whole listing, so the first n hold about n/total of
+    the dataset's tokens; ``safety`` covers the estimate's error and uneven token density.
+    """
+    share = min(1.0, needed_tokens * safety / dataset_tokens)
+    return max(1, min(total_groups, math.ceil(total_groups * share - 1e-9)))
+
+
+def run_group_count(block: dict[str, Any], dataset: str, needed_tokens: float) -> int:
+    """How many of a dataset's ``shard_groups`` a run reading ``needed_tokens`` trains on."""
+    total = block["shard_groups"]
+    if block["groups_used"] == "all" or total == 1:
+        return total
+    estimate = approx_tokens(block)
+    if estimate is None:
+        raise ConfigError(
+            f"datasets.{dataset}.approx_bytes, tokens_per_byte: required to choose how many of its {total} "
+            "shard_groups a run needs (groups_used: auto); or set groups_used: all"
+        )
+    return groups_needed(total, needed_tokens, estimate, block["data_safety"])
 
 
 # ---- derivations ----------------------------------------------------------------------------------
@@ -426,7 +484,7 @@ def run_document(grid: Grid, run: Run) -> dict[str, Any]:
             "tensorboard": recipe["tensorboard"],
         },
         "data": {
-            "prefixes": grid.data_prefixes(run.dataset),
+            "prefixes": grid.data_prefixes(run.dataset, run.run_id),
             "weights": None,
             "cache_dir": layout.index_cache(),
         },
@@ -454,34 +512,80 @@ PLAN_COLUMNS = [
     "run_id", "scale", "dataset", "tokens", "seq_length", "global_batch_size", "params", "train_iters",
     "checkpoints", "flops", "gpu_hours", "nodes", "gpus_per_node", "jobs",
     "budget", "warmup_iters", "cooldown_iters", "save_interval", "segments", "hours_per_segment",
-    "walltime", "evaluated_checkpoints", "dataset_tokens", "dataset_tokens_source", "epochs", "warning",
+    "walltime", "evaluated_checkpoints", "data_groups", "dataset_groups", "shard_groups",
+    "dataset_tokens", "dataset_tokens_source", "epochs", "warning",
     "branch_of", "branch_iteration", "trained_iters",
 ]
 
 
-def dataset_tokens(grid: Grid, dataset: str) -> tuple[float | None, str]:
-    """Tokens in a dataset: counted (tokenized manifest, once it exists) or the catalog's estimate."""
+def _counted_group_tokens(grid: Grid, dataset: str) -> dict[int, int]:
+    """Tokens per group from the dataset's tokenized manifest (empty until it exists)."""
     manifest = Path(grid.layout.tokenized_manifest(dataset))
-    if manifest.exists():
-        import json  # noqa: PLC0415
+    if not manifest.exists():
+        return {}
+    import json  # noqa: PLC0415
 
-        return float(json.loads(manifest.read_text())["tokens"]), "tokenized"
-    approx = grid.config["datasets"][dataset].get("approx_tokens")
-    return (float(approx), "catalog estimate") if approx else (None, "unknown")
+    return {int(g["group"]): int(g["tokens"]) for g in json.loads(manifest.read_text())["per_group"]
+            if g.get("group") is not None}
+
+
+def listed_bytes(grid: Grid, dataset: str) -> int | None:
+    """Total size in the dataset's listing.json, once the listing job has run (else None)."""
+    listing = Path(grid.layout.listing(dataset))
+    if not listing.exists():
+        return None
+    import json  # noqa: PLC0415
+
+    return sum(f["size"] or 0 for f in json.loads(listing.read_text())["files"])
+
+
+def dataset_tokens(grid: Grid, dataset: str, groups: list[int] | None = None,
+                   counted: dict[int, int] | None = None) -> tuple[float | None, str]:
+    """Tokens in ``groups`` of a dataset (default: every group it is cut into): counted once
+    tokenized, else the catalog's estimate x groups / shard_groups."""
+    block = grid.config["datasets"][dataset]
+    groups = list(range(block["shard_groups"])) if groups is None else groups
+    counted = _counted_group_tokens(grid, dataset) if counted is None else counted
+    known = [counted[g] for g in groups if g in counted]
+    if known and len(known) == len(groups):
+        return float(sum(known)), "tokenized"
+    if known:
+        return sum(known) / len(known) * len(groups), f"tokenized ({len(known)} of {len(groups)} groups), extrapolated"
+    estimate = approx_tokens(block)
+    if estimate is None:
+        return None, "unknown"
+    return estimate * len(groups) / block["shard_groups"], "catalog estimate"
 
 
 def plan_rows(grid: Grid) -> list[dict[str, Any]]:
     n_groups = len(grid.groups)
     warn_epochs = grid.config["plan"]["warn_epochs"]
-    sizes = {d: dataset_tokens(grid, d) for d in grid.datasets_in_use}
+    counted = {d: _counted_group_tokens(grid, d) for d in grid.datasets_in_use}
+    size_warnings = {}
+    for d in grid.datasets_in_use:
+        listed, approx = listed_bytes(grid, d), grid.config["datasets"][d]["approx_bytes"]
+        if listed and approx and not 1 / 1.5 <= listed / approx <= 1.5:
+            size_warnings[d] = (f"{d} lists {listed:.3g} bytes, datasets.{d}.approx_bytes says {approx:.3g}: "
+                                "correct it, the number of groups a run reads relies on it")
     rows = []
     for run in grid.runs.values():
         jobs = len(run.segment_ends) + len(run.eval_iters) * (1 + n_groups)
-        size, size_source = sizes[run.dataset]
+        groups = grid.run_groups(run.run_id)
+        total_groups = grid.config["datasets"][run.dataset]["shard_groups"]
+        size, size_source = dataset_tokens(grid, run.dataset, groups, counted[run.dataset])
         epochs = run.train_iters * run.tokens_per_iteration / size if size else None
-        warning = ""
+        warnings = []
         if epochs is not None and epochs > warn_epochs:
-            warning = f"needs {epochs:.1f} epochs of {run.dataset} (more than plan.warn_epochs = {warn_epochs:g})"
+            warnings.append(f"needs {epochs:.1f} epochs of {run.dataset} (more than plan.warn_epochs = {warn_epochs:g})")
+        elif epochs is not None and epochs > 1 and len(groups) < total_groups:
+            warnings.append(
+                f"repeats data ({epochs:.2f} epochs of its {len(groups)} of {total_groups} shard groups) although "
+                f"{run.dataset} has more: raise datasets.{run.dataset}.data_safety or correct its approx_bytes / "
+                "tokens_per_byte"
+            )
+        if run.dataset in size_warnings and len(groups) < total_groups:
+            warnings.append(size_warnings[run.dataset])
+        warning = "; ".join(warnings)
         rows.append({
             "run_id": run.run_id,
             "scale": run.scale,
@@ -505,6 +609,9 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
             "hours_per_segment": round(run.hours_per_segment, 2),
             "walltime": run.resources["walltime"],
             "evaluated_checkpoints": len(run.eval_iters),
+            "data_groups": len(groups),
+            "dataset_groups": len(grid.shard_groups(run.dataset)),
+            "shard_groups": total_groups,
             "dataset_tokens": size,
             "dataset_tokens_source": size_source,
             "epochs": round(epochs, 3) if epochs is not None else None,

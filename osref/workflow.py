@@ -109,10 +109,11 @@ class WorkflowIndex:
         return {k: block[k] for k in LISTING_KEYS if k in block}
 
     def tokenized_inputs(self, run_id: str) -> list[str]:
+        """The .bin/.idx of the shard groups this run trains on (not every group of its dataset)."""
         dataset = self.runs[run_id].dataset
         return [
             path
-            for g in self.grid.shard_groups(dataset)
+            for g in self.grid.run_groups(run_id)
             for key, path in self.layout.tokenized_files(dataset, g).items()
             if key != "stats"
         ]

@@ -98,7 +98,7 @@ def main() -> None:
 
     grid = load_grid(ROOT / "config" / "config.yaml")
     runs = {rid: (len(r.segment_ends), len(r.eval_iters)) for rid, r in grid.runs.items()}
-    data = {d: grid.config["datasets"][d]["shard_groups"] for d in grid.datasets_in_use}
+    data = {d: len(grid.shard_groups(d)) for d in grid.datasets_in_use}  # the groups the plan fetches
     run_data = {rid: r.dataset for rid, r in grid.runs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         toy = Path(tmp) / "toy"

@@ -18,8 +18,12 @@ once per process), alternated over the rounds so that load from other work hits 
                     in batches of --batch-size, with RAYON_NUM_THREADS = 1 / N
     job 1 / job N   tokenize_files: read -> tokenize -> write .bin/.idx, with 1 / N workers
                     (worker start-up included; the tokenizer load is not)
+    job N spawn     (--compare-spawn) the same with spawned instead of forked workers, which
+                    re-import and re-parse the tokenizer: what the fork start saves
+    job N threads   (--compare-threads) one process: the tokenizer's own N threads encode one batch
+                    at a time on a background thread while the main thread reads and writes
 
-Printed per measurement: best tokens/s (wall), tokens per CPU-second (all its processes), and for
+Printed per measurement: best and median tokens/s (wall), tokens per CPU-second (all its processes), and for
 the jobs the peak RSS of the main process and of the largest worker. The ratio job / raw at the
 same core count is the share of the raw limit the job reaches (goal >= 0.90). On a shared machine
 the wall-clock figures move with the load; the CPU-second figures much less.
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +82,9 @@ def measure_job(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         main_cpu, started = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
         stats = tokenize_files([args.input] * args.repeat, Path(tmp) / "bench", tokenizer, fmt=args.format,
-                               batch_size=args.batch_size, workers=args.cores, backend=args.backend, progress=False)
+                               batch_size=args.batch_size, workers=args.cores, backend=args.backend, progress=False,
+                               start_method=args.start_method,
+                               parallelism="threads" if args.start_method == "threads" else "processes")
         seconds, main_cpu = time.perf_counter() - started, cpu_seconds(resource.RUSAGE_SELF) - main_cpu
     workers_cpu = cpu_seconds(resource.RUSAGE_CHILDREN)  # the workers are the only children
     return {"tokens": stats["tokens"], "seconds": seconds, "cpu_seconds": main_cpu + workers_cpu,
@@ -86,12 +93,14 @@ def measure_job(args) -> dict:
             "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if args.cores > 1 else 0.0}
 
 
-def run_child(args, kind: str, cores: int) -> dict:
-    env = dict(os.environ, RAYON_NUM_THREADS=str(cores if kind == "raw" else 1),
+def run_child(args, kind: str, cores: int, start_method: str | None = None) -> dict:
+    env = dict(os.environ, RAYON_NUM_THREADS=str(cores if kind == "raw" or start_method == "threads" else 1),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, __file__, "--child", kind, "--cores", str(cores), "--input", str(args.input),
                "--format", args.format, "--repeat", str(args.repeat), "--batch-size", str(args.batch_size),
                "--backend", args.backend, "--tokenizer", str(args.tokenizer)]
+    if start_method:
+        command += ["--start-method", start_method]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"bench: {kind} {cores} failed:\n{done.stderr}")
@@ -108,7 +117,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--backend", choices=("hf", "gigatoken"), default="hf")
     parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
+    parser.add_argument("--compare-spawn", action="store_true", help="also run the N-worker job with spawned workers")
+    parser.add_argument("--compare-threads", action="store_true",
+                        help="also run the job in one process: a background encode thread, the tokenizer's own N threads")
     parser.add_argument("--child", choices=("raw", "job"), help=argparse.SUPPRESS)
+    parser.add_argument("--start-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cores", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.format = args.format or ("parquet" if args.input.suffix == ".parquet" else "jsonl")
@@ -120,36 +133,52 @@ def main() -> None:
     load = os.getloadavg()
     print(f"input {args.input} x{args.repeat}, backend {args.backend}, batch {args.batch_size}, "
           f"{args.rounds} rounds, {os.cpu_count()} cores, load average at start {load[0]:.2f} {load[1]:.2f}")
-    cases = [("raw", 1), ("job", 1), ("raw", args.workers), ("job", args.workers)]
-    best: dict[tuple, dict] = {}
+    cases = [("raw", 1, None), ("job", 1, None), ("raw", args.workers, None), ("job", args.workers, None)]
+    if args.compare_spawn:
+        cases.append(("job", args.workers, "spawn"))
+    if args.compare_threads:
+        cases.append(("job", args.workers, "threads"))
+    results: dict[tuple, list[dict]] = {case: [] for case in cases}
+    ratios: dict[int, list[float]] = {1: [], args.workers: []}
     for round_no in range(1, args.rounds + 1):
         this_round = {}
         for case in cases:
             result = run_child(args, *case)
             result["tok_s"] = result["tokens"] / result["seconds"]
             result["tok_cpu_s"] = result["tokens"] / result["cpu_seconds"]
-            print(f"  round {round_no} {case[0]} {case[1]}: {result['tok_s'] / 1e6:.3f} M tok/s "
+            print(f"  round {round_no} {label_of(case, args.backend)}: {result['tok_s'] / 1e6:.3f} M tok/s "
                   f"({result['seconds']:.1f} s, {result['tok_cpu_s'] / 1e6:.3f} M tok/CPU-s"
                   + (f"; CPU s main {result['main_cpu_seconds']:.1f}, workers {result['workers_cpu_seconds']:.1f}"
-                     if case[0] == "job" else "") + ")", flush=True)
+                     if case[0] == "job" else "") + f"; load {os.getloadavg()[0]:.2f})", flush=True)
             this_round[case] = result
-            if case not in best or result["tok_s"] > best[case]["tok_s"]:
-                best[case] = result
-        for cores in (1, args.workers):
-            job, raw = this_round[("job", cores)], this_round[("raw", cores)]
-            print(f"  round {round_no} job / raw at {cores} core(s), back to back: {job['tok_s'] / raw['tok_s']:.3f} "
-                  f"(wall), {job['tok_cpu_s'] / raw['tok_cpu_s']:.3f} (per CPU-second)", flush=True)
-    print(f"load average at end {os.getloadavg()[0]:.2f}; best of {args.rounds} rounds:")
-    print(f"{'measurement':<24}{'M tok/s':>10}{'M tok/CPU-s':>14}{'peak RSS main/worker MB':>26}")
-    for kind, cores in cases:
-        result = best[(kind, cores)]
-        label = f"raw {args.backend}, {cores} thread(s)" if kind == "raw" else f"job, {cores} worker(s)"
-        rss = f"{result['rss_main_mb']:.0f} / {result['rss_worker_mb']:.0f}" if kind == "job" else ""
-        print(f"{label:<24}{result['tok_s'] / 1e6:>10.3f}{result['tok_cpu_s'] / 1e6:>14.3f}{rss:>26}")
-    for cores in (1, args.workers):
-        job, raw = best[("job", cores)], best[("raw", cores)]
-        print(f"job / raw at {cores} core(s), best of rounds: {job['tok_s'] / raw['tok_s']:.3f} (wall), "
-              f"{job['tok_cpu_s'] / raw['tok_cpu_s']:.3f} (per CPU-second)")
+            results[case].append(result)
+        for cores in ratios:
+            job, raw = this_round[("job", cores, None)], this_round[("raw", cores, None)]
+            ratios[cores].append(job["tok_s"] / raw["tok_s"])
+            print(f"  round {round_no} job / raw at {cores} core(s), back to back: {ratios[cores][-1]:.3f} (wall), "
+                  f"{job['tok_cpu_s'] / raw['tok_cpu_s']:.3f} (per CPU-second)", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}; over {args.rounds} rounds:")
+    print(f"{'measurement':<28}{'best M tok/s':>13}{'median':>9}{'M tok/CPU-s':>13}{'peak RSS main/worker MB':>26}")
+    for case in cases:
+        runs = results[case]
+        best = max(runs, key=lambda r: r["tok_s"])
+        rss = f"{max(r['rss_main_mb'] for r in runs):.0f} / {max(r['rss_worker_mb'] for r in runs):.0f}" \
+            if case[0] == "job" else ""
+        print(f"{label_of(case, args.backend):<28}{best['tok_s'] / 1e6:>13.3f}"
+              f"{statistics.median(r['tok_s'] for r in runs) / 1e6:>9.3f}"
+              f"{max(r['tok_cpu_s'] for r in runs) / 1e6:>13.3f}{rss:>26}")
+    for cores, values in ratios.items():
+        best_job = max(r["tok_s"] for r in results[("job", cores, None)])
+        best_raw = max(r["tok_s"] for r in results[("raw", cores, None)])
+        print(f"job / raw at {cores} core(s): best job / best raw {best_job / best_raw:.3f}, "
+              f"median of the back-to-back ratios {statistics.median(values):.3f} (wall)")
+
+
+def label_of(case: tuple, backend: str) -> str:
+    kind, cores, start = case
+    if kind == "raw":
+        return f"raw {backend}, {cores} thread(s)"
+    return f"job, {cores} worker(s)" + (f", {start}" if start else "")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-LFS_POINTER_SIZE = 134  # typical size of a git-lfs pointer file; only reported, never served
 _INVERT_BYTES = bytes(255 - b for b in range(256))
 
 
@@ -58,6 +57,11 @@ def git_blob_sha1(data: bytes) -> str:
 @functools.cache
 def lfs_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """The git-lfs pointer file that git stores in place of an LFS file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{lfs_sha256(data)}\nsize {len(data)}\n".encode()
 
 
 @dataclass
@@ -331,7 +335,9 @@ def _tree_entries(repo: Repo, commit: str, folder: str, recursive: bool) -> list
         if recursive or len(rest) == 1:
             entry = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
             if repo.is_lfs(path):
+                # as on the hub: the tree's oid of an LFS file is the git blob id of its pointer file
+                entry["oid"] = git_blob_sha1(lfs_pointer(data))
                 entry["lfs"] = {"oid": lfs_sha256(data), "size": len(data),
-                                "pointerSize": LFS_POINTER_SIZE}
+                                "pointerSize": len(lfs_pointer(data))}
             entries[path] = entry
     return [entries[key] for key in sorted(entries)]

@@ -90,6 +90,10 @@ def test_branch_waits_for_the_parent_segment_that_saves_the_branch_point(release
         "parent_train_iters": parent.train_iters,
     }
     assert run_document(grid, parent)["branch"] is None
+    # the branch trains on its parent's shard groups (a 300B run alone would read fewer)
+    assert document["data"]["prefixes"] == run_document(grid, parent)["data"]["prefixes"]
+    alone = grid_with(release_config, {**BRANCHES, "branch_from": None})
+    assert len(run_document(alone, alone.runs[branch.run_id])["data"]["prefixes"]) < len(document["data"]["prefixes"])
 
 
 def test_selecting_a_branch_keeps_its_parent(release_config):

@@ -106,7 +106,7 @@ def test_run_document_is_complete_and_stable(release_grid):
     assert doc["model"]["num_layers"] == 22 and doc["model"]["vocab_size"] == 50304
     assert doc["train"]["lr"] == 4e-3 and doc["train"]["warmup_iters"] == 25000
     assert doc["train"]["checkpoint_iters"][-1] == doc["train"]["train_iters"] == 72661
-    assert doc["data"]["prefixes"] == [f"results/data/tokenized/pile/group_{g:03d}" for g in range(8)]
+    assert doc["data"]["prefixes"] == [f"results/data/tokenized/pile/group_{g:03d}" for g in range(30)]  # all 30 (one file each)
     assert doc == run_document(load_grid(RELEASE), load_grid(RELEASE).runs["0.13b-pile-300B-4096"])
 
 
@@ -260,7 +260,7 @@ def test_eval_every_k_keeps_the_last(release_raw):
 
 def test_plan_warns_when_a_budget_needs_many_epochs(release_raw):
     config = copy.deepcopy(release_raw)
-    config["datasets"]["c4"]["approx_tokens"] = 50e9
+    config["datasets"]["c4"]["tokens_per_byte"] = 50e9 / config["datasets"]["c4"]["approx_bytes"]
     rows = {r["run_id"]: r for r in plan_rows(load_grid(config))}
     assert rows["0.13b-c4-300B-4096"]["epochs"] == pytest.approx(6.0, rel=1e-3)
     assert "needs 6.0 epochs of c4" in rows["0.13b-c4-300B-4096"]["warning"]

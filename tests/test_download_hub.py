@@ -28,7 +28,7 @@ import zstandard
 from huggingface_hub.errors import HfHubHTTPError
 
 from osref.download import fetch_group, list_dataset, sha256_file
-from hub_server import HubServer, Repo  # tests/ is on sys.path under pytest
+from hub_server import HubServer, Repo, git_blob_sha1  # tests/ is on sys.path under pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "toy-org/toy-web"
@@ -73,6 +73,8 @@ def _toy_commits() -> dict[str, dict[str, bytes]]:
         "data/CC-MAIN-2024-10/train-00001-of-00002.parquet": _big_parquet(2, 12 << 20),
         "train/chunk1/example_train_0.jsonl.zst": _jsonl_zst(3),
         "train/chunk2/example_train_1.jsonl.zst": _jsonl_zst(4),
+        # not in LFS: the tree gives only git's blob sha1 for it
+        "notes/part-0.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in _texts(6, 40)).encode(),
     }
     main = {**v1, "data/CC-MAIN-2024-18/train-00000-of-00001.parquet": _parquet(5)}
     return {V1: v1, MAIN: main}
@@ -309,3 +311,37 @@ def _wait_for_partial(group_dir: Path, timeout: float = 30.0) -> Path:
                 return path
         time.sleep(0.05)
     raise AssertionError(f"no partial download under {group_dir}")
+
+
+# ---- files outside LFS: verified by git's blob sha1 ---------------------------------------------------
+
+PLAIN_FILE = "notes/part-0.jsonl"
+PLAIN_DATASET = {**DATASET, "allow_patterns": ["notes/*", "data/CC-MAIN-2024-10/train-00000-of-00002.parquet"],
+                 "format": "jsonl", "shard_groups": 1}
+
+
+def test_a_file_outside_lfs_is_listed_and_checked_by_its_git_blob_sha1(hub, tmp_path):
+    listing = list_dataset("toy", PLAIN_DATASET, tmp_path / "raw" / "listing.json", REPO_ROOT)
+    records = {f["path"]: f for f in listing["files"]}
+    data = blob(hub, PLAIN_FILE)
+    assert records[PLAIN_FILE]["sha256"] is None  # the hub gives no sha256 for it
+    assert records[PLAIN_FILE]["git_sha1"] == git_blob_sha1(data) == hashlib.sha1(
+        b"blob %d\0" % len(data) + data).hexdigest()
+    lfs = records["data/CC-MAIN-2024-10/train-00000-of-00002.parquet"]
+    assert "git_sha1" not in lfs and lfs["sha256"]  # an LFS file's oid is its pointer's, not its content's
+
+    hub.corrupt[PLAIN_FILE] = 1  # the first transfer delivers wrong bytes with a correct size
+    assert fetch_cli(tmp_path, 0).returncode == 0, (tmp_path / "logs" / "fetch_0.log").read_text()
+    assert len(hub.transfers(PLAIN_FILE)) == 2
+    record = next(r for r in _manifest(tmp_path, 0)["files"] if r["source_path"] == PLAIN_FILE)
+    assert record["git_sha1"] == git_blob_sha1(data) and Path(record["path"]).read_bytes() == data
+
+
+def test_a_file_outside_lfs_that_stays_wrong_fails_naming_it(hub, tmp_path):
+    list_dataset("toy", PLAIN_DATASET, tmp_path / "raw" / "listing.json", REPO_ROOT)
+    hub.corrupt[PLAIN_FILE] = 99
+    assert fetch_cli(tmp_path, 0).returncode != 0
+    log = (tmp_path / "logs" / "fetch_0.log").read_text()
+    assert f"toy: {PLAIN_FILE}: sha256" in log and f"expected sha256 None, git blob sha1 {git_blob_sha1(blob(hub, PLAIN_FILE))}" in log
+    assert not (tmp_path / "raw" / "group_000" / "manifest.json").exists()
+    assert not (tmp_path / "raw" / "group_000" / PLAIN_FILE).exists()

@@ -216,14 +216,26 @@ def test_corrupt_input_with_workers_fails_cleanly(tokenizer, docs, tmp_path):
 
 # ---- parallel workers and backends: the same bytes or no shard ---------------------------------------
 
-def test_two_workers_write_the_same_bytes_as_one(tokenizer, tmp_path):
+@pytest.mark.parametrize("start_method", [None, "spawn"])  # None: fork on Linux, after this process encoded
+def test_two_workers_write_the_same_bytes_as_one(tokenizer, tmp_path, start_method):
     one = tokenize_files([CORPUS], tmp_path / "one", tokenizer, fmt="jsonl.zst", max_documents=300, progress=False)
     two = tokenize_files([CORPUS], tmp_path / "two", tokenizer, fmt="jsonl.zst", max_documents=300, batch_size=23,
-                         workers=2, progress=False)
+                         workers=2, progress=False, start_method=start_method)
     assert (two["documents"], two["tokens"], two["text_bytes"]) == (one["documents"], one["tokens"], one["text_bytes"])
     assert two["workers"] == 2 and one["documents"] == 300
     for ext in ("bin", "idx"):
         assert sha256(tmp_path / f"two.{ext}") == sha256(tmp_path / f"one.{ext}")
+
+
+def test_one_process_with_an_encode_thread_writes_the_same_bytes(tokenizer, tmp_path):
+    one = tokenize_files([CORPUS], tmp_path / "one", tokenizer, fmt="jsonl.zst", max_documents=300, progress=False)
+    threads = tokenize_files([CORPUS], tmp_path / "threads", tokenizer, fmt="jsonl.zst", max_documents=300,
+                             batch_size=23, workers=2, parallelism="threads", progress=False)
+    assert threads["tokens"] == one["tokens"]
+    for ext in ("bin", "idx"):
+        assert sha256(tmp_path / f"threads.{ext}") == sha256(tmp_path / f"one.{ext}")
+    with pytest.raises(ValueError, match="parallelism must be"):
+        tokenize_files([CORPUS], tmp_path / "x", tokenizer, fmt="jsonl.zst", parallelism="fibres", progress=False)
 
 
 class OneTokenOffEncoder(HFEncoder):

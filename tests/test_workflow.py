@@ -15,12 +15,16 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-# Golden job counts of the release grid (36 runs; 8 datasets x 8 shard groups; 1562 evaluated
-# checkpoints; 3 shot groups). A change here is a change of the plan: update it knowingly.
+# Golden job counts of the release grid (36 runs; 911 shard groups: per dataset what its largest
+# run needs, c4 32/32, pile 30/30, slimpajama 75/128, fineweb-edu 241/256, dclm 164/512,
+# nemotron-cc-hq 256/256, hplt 66/512, commoncorpus 47/256; 1562 evaluated checkpoints; 3 shot
+# groups). A change here is a change of the plan: update it knowingly.
+RELEASE_GROUPS = {"c4": 32, "pile": 30, "slimpajama": 75, "fineweb-edu-1.4t": 241, "dclm": 164,
+                  "nemotron-cc-hq": 256, "hplt-2.0": 66, "commoncorpus": 47}
 RELEASE_JOBS = {
     "list_dataset": 8,
-    "download_group": 64,
-    "tokenize_group": 64,
+    "download_group": 911,
+    "tokenize_group": 911,
     "tokenized_dataset_manifest": 8,
     "run_config": 36,
     "train_segment": 64,
@@ -63,6 +67,26 @@ def release_dry_run() -> str:
 
 def test_release_dry_run_plans_the_whole_grid(release_dry_run):
     assert job_counts(release_dry_run) == RELEASE_JOBS
+
+
+def test_dry_run_lists_the_shard_groups_each_dataset_needs(release_dry_run):
+    """Offline, from config alone: every group's download and tokenize job, several per dataset."""
+    for rule in ("download_group", "tokenize_group"):
+        groups: dict[str, set[str]] = {}
+        for block in release_dry_run.split(f"rule {rule}:")[1:]:
+            match = re.search(r"wildcards: dataset=([^,\s]+), group=(\d{3})", block)
+            groups.setdefault(match.group(1), set()).add(match.group(2))
+        assert {d: len(g) for d, g in groups.items()} == RELEASE_GROUPS
+        assert groups["dclm"] == {f"{g:03d}" for g in range(164)}
+
+
+def test_training_reads_only_the_groups_its_run_needs(release_dry_run):
+    def data_inputs(run_id: str) -> set[str]:
+        block = next(b for b in release_dry_run.split("rule train_segment:")[1:] if f"run_id={run_id}," in b)
+        return set(re.findall(r"tokenized/dclm/group_(\d{3})\.bin", block.split("output:")[0]))
+
+    assert data_inputs("0.13b-dclm-300B-4096") == {f"{g:03d}" for g in range(49)}
+    assert data_inputs("1.7b-dclm-1T-4096") == {f"{g:03d}" for g in range(164)}
 
 
 def test_slurm_profile_maps_multi_node_training(release_dry_run):
