@@ -196,11 +196,6 @@ def throughput_tokens_per_gpu_s(spec: ModelSpec, resources: dict, cluster: dict)
     return achieved / spec.flops_per_token(with_attention=True)
 
 
-def segment_schedule(train_iters: int, save_interval: int, segment_iters: int) -> tuple[int, ...]:
-    ends = list(range(segment_iters, train_iters, segment_iters))
-    return tuple(ends + [train_iters])
-
-
 def segments_from(start: int, checkpoints: tuple[int, ...], segment_iters: int) -> tuple[int, ...]:
     """Segment ends after ``start``: each the furthest checkpoint within ``segment_iters`` of the
     previous end (checkpoints are at most one save interval ≤ ``segment_iters`` apart)."""
@@ -292,7 +287,7 @@ def build_run(config: dict, experiment: dict, exp_index: int, dataset: str, scal
                 f"interval of {where} ({save_interval} iterations ≈ {save_interval * seconds_per_iter / 3600:.1f} h "
                 f"at the estimated throughput); raise walltime or lower save_interval"
             )
-    segments = segment_schedule(train_iters, save_interval, segment_iters)
+    segments = segments_from(0, checkpoints, segment_iters)
     gpu_hours = train_iters * gbs * seq / tokens_per_gpu_s / 3600
     cooldown = int(recipe["cooldown_fraction"] * train_iters) if recipe["schedule"] == "wsd" else 0
     return Run(
