@@ -73,7 +73,7 @@ def main() -> None:
     files = [record["path"] for record in manifest["files"]]
     for record in manifest["files"]:  # a stat each: a copy truncated or edited since its download is not used
         size = Path(record["path"]).stat().st_size
-        if size != record["size"]:
+        if record.get("size") is not None and size != record["size"]:
             sys.exit(f"tokenize: {record['path']} has {size} bytes, its download manifest {args.manifest} says "
                      f"{record['size']}: it changed after the download; delete the manifest and rerun")
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_sha256)

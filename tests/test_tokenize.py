@@ -458,3 +458,21 @@ def test_disk_full_during_tokenize_names_the_file_and_leaves_no_partial_shard(tm
         assert sorted(p.name for p in out_dir.iterdir()) == []
     finally:
         subprocess.run(["umount", str(out_dir)], check=True)
+
+
+def test_a_downloaded_copy_whose_size_changed_is_refused_by_the_tokenize_job(docs, tmp_path):
+    """The job checks each input against its download manifest (a stat) before reading it."""
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "part-0.jsonl", docs[:5])
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"dataset": "toy", "group": 0,
+                                    "files": [{"path": str(data), "size": data.stat().st_size - 7}]}))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "tokenize_group.py"), "--manifest", str(manifest), "--format", "jsonl",
+         "--tokenizer", str(ROOT / "assets" / "gpt-neox-20b"), "--out-prefix", str(tmp_path / "out" / "g"),
+         "--stats", str(tmp_path / "out" / "g.stats.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"tokenize: {data} has {data.stat().st_size} bytes, its download manifest {manifest} says" in proc.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
