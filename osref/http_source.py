@@ -265,13 +265,18 @@ def fetch(url: str, target: Path, fmt: str | None, progress: Progress) -> Remote
     published, is then checked by the caller). Returns what the server said about the object.
     """
     if target.exists():
-        remote = head(url)
-        _check_content_type(url, remote.content_type, fmt)
+        try:
+            remote = head(url)
+        except urllib.error.HTTPError as error:  # e.g. 405, or 403 from a URL signed for GET only
+            print(f"{url}: HEAD answered {error.code}; fetching the existing {target} again", file=sys.stderr)
+            remote = None
         size = target.stat().st_size
-        if (remote.size is None or remote.size == size) and format_problem(target, fmt) is None:
-            return remote
-        print(f"{url}: the existing {target} has {size} B, the server says {remote.size} B; fetching it again",
-              file=sys.stderr)
+        if remote is not None:
+            _check_content_type(url, remote.content_type, fmt)
+            if (remote.size is None or remote.size == size) and format_problem(target, fmt) is None:
+                return remote
+            print(f"{url}: the existing {target} has {size} B, the server says {remote.size} B; fetching it again",
+                  file=sys.stderr)
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")

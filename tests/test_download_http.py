@@ -293,6 +293,18 @@ def test_an_existing_file_is_checked_against_the_server_before_it_is_used(server
     assert [r.method for r in server.requests] == ["HEAD"]
 
 
+def test_an_existing_file_is_fetched_again_when_head_is_refused(server, tmp_path):
+    """A URL signed for GET only answers HEAD with 403/405: the file cannot be checked, so it is not trusted."""
+    data = _jsonl_zst(9)
+    list_dataset("toy", _http_dataset(server, tmp_path, {"a/p.jsonl.zstd": data}), tmp_path / "listing.json", ROOT)
+    planted = tmp_path / "raw" / "group_000" / "a" / "p.jsonl.zstd"
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"\x28\xb5\x2f\xfd" + b"x" * (len(data) - 4))  # right size and magic, wrong bytes
+    server.throttle["a/p.jsonl.zstd"] = (405, None, 1)  # the HEAD
+    assert _fetch(tmp_path)["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert [r.method for r in server.requests if r.path.endswith("a/p.jsonl.zstd")] == ["HEAD", "GET"]
+
+
 # ---- Retry-After -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -332,17 +344,24 @@ def test_the_list_download_honours_retry_after_too(server, release_index, tmp_pa
     assert second - first >= 1.9
 
 
-@pytest.mark.parametrize("change", ["neither", "both"])
-def test_an_http_dataset_needs_exactly_one_list_naming_the_dataset(change):
+@pytest.mark.parametrize("change, message", [
+    ("neither", "datasets.nemotron-cc-hq: source 'http' needs exactly one of list_url"),
+    ("both", "datasets.nemotron-cc-hq: source 'http' needs exactly one of list_url"),
+    ("no base_url", "datasets.nemotron-cc-hq.base_url: required (an https:// URL) for the relative list_url "
+                    "'contrib/Nemotron/Nemotron-CC/data-jsonl.paths.gz'"),
+])
+def test_an_http_dataset_needs_exactly_one_list_naming_the_dataset(change, message):
     from osref.config import ConfigError, validate
 
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     block = config["datasets"]["nemotron-cc-hq"]
     if change == "neither":
         del block["list_url"]
-    else:
+    elif change == "both":
         block["urls_file"] = "config/my.paths.gz"
-    with pytest.raises(ConfigError, match="datasets.nemotron-cc-hq: source 'http' needs exactly one of list_url"):
+    else:
+        del block["base_url"]
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate(config)
 
 
