@@ -124,8 +124,14 @@ def check_semantics(config: dict[str, Any]) -> None:
     problems: list[str] = []
     datasets, scales, recipes = config["datasets"], config["scales"], config["recipes"]
     for name, ds in datasets.items():
-        need = {"hub": ["repo_id"], "local": ["paths"], "http": ["urls_file"]}[ds["source"]]
+        need = {"hub": ["repo_id"], "local": ["paths"], "http": []}[ds["source"]]
         problems += [f"datasets.{name}.{k}: required for source '{ds['source']}'" for k in need if k not in ds]
+        if ds["source"] == "http" and ("urls_file" in ds) == ("list_url" in ds):
+            problems.append(f"datasets.{name}: source 'http' needs exactly one of list_url (the source's own "
+                            "list, fetched by the listing job) and urls_file (a list on disk)")
+        if "://" not in ds.get("list_url", "://") and "://" not in ds.get("base_url", ""):
+            problems.append(f"datasets.{name}.base_url: required (an https:// URL) for the relative "
+                            f"list_url {ds['list_url']!r}")
         if ds["source"] == "local":  # glob patterns, relative to the repository; each must match a file
             for k, pattern in enumerate(ds.get("paths", [])):
                 if next(glob.iglob(repo_relative(pattern), recursive=True), None) is None:

@@ -5,6 +5,7 @@ the tests call these functions, so a layout change is one edit. Arguments may be
 or Snakemake wildcards (``"{run_id}"``), which is how the rules build their patterns.
 
     {data}/raw/{dataset}/listing.json              file list of the dataset, grouped (download)
+    {data}/raw/{dataset}/local_hashes.json         local source: sha256 cache keyed by size + mtime
     {data}/raw/{dataset}/group_{g}/manifest.json   one download group, with sizes and hashes
     {data}/tokenized/{dataset}/group_{g}.bin|.idx  Megatron binaries of that group (+ .stats.json)
     {data}/tokenized/{dataset}/manifest.json       totals over the dataset's groups
@@ -20,6 +21,7 @@ or Snakemake wildcards (``"{run_id}"``), which is how the rules build their patt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def fmt_iter(iteration: int | str) -> str:
@@ -28,6 +30,11 @@ def fmt_iter(iteration: int | str) -> str:
 
 def fmt_group(group: int | str) -> str:
     return f"{group:03d}" if isinstance(group, int) else group
+
+
+def local_hash_cache(listing: str | Path) -> str:
+    """The sha256 cache of a local dataset's source files lives next to its listing."""
+    return str(Path(listing).with_name("local_hashes.json"))
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ class Layout:
     # ---- data ----------------------------------------------------------------------------
     def listing(self, dataset: str) -> str:
         return f"{self.data}/raw/{dataset}/listing.json"
+
+    def local_hash_cache(self, dataset: str) -> str:
+        return local_hash_cache(self.listing(dataset))
 
     def download_dir(self, dataset: str, group: int | str) -> str:
         return f"{self.data}/raw/{dataset}/group_{fmt_group(group)}"

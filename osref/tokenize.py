@@ -10,6 +10,21 @@ Readers stream parquet, jsonl, jsonl.gz / json.gz and jsonl.zst / jsonl.zstd (DC
 without an Arrow cache copy. Outputs are written under temporary names and renamed only when
 complete, ``.bin`` first and ``.idx`` last, so a pair whose ``.idx`` exists is whole.
 
+Bad rows — a line that is not JSON or not UTF-8, a lone UTF-16 surrogate (a ``"\\ud800"`` escape or
+CESU-8 bytes, which Python's JSON decoder lets through and no tokenizer accepts), a text field that is
+missing or not a string, a parquet value that is not valid UTF-8 — are reported to the reader's
+``on_bad`` callback with file and line (row); :func:`tokenize_files` either fails the group on the
+first one (``bad_documents="fail"``, what Megatron's preprocess_data does, with a traceback) or skips
+and counts them (``"skip"``, the pipeline's default, with the first few messages kept in the stats)
+and still fails when more than ``max_bad_fraction`` of the rows are bad. A parquet text column whose
+type is not a string type is the file's schema, not a row: it always fails, naming file, column and
+type.
+
+Empty documents are indexed exactly as Megatron's ``preprocess_data.py`` indexes them: no tokens, no
+EOD, no sequence, but an entry in the ``.idx`` document index (``document_indices`` repeats the
+sequence count). With GPT-NeoX-20B only the empty string has no tokens. megatron-core's
+``GPTDataset`` samples by sequence, so the extra entries change nothing in training.
+
 Parallelism within a job: ``tokenize_files(..., workers=N)`` reads in the job's process and hands
 batches of documents to N single-threaded worker processes; results are written in submission
 order, so the bytes do not depend on N, and at most ``2 N`` batches are in flight.
@@ -33,11 +48,12 @@ import io
 import json
 import os
 import struct
+import sys
 import time
 from collections import deque
 from itertools import chain
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -71,7 +87,28 @@ def _open_text_stream(path: Path) -> io.BufferedIOBase:
     return raw
 
 
-def iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+OnBad = Callable[[str], None]  # called with "<file>: line <n>: <what is wrong>" for a row that is not a document
+
+
+def _fail_on_bad(message: str) -> None:
+    raise InputError(message)
+
+
+def _surrogate_problem(text: str) -> str | None:
+    """A lone UTF-16 surrogate in ``text`` (not encodable as UTF-8, refused by every tokenizer), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start} "
+                "(a \\u escape or CESU-8 bytes of half a UTF-16 pair; not text)")
+    return None
+
+
+def iter_jsonl(path: Path, text_field: str, on_bad: OnBad | None = None) -> Iterator[str]:
+    """The text of each JSON line; bad rows go to ``on_bad`` (default: raise :class:`InputError`)."""
+    bad = on_bad or _fail_on_bad
     stream = _open_text_stream(path)
     try:
         for line_no, line in enumerate(io.BufferedReader(stream, buffer_size=1 << 20), start=1):
@@ -80,14 +117,21 @@ def iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except UnicodeDecodeError as exc:
-                raise InputError(f"{path}: line {line_no}: not UTF-8 ({exc.reason})") from None
+                bad(f"{path}: line {line_no}: not UTF-8 ({exc.reason})")
+                continue
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
+                bad(f"{path}: line {line_no}: not valid JSON ({exc.msg})")
+                continue
             if not isinstance(record, dict) or text_field not in record:
-                raise InputError(f"{path}: line {line_no}: no text field {text_field!r}")
+                bad(f"{path}: line {line_no}: no text field {text_field!r}")
+                continue
             text = record[text_field]
             if not isinstance(text, str):
-                raise InputError(f"{path}: line {line_no}: field {text_field!r} is {type(text).__name__}, not a string")
+                bad(f"{path}: line {line_no}: field {text_field!r} is {type(text).__name__}, not a string")
+                continue
+            if problem := _surrogate_problem(text):
+                bad(f"{path}: line {line_no}: field {text_field!r} has {problem}")
+                continue
             yield text
     except (OSError, EOFError) as exc:
         raise InputError(f"{path}: corrupt or truncated compressed stream ({exc})") from None
@@ -99,30 +143,61 @@ def iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
         stream.close()
 
 
-def iter_parquet(path: Path, text_field: str, batch_rows: int = 1024) -> Iterator[str]:
+def _is_text_type(arrow_type) -> bool:
+    import pyarrow as pa  # noqa: PLC0415
+
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _t: False)
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or is_view(arrow_type) \
+        or pa.types.is_null(arrow_type)
+
+
+_BAD = object()
+
+
+def iter_parquet(path: Path, text_field: str, batch_rows: int = 1024, on_bad: OnBad | None = None) -> Iterator[str]:
+    """The text column's values (null = empty document); rows that are not UTF-8 go to ``on_bad``."""
     import pyarrow.parquet as pq  # noqa: PLC0415
 
+    bad = on_bad or _fail_on_bad
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:
         raise InputError(f"{path}: not a readable parquet file ({exc})") from None
     if text_field not in parquet.schema_arrow.names:
         raise InputError(f"{path}: no text column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+    column_type = parquet.schema_arrow.field(text_field).type
+    if not _is_text_type(column_type):
+        raise InputError(f"{path}: column {text_field!r} is {column_type}, not a string column "
+                         "(a schema problem of the file, not one bad row; check the dataset's text_field)")
     row = 0
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_field]):
-            for text in batch.column(0).to_pylist():
+            column = batch.column(0)
+            try:
+                values = column.to_pylist()
+            except UnicodeDecodeError:  # find the row(s): only on this rare path, value by value
+                values = []
+                for i in range(len(column)):
+                    try:
+                        values.append(column[i].as_py())
+                    except UnicodeDecodeError as exc:
+                        bad(f"{path}: row {row + i + 1}: not UTF-8 ({exc.reason})")
+                        values.append(_BAD)
+            for text in values:
                 row += 1
-                yield "" if text is None else text
+                if text is not _BAD:
+                    yield "" if text is None else text
     except OSError as exc:
         raise InputError(f"{path}: row {row}: truncated or corrupt parquet ({exc})") from None
 
 
-def iter_documents(path: str | Path, fmt: str, text_field: str = "text") -> Iterator[str]:
+def iter_documents(path: str | Path, fmt: str, text_field: str = "text", on_bad: OnBad | None = None) -> Iterator[str]:
     path = Path(path)
     if fmt == "parquet":
-        return iter_parquet(path, text_field)
-    return iter_jsonl(path, text_field)
+        return iter_parquet(path, text_field, on_bad=on_bad)
+    return iter_jsonl(path, text_field, on_bad=on_bad)
 
 
 # ---- the Megatron writer -------------------------------------------------------------------------
@@ -150,7 +225,8 @@ class MegatronWriter:
         self.add_encoded(flat, lengths)
 
     def add_encoded(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Appends documents given as their tokens back to back plus one length per document."""
+        """Appends documents given as their tokens back to back plus one length per document; a length of 0
+        is an empty document (no sequence, an entry in the document index, as Megatron writes it)."""
         try:
             self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes(order="C"))
         except OSError as exc:
@@ -158,7 +234,7 @@ class MegatronWriter:
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
 
     def has_data(self) -> bool:
-        return any(len(lengths) for lengths in self._lengths)
+        return any(bool(np.any(lengths)) for lengths in self._lengths)
 
     def finish(self) -> dict[str, int]:
         try:
@@ -168,19 +244,22 @@ class MegatronWriter:
 
     def _finish(self) -> dict[str, int]:
         self._bin.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
+        per_document = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
+        has_sequence = per_document > 0
+        lengths = per_document[has_sequence]  # one sequence per non-empty document
         count = len(lengths)
         pointers = np.zeros(count, dtype=np.int64)
         if count:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        doc_indices = np.arange(count + 1, dtype=np.int64)
+        # 0, then the sequence count at the end of each document: an empty document repeats it
+        doc_indices = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(has_sequence, dtype=np.int64)])
         idx_tmp = self.prefix.with_name(self.prefix.name + f".idx.tmp{os.getpid()}")
         with open(idx_tmp, "wb") as fh:
             fh.write(_IDX_MAGIC)
             fh.write(struct.pack("<Q", 1))
             fh.write(struct.pack("<B", _DTYPE_CODES[self.dtype.type]))
             fh.write(struct.pack("<Q", count))
-            fh.write(struct.pack("<Q", count + 1))
+            fh.write(struct.pack("<Q", len(doc_indices)))
             fh.write(lengths.tobytes(order="C"))
             fh.write(pointers.tobytes(order="C"))
             fh.write(doc_indices.tobytes(order="C"))
@@ -388,6 +467,8 @@ class _Ready:
         return self.value
 
 
+BAD_EXAMPLES = 20  # bad rows whose message is kept in a group's stats (and logged) when they are skipped
+
 # A batch also closes at about this many characters (~0.3 s of HF tokenizers on one core), so the
 # last batches of a shard leave workers idle only briefly.
 BATCH_CHARS = 1 << 20
@@ -423,6 +504,8 @@ def tokenize_files(
     progress: bool = True,
     start_method: str | None = None,
     parallelism: str = "processes",
+    bad_documents: str = "fail",
+    max_bad_fraction: float = 0.0,
 ) -> dict:
     """Tokenize ``files`` in order into one ``.bin/.idx`` pair; returns the shard's stats.
 
@@ -433,12 +516,17 @@ def tokenize_files(
     thread, with the backend's own thread pool (HF: ``RAYON_NUM_THREADS`` = workers, set by the
     caller before the tokenizer first runs) while this thread reads and writes the neighbouring
     batches; the output is the same.
-    Empty documents are skipped and counted (Megatron would index an empty document).
+    Empty documents are indexed as Megatron indexes them (see the module docstring) and counted.
+    ``bad_documents``: ``"fail"`` (the first bad row fails the group naming file and line) or ``"skip"``
+    (bad rows are left out and counted, the first :data:`BAD_EXAMPLES` messages kept in the stats and
+    logged; the group still fails when more than ``max_bad_fraction`` of its rows are bad).
     """
     from tqdm import tqdm  # noqa: PLC0415
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
+    if bad_documents not in ("fail", "skip"):
+        raise ValueError(f"bad_documents must be 'fail' or 'skip', not {bad_documents!r}")
     encoder = make_encoder(backend, tokenizer)
     writer = MegatronWriter(out_prefix)
     dtype = writer.dtype.name
@@ -446,7 +534,17 @@ def tokenize_files(
                                                           str(out_prefix))
     stats: dict[str, Any] = {
         "files": [str(f) for f in files], "documents": 0, "tokens": 0, "text_bytes": 0, "empty_documents": 0,
-        "empty_files": [], "backend": encoder.name, "workers": workers}
+        "empty_files": [], "bad_documents": 0, "bad_examples": [], "bad_policy": bad_documents,
+        "backend": encoder.name, "workers": workers}
+
+    def on_bad(message: str) -> None:
+        if bad_documents == "fail":
+            raise InputError(message)
+        stats["bad_documents"] += 1
+        if len(stats["bad_examples"]) < BAD_EXAMPLES:
+            stats["bad_examples"].append(message)
+            print(f"skipped a bad row: {message}", file=sys.stderr)
+
     started = time.time()
     bar = tqdm(total=max_documents, unit="doc", disable=not progress, mininterval=2.0, desc=Path(out_prefix).name)
     if parallelism not in ("processes", "threads"):
@@ -464,18 +562,19 @@ def tokenize_files(
                                    initializer=_start_worker, initargs=(encoder,))
     max_in_flight = (2 if parallelism == "threads" else 2 * workers) if pool else 1
     try:
+        seen = 0  # documents read (empty ones included); rows = these + the bad ones
+
         def documents() -> Iterator[str]:
-            seen = 0
+            nonlocal seen
             for path in files:
                 in_file = 0
-                for text in iter_documents(path, fmt, text_field):
+                for text in iter_documents(path, fmt, text_field, on_bad=on_bad):
                     if max_documents is not None and seen >= max_documents:
                         return
                     seen += 1
                     in_file += 1
                     if not text:
                         stats["empty_documents"] += 1
-                        continue
                     yield text
                 if in_file == 0:
                     stats["empty_files"].append(str(path))
@@ -483,31 +582,44 @@ def tokenize_files(
         pending: deque = deque()
 
         def write_oldest() -> None:
-            result, texts_to_check = pending.popleft()
+            result, texts_to_check, empty_slots = pending.popleft()
             batch = result.result()
             if texts_to_check is not None:
                 check.compare(texts_to_check, batch, eod_id)
-            writer.add_encoded(batch.tokens, batch.lengths)
+            lengths = np.insert(batch.lengths, empty_slots, 0) if empty_slots else batch.lengths
+            writer.add_encoded(batch.tokens, lengths)
             stats["text_bytes"] += batch.text_bytes
-            bar.update(len(batch.lengths))
+            bar.update(len(lengths))
 
         submitted_for_check = 0
         for texts in _batched(documents(), batch_size):
-            if pool and parallelism == "threads":
+            # empty documents never reach the encoder: they become zero lengths (no EOD) when written
+            empty_slots = [i - k for k, i in enumerate(i for i, text in enumerate(texts) if not text)]
+            if empty_slots:
+                texts = [text for text in texts if text]
+            if not texts:
+                result = _Ready(EncodedBatch(np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int32), 0))
+            elif pool and parallelism == "threads":
                 result = pool.submit(encoder.encode, texts, eod_id, dtype)
             elif pool:
                 result = pool.submit(_encode_in_worker, texts, eod_id, dtype)
             else:
                 result = _Ready(encoder.encode(texts, eod_id, dtype))
             texts_to_check = None
-            if check is not None and submitted_for_check < verify_documents:
+            if check is not None and submitted_for_check < verify_documents and texts:
                 texts_to_check = texts
                 submitted_for_check += len(texts)
-            pending.append((result, texts_to_check))
+            pending.append((result, texts_to_check, empty_slots))
             if len(pending) >= max_in_flight:
                 write_oldest()
         while pending:
             write_oldest()
+        rows = seen + stats["bad_documents"]
+        if stats["bad_documents"] > max_bad_fraction * rows:
+            raise InputError(
+                f"{stats['bad_documents']} of {rows} rows ({100 * stats['bad_documents'] / rows:.1f} %) were bad, more "
+                f"than max_bad_fraction {max_bad_fraction} (config tokenizer.max_bad_fraction); a wrong text field "
+                f"or a broken file? First: {stats['bad_examples'][0]}")
         if not writer.has_data():
             raise InputError(f"no documents in {', '.join(map(str, files))}")
     except BaseException:
@@ -531,12 +643,12 @@ def dataset_manifest(stats_paths: list[str | Path], out_path: str | Path) -> dic
     """Sums the groups' ``.stats.json`` of one dataset into ``out_path``; returns the manifest."""
     from osref.files import write_json_atomic
 
-    totals = {"documents": 0, "tokens": 0, "text_bytes": 0, "empty_documents": 0}
+    totals = {"documents": 0, "tokens": 0, "text_bytes": 0, "empty_documents": 0, "bad_documents": 0}
     groups, empty_files, datasets, backends = [], [], set(), set()
     for path in stats_paths:
         stats = json.loads(Path(path).read_text())
         for key in totals:
-            totals[key] += int(stats[key])
+            totals[key] += int(stats.get(key, 0))  # stats written before bad rows were counted have none
         empty_files += stats.get("empty_files", [])
         datasets.add(stats.get("dataset"))
         backends.add(stats.get("backend", "hf"))

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from osref.config import REPO_ROOT, walltime_minutes
+from osref.fingerprint import SourceCheck, check_local_sources, describe_changes
 from osref.grid import Grid, Run, run_document
 from osref.paths import fmt_iter
 
 LISTING_KEYS = ("source", "repo_id", "revision", "allow_patterns", "ignore_patterns", "paths", "urls_file",
-                "base_url", "format", "shard_groups")
+                "list_url", "list_sha256", "base_url", "format", "shard_groups")
 
 WILDCARD_CONSTRAINTS = {
     "run_id": r"[^/]+",
@@ -40,6 +41,7 @@ class WorkflowIndex:
         self.layout = grid.layout
         self.config = grid.config
         self.runs = grid.runs
+        self._source_checks: dict[str, SourceCheck] = {}
         self._previous_segment: dict[tuple[str, str], list[str]] = {}
         self._segment_of_checkpoint: dict[tuple[str, str], str] = {}
         for run in self.runs.values():
@@ -104,9 +106,33 @@ class WorkflowIndex:
 
     def listing_params(self, dataset: str) -> dict[str, Any]:
         """The part of a dataset's config that decides its file list (not label, size estimate, ...),
-        so that editing a description never re-lists, re-downloads and re-tokenizes a dataset."""
+        so that editing a description never re-lists, re-downloads and re-tokenizes a dataset; for a
+        local dataset also its content fingerprint (``sources_token``, :mod:`osref.fingerprint`), so that
+        an edited file re-lists it and a touched one does not."""
         block = self.config["datasets"][dataset]
-        return {k: block[k] for k in LISTING_KEYS if k in block}
+        params = {k: block[k] for k in LISTING_KEYS if k in block}
+        if block["source"] == "local":
+            params["sources_token"] = self.local_sources(dataset).token
+        return params
+
+    def local_sources(self, dataset: str) -> SourceCheck:
+        """The local dataset's files checked against its listing, once per workflow run; prints what
+        changed, since that reruns the dataset's listing and everything after it."""
+        if dataset not in self._source_checks:
+            check = check_local_sources(dataset, self.config["datasets"][dataset], REPO_ROOT,
+                                        self.layout.listing(dataset), self.layout.local_hash_cache(dataset))
+            if check.changes:
+                print(describe_changes(dataset, check), file=sys.stderr)
+            self._source_checks[dataset] = check
+        return self._source_checks[dataset]
+
+    @cached_property
+    def bad_documents_args(self) -> str:
+        """The tokenize command's bad-row policy. Not a rule parameter on purpose: changing it must not
+        rerun finished groups, whose bytes are the same under either policy."""
+        tokenizer = self.config["tokenizer"]
+        return (f"--bad-documents {shlex.quote(tokenizer['bad_documents'])} "
+                f"--max-bad-fraction {shlex.quote(str(tokenizer['max_bad_fraction']))}")
 
     def tokenized_inputs(self, run_id: str) -> list[str]:
         """The .bin/.idx of the shard groups this run trains on (not every group of its dataset)."""

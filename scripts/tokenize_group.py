@@ -18,6 +18,10 @@ Usage:
     # tokenize exactly as with HF tokenizers
     python scripts/tokenize_group.py ... --backend gigatoken --verify-documents 1000
 
+    # fail on the first bad row (invalid JSON/UTF-8, lone surrogate, text not a string) instead of
+    # skipping and counting it (the default skips, and fails only above 1 % bad rows)
+    python scripts/tokenize_group.py ... --bad-documents fail
+
 The output is byte-identical to Megatron-LM `tools/preprocess_data.py --append-eod` over the same
 files in the same order, whatever --workers. With --workers 1 the tokenizer runs in this process and
 RAYON_NUM_THREADS bounds its threads; workers always run one thread each.
@@ -56,6 +60,10 @@ def main() -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
     parser.add_argument("--verify-documents", type=int, default=1000,
                         help="non-HF backend: documents compared with HF tokenizers before the shard is accepted")
+    parser.add_argument("--bad-documents", choices=("skip", "fail"), default="skip",
+                        help="a row that is not a document: skip and count it, or fail the group (file and line)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
+                        help="skip: fail anyway when more than this share of the rows is bad")
     parser.add_argument("--out-prefix", required=True)
     parser.add_argument("--stats", required=True)
     args = parser.parse_args()
@@ -63,17 +71,24 @@ def main() -> None:
 
     manifest = json.loads(Path(args.manifest).read_text())
     files = [record["path"] for record in manifest["files"]]
+    for record in manifest["files"]:  # a stat each: a copy truncated or edited since its download is not used
+        size = Path(record["path"]).stat().st_size
+        if record.get("size") is not None and size != record["size"]:
+            sys.exit(f"tokenize: {record['path']} has {size} bytes, its download manifest {args.manifest} says "
+                     f"{record['size']}: it changed after the download; delete the manifest and rerun")
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_sha256)
     try:
         stats = tokenize_files(files, args.out_prefix, tokenizer, fmt=args.format, text_field=args.text_field,
                                eod_id=args.eod_id, max_documents=args.max_documents, workers=args.workers,
-                               backend=args.backend, verify_documents=args.verify_documents)
+                               backend=args.backend, verify_documents=args.verify_documents,
+                               bad_documents=args.bad_documents, max_bad_fraction=args.max_bad_fraction)
     except (InputError, OutputError, BackendUnavailable, BackendMismatch) as exc:
         sys.exit(f"tokenize: {exc}")
     stats.update({"dataset": manifest["dataset"], "group": manifest["group"], "tokenizer": args.tokenizer})
     write_json_atomic(args.stats, stats)
-    logging.info("%s: %d documents, %d tokens, %.0f tokens/s", args.out_prefix, stats["documents"],
-                 stats["tokens"], stats["tokens_per_second"])
+    logging.info("%s: %d documents, %d tokens, %.0f tokens/s; %d empty, %d bad rows skipped", args.out_prefix,
+                 stats["documents"], stats["tokens"], stats["tokens_per_second"], stats["empty_documents"],
+                 stats["bad_documents"])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ Routes (``{rev}`` is a branch, tag or commit sha, percent-encoded as the client 
   the real hub's signed CDN URLs). Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound,
   EntryNotFound) like the hub.
 - CDN origin: ``GET|HEAD /cdn/{sha256}`` (LFS blobs by content) and ``/files/{path}`` (``http`` source
-  files), both with ``Range: bytes=N-`` → 206 + ``Content-Range``.
+  files), both with ``Range: bytes=N-`` → 206 + ``Content-Range``. ``/files`` answers also carry
+  ``Repr-Digest: sha-256=:<base64>:`` (RFC 9530), the digest of the whole file, as a server that
+  publishes one does.
 
 Fault injection, per repo-relative (or ``/files``-relative) path:
 
@@ -29,13 +31,20 @@ Fault injection, per repo-relative (or ``/files``-relative) path:
   stops (to kill a client mid-file);
 - ``corrupt[path] = times``: the first ``times`` body transfers send the right length of wrong bytes
   (use a large number for "always");
+- ``throttle[path] = (status, retry_after, times)``: the first ``times`` requests (GET or HEAD) of a
+  ``/files`` path answer ``status`` (429, 503, ...) with ``Retry-After: retry_after`` (seconds or an
+  HTTP date; None sends no header);
+- ``file_headers[path] = {name: value}``: extra or replaced response headers of a ``/files`` path
+  (e.g. ``Content-Type: text/html``, an S3-style md5 ``ETag``); a value of None drops the header;
 - ``required_token``: every hub route (not the CDN, whose URLs are "signed") answers 401 without
   ``Authorization: Bearer <token>``;
-- ``requests``: every request as ``RecordedRequest`` (origin, method, path, headers, file served).
+- ``requests``: every request as ``RecordedRequest`` (origin, method, path, headers, file served,
+  arrival time on ``time.monotonic``).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import http.server
@@ -43,6 +52,7 @@ import json
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -88,6 +98,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # names lower-cased: clients differ in how they spell them
     file: str | None = None  # the repo (or /files) path whose bytes this request transferred
+    at: float = field(default_factory=time.monotonic)  # when the request arrived
 
 
 @dataclass
@@ -101,6 +112,8 @@ class HubServer:
     cut_after: dict[str, tuple[int, int]] = field(default_factory=dict)
     stall_after: dict[str, tuple[int, int]] = field(default_factory=dict)
     corrupt: dict[str, int] = field(default_factory=dict)
+    throttle: dict[str, tuple[int, str | None, int]] = field(default_factory=dict)
+    file_headers: dict[str, dict[str, str | None]] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -137,10 +150,10 @@ class HubServer:
             if key not in knob:
                 return None
             value = knob[key]
-            remaining = value[1] if isinstance(value, tuple) else value
+            remaining = value[-1] if isinstance(value, tuple) else value  # the use count comes last
             if remaining <= 0:
                 return None
-            knob[key] = (value[0], remaining - 1) if isinstance(value, tuple) else remaining - 1
+            knob[key] = (*value[:-1], remaining - 1) if isinstance(value, tuple) else remaining - 1
             return value
 
     def _lfs_blob(self, sha256: str) -> tuple[str, bytes] | None:
@@ -286,13 +299,21 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             return self._body(repo_path, data, {"ETag": f'"{match[1]}"'}, send_body)
         file_path = path.removeprefix("/files/")
         if path.startswith("/files/") and (data := self.hub.files.get(file_path)) is not None:
-            return self._body(file_path, data, {"ETag": f'"{lfs_sha256(data)}"'}, send_body)
+            if throttled := self.hub._take_fault(self.hub.throttle, file_path):
+                status, retry_after, _ = throttled
+                return self._error(status, None, "slow down",
+                                   {"Retry-After": str(retry_after)} if retry_after is not None else None)
+            digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+            headers = {"ETag": f'"{lfs_sha256(data)}"', "Repr-Digest": f"sha-256=:{digest}:",
+                       **self.hub.file_headers.get(file_path, {})}
+            return self._body(file_path, data, headers, send_body)
         return self._error(404, None, f"no such file {path}")
 
     def _body(self, fault_key: str, data: bytes, headers: dict[str, str], send_body: bool) -> None:
         """Serve ``data`` (whole, or from ``Range: bytes=N-``), applying the faults registered for ``fault_key``."""
         self.record.file = fault_key
-        headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream", **headers}
+        headers = {name: value for name, value in headers.items() if value is not None}
         start = 0
         if match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")):
             start = int(match[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +129,34 @@ def test_configurable_text_field(docs, tmp_path):
     assert list(iter_documents(path, "jsonl", "content")) == docs[:3]
 
 
-def test_empty_documents_are_skipped_and_counted(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "e.jsonl", ["one", "", "two"])
-    stats = tokenize_files([path], tmp_path / "e", tokenizer, fmt="jsonl", progress=False)
-    assert stats["documents"] == 2 and stats["empty_documents"] == 1
+def megatron_preprocess(tokenizer, texts: list[str], prefix: Path) -> None:
+    """What Megatron-LM's ``tools/preprocess_data.py --append-eod`` does per JSON line (its ``Encoder.encode``
+    and ``process_json_file``), with megatron-core's own ``IndexedDatasetBuilder``: a document whose ids are
+    empty gets no EOD and no sequence, but still an entry in the document index."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        lengths = [len(ids) + 1] if ids else []
+        builder.add_document(ids + [0] if ids else [], lengths)
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_empty_documents_are_indexed_exactly_as_megatron_does(tokenizer, docs, tmp_path):
+    """Empty documents first, in a row, between others and last: .bin and .idx byte-identical to Megatron's."""
+    texts = ["", docs[0], "", "", docs[1], docs[2], "", docs[3], ""]
+    path = write_jsonl(tmp_path / "e.jsonl", texts)
+    stats = tokenize_files([path], tmp_path / "ours", tokenizer, fmt="jsonl", batch_size=2, progress=False)
+    megatron_preprocess(tokenizer, texts, tmp_path / "megatron")
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"megatron.{ext}").read_bytes(), ext
+    assert (stats["documents"], stats["empty_documents"]) == (4, 5)  # sequences, and empty entries of the index
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(tmp_path / "ours"))
+    assert len(dataset) == 4 and dataset.document_indices.tolist() == [0, 0, 1, 1, 1, 2, 3, 3, 4, 4]
 
 
 def test_large_document(tokenizer, tmp_path):
@@ -184,6 +209,79 @@ def test_parquet_without_text_column(tokenizer, tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"body": ["x"]}), path)
     assert_fails_cleanly(tokenizer, [path], "parquet", tmp_path, r"p\.parquet: no text column 'text'")
+
+
+# ---- bad rows: fail naming file and line, or skip and count them (the pipeline's default) ----------------
+
+def _jsonl_bytes(path: Path, *lines: bytes) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def _parquet_column(path: Path, values, type_=None) -> Path:
+    pq.write_table(pa.table({"text": pa.array(values, type=type_)}), path)
+    return path
+
+
+BAD_ROWS = {
+    # name: (file maker, format, what the message says)
+    "json surrogate escape": (lambda d: _jsonl_bytes(d / "s.jsonl", b'{"text": "ok"}', b'{"text": "a\\ud800b"}'),
+                              "jsonl", r"s\.jsonl: line 2: .*lone surrogate U\+D800"),
+    "cesu-8 surrogate bytes": (lambda d: _jsonl_bytes(d / "c.jsonl", b'{"text": "ok"}', b'{"text": "a\xed\xa0\x80b"}'),
+                               "jsonl", r"c\.jsonl: line 2: .*lone surrogate U\+D800"),
+    "null text": (lambda d: _jsonl_bytes(d / "n.jsonl", b'{"text": "ok"}', b'{"text": null}'),
+                  "jsonl", r"n\.jsonl: line 2: field 'text' is NoneType, not a string"),
+    "list text": (lambda d: _jsonl_bytes(d / "l.jsonl", b'{"text": "ok"}', b'{"text": ["a", "b"]}'),
+                  "jsonl", r"l\.jsonl: line 2: field 'text' is list, not a string"),
+    "parquet invalid utf-8": (
+        lambda d: _parquet_column(d / "u.parquet", pa.array([b"ok", b"a\xed\xa0\x80b"], pa.binary()).cast(pa.string(), safe=False)),
+        "parquet", r"u\.parquet: row 2: not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_ROWS)
+def test_a_bad_row_fails_naming_file_and_line_when_asked_to(tokenizer, tmp_path, kind):
+    make, fmt, match = BAD_ROWS[kind]
+    path = make(tmp_path)
+    with pytest.raises(InputError, match=match):
+        tokenize_files([path], tmp_path / "out" / "g", tokenizer, fmt=fmt, bad_documents="fail", progress=False)
+    assert list((tmp_path / "out").glob("*")) == []
+
+
+@pytest.mark.parametrize("kind", BAD_ROWS)
+def test_a_bad_row_is_skipped_and_counted_naming_file_and_line(tokenizer, tmp_path, kind):
+    make, fmt, match = BAD_ROWS[kind]
+    path = make(tmp_path)
+    stats = tokenize_files([path], tmp_path / "g", tokenizer, fmt=fmt, bad_documents="skip", max_bad_fraction=0.5,
+                           progress=False)
+    assert (stats["documents"], stats["bad_documents"]) == (1, 1)
+    assert re.search(match, stats["bad_examples"][0])
+    expected = tokenizer.encode("ok", add_special_tokens=False).ids + [0]
+    assert np.fromfile(tmp_path / "g.bin", dtype=np.uint16).tolist() == expected
+
+
+def test_too_many_bad_rows_fail_the_group_even_when_skipping(tokenizer, docs, tmp_path):
+    """One bad row in a big group is noise; a wrong text field or a broken file is not."""
+    lines = [json.dumps({"text": t}).encode() for t in docs[:9]] + [b'{"text": 5}']
+    path = _jsonl_bytes(tmp_path / "b.jsonl", *lines)
+    stats = tokenize_files([path], tmp_path / "ok", tokenizer, fmt="jsonl", bad_documents="skip",
+                           max_bad_fraction=0.1, progress=False)
+    assert stats["bad_documents"] == 1
+    with pytest.raises(InputError, match=r"1 of 10 rows \(10\.0 %\) were bad, more than max_bad_fraction 0\.05.*"
+                                         r"b\.jsonl: line 10: field 'text' is int"):
+        tokenize_files([path], tmp_path / "out" / "g", tokenizer, fmt="jsonl", bad_documents="skip",
+                       max_bad_fraction=0.05, progress=False)
+    assert list((tmp_path / "out").glob("*")) == []
+
+
+@pytest.mark.parametrize("values, type_name", [([1, 2], "int64"), ([["a"], ["b"]], "list<element: string>"),
+                                               ([{"a": "x"}], "struct<a: string>")])
+def test_a_parquet_text_column_that_is_not_text_fails_naming_file_and_type(tokenizer, tmp_path, values, type_name):
+    """A column type is the file's schema, not one bad row: it fails whatever the policy."""
+    path = _parquet_column(tmp_path / "t.parquet", values)
+    with pytest.raises(InputError, match=re.escape(f"t.parquet: column 'text' is {type_name}, not a string column")):
+        tokenize_files([path], tmp_path / "out" / "g", tokenizer, fmt="parquet", bad_documents="skip", progress=False)
+    assert list((tmp_path / "out").glob("*")) == []
 
 
 def test_empty_file_is_counted_and_an_all_empty_group_fails(tokenizer, docs, tmp_path):
@@ -360,3 +458,21 @@ def test_disk_full_during_tokenize_names_the_file_and_leaves_no_partial_shard(tm
         assert sorted(p.name for p in out_dir.iterdir()) == []
     finally:
         subprocess.run(["umount", str(out_dir)], check=True)
+
+
+def test_a_downloaded_copy_whose_size_changed_is_refused_by_the_tokenize_job(docs, tmp_path):
+    """The job checks each input against its download manifest (a stat) before reading it."""
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "part-0.jsonl", docs[:5])
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"dataset": "toy", "group": 0,
+                                    "files": [{"path": str(data), "size": data.stat().st_size - 7}]}))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "tokenize_group.py"), "--manifest", str(manifest), "--format", "jsonl",
+         "--tokenizer", str(ROOT / "assets" / "gpt-neox-20b"), "--out-prefix", str(tmp_path / "out" / "g"),
+         "--stats", str(tmp_path / "out" / "g.stats.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"tokenize: {data} has {data.stat().st_size} bytes, its download manifest {manifest} says" in proc.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -1,6 +1,9 @@
 # Tokenize: one shard group -> one Megatron .bin/.idx pair (+ stats); per dataset, a manifest of
 # the groups' totals.
 
+# tokenizer.bad_documents / max_bad_fraction: outside `params` on purpose (not a rerun trigger)
+BAD_DOCUMENTS_ARGS = INDEX.bad_documents_args
+
 
 rule tokenize_group:
     input:
@@ -36,7 +39,7 @@ rule tokenize_group:
         "RAYON_NUM_THREADS=1 {PYTHON} {SCRIPTS}/tokenize_group.py --manifest {input.manifest} "
         "--format {params.fmt} --text-field {params.text_field} --tokenizer {params.tokenizer} "
         "--tokenizer-sha256 {params.sha256} --eod-id {params.eod} {params.max_docs} "
-        "--workers {threads} --backend {params.backend} --verify-documents {params.verify_documents} "
+        "--workers {threads} --backend {params.backend} --verify-documents {params.verify_documents} {BAD_DOCUMENTS_ARGS} "
         "--out-prefix {params.prefix} --stats {output.stats} > {log} 2>&1"
 
 
