@@ -269,17 +269,18 @@ def checkpoint_wiggle(curves: pd.DataFrame) -> tuple[float, int]:
     """σ of one checkpoint's score around its curve, and the number of second differences used.
 
     ``curves``: rows of one task (run_id, iteration, value, train_iters). Per run, the checkpoints
-    from 0.5·T up to the cool-down start (T − 0.2·T), equally spaced; for white noise of sd σ
-    around a locally straight curve, E[(y[i+2] − 2y[i+1] + y[i])²] = 6σ²; pooled over runs.
+    from 0.5·T up to the cool-down start (T − 0.2·T); every three consecutive, equally spaced ones
+    give a second difference; for white noise of sd σ around a locally straight curve,
+    E[(y[i+2] − 2y[i+1] + y[i])²] = 6σ²; pooled over runs.
     """
     iters = curves["train_iters"].astype("float64")
     window = curves[(curves["iteration"] >= 0.5 * iters) & (curves["iteration"] < iters - (0.2 * iters).astype("int64"))]
     window = window.sort_values(["run_id", "iteration"])
-    spacing = window.groupby("run_id")["iteration"].diff()
-    equal = spacing.groupby(window["run_id"]).transform(lambda s: s.dropna().nunique() == 1)
-    window = window[equal.fillna(False).astype(bool)]
-    first = window.groupby("run_id")["value"].diff()
-    d2 = first.groupby(window["run_id"]).diff().dropna().to_numpy(dtype="float64")
+    by_run = window.groupby("run_id")
+    spacing, first = by_run["iteration"].diff(), by_run["value"].diff()
+    second = first.groupby(window["run_id"]).diff()
+    equal = spacing.groupby(window["run_id"]).diff() == 0  # three checkpoints, equally spaced
+    d2 = second[equal].dropna().to_numpy(dtype="float64")
     total, count = float(np.sum(d2**2)), len(d2)
     return (math.sqrt(total / count / 6.0), count) if count else (math.nan, 0)
 

@@ -79,6 +79,11 @@ def test_checkpoint_wiggle_of_a_known_zigzag():
                           "value": 0.4 + 0.001 * its + e * (-1.0) ** (its // 2)})  # fmt: skip
     sd, count = checkpoint_wiggle(curve)
     assert count == len(its) - 2 and sd == pytest.approx(e * math.sqrt(16 / 6))
+    # a checkpoint missing (not evaluated): the two triples across the gap are skipped, not misread
+    gap = curve[curve["iteration"] != 64]
+    assert checkpoint_wiggle(gap) == (pytest.approx(e * math.sqrt(16 / 6)), len(its) - 2 - 3)
+    # outside [0.5 T, 0.8 T) nothing counts (the cool-down is a trend, not noise)
+    assert checkpoint_wiggle(curve.assign(train_iters=1000))[1] == 0
 
 
 def test_noise_floor_from_the_release_repeats(references):
