@@ -20,7 +20,7 @@ import json
 
 import yaml
 
-from osref.grid import load_grid, plan_rows
+from osref.grid import load_grid
 from osref.config import repo_relative
 from osref.workflow import WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
 
@@ -49,9 +49,14 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/plan.smk"
 
 
+# Exports and evaluations are targets in their own right: Snakemake does not rebuild a missing
+# intermediate file whose consumers are up to date, so without them a deleted export or evaluation
+# would stay deleted (a rebuilt export is a new input: its evaluations and the report rerun).
 rule all:
     default_target: True
     input:
         rules.report.output,
         rules.plan.output,
         [LAYOUT.tokenized_manifest(d) for d in GRID.datasets_in_use],
+        INDEX.exports,
+        INDEX.evaluations,

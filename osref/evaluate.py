@@ -9,7 +9,11 @@ instead of failing. This module wraps ``lm_eval.simple_evaluate`` so that one ca
 * never touches the network (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``, optional private
   ``HF_HOME``) and fails before loading the model when a task's data is not available locally,
 * writes one JSON with a fixed name, atomically, holding the protocol metric per task plus the
-  raw lm-eval results, and nothing that changes between two identical runs except ``duration_s``.
+  raw lm-eval results, and nothing that changes between two identical runs except ``duration_s``,
+* records, next to the protocol metric and without changing it, continuous per-item likelihood
+  metrics computed from lm-eval's logged samples (``likelihood``; see :func:`likelihood_metrics`):
+  DataDecide (Magnusson et al. 2025, arXiv 2504.11393) found such metrics to predict large-scale
+  rankings from small models better than accuracy.
 
 Protocol task dicts look like ``{"task": "copa", "shots": 0, "metric": "acc", "in_average": True}``.
 """
@@ -37,6 +41,8 @@ PROTOCOL_METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_pe
 
 
 BOOTSTRAP_ITERS = 1000
+# Output types whose per-item log-likelihoods the likelihood metrics are defined for.
+LIKELIHOOD_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
 
 
 class EvaluationError(RuntimeError):
@@ -243,6 +249,80 @@ def protocol_scores(raw: dict, tasks: list[dict]) -> dict[str, dict]:
     return scores
 
 
+def _leaf_tasks(raw: dict, name: str) -> list[str]:
+    children = raw.get("group_subtasks", {}).get(name)
+    if not children:
+        return [name]
+    return [leaf for child in children for leaf in _leaf_tasks(raw, child)]
+
+
+def _item_likelihoods(sample: dict, output_type: str, where: str) -> tuple[float, float, float | None] | None:
+    """(log p(correct), log p(correct) per character, p(correct) renormalised over the choices) of
+    one logged sample; None for an item with several correct answers."""
+    try:
+        lls = [float(response[0]) for response in sample["filtered_resps"]]
+        continuations = [str(argument[1]) for argument in sample["arguments"]]
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise EvaluationError(f"{where}: unexpected lm-eval sample layout ({type(error).__name__}: {error})") from error
+    if output_type == "loglikelihood":
+        return lls[0], lls[0] / max(len(continuations[0]), 1), None
+    target = sample.get("target")
+    if not isinstance(target, int) or not 0 <= target < len(lls):
+        return None
+    correct = lls[target]
+    top = max(lls)
+    normaliser = top + math.log(sum(math.exp(ll - top) for ll in lls))
+    return correct, correct / max(len(continuations[target]), 1), math.exp(correct - normaliser)
+
+
+def _mean_and_stderr(values: list[float]) -> dict[str, float | None]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"value": mean, "stderr": None}
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)  # as lm-eval's mean_stderr
+    return {"value": mean, "stderr": math.sqrt(variance / n)}
+
+
+def likelihood_metrics(raw: dict, tasks: list[dict]) -> dict[str, dict]:
+    """Per task, the mean over its scored items (a group: over all its subtasks' items) of
+
+    * ``logprob_correct``: log-likelihood of the correct continuation (nats, summed over its tokens),
+    * ``logprob_correct_per_char``: the same divided by the continuation's length in characters,
+    * ``prob_correct_norm`` (multiple choice only): the correct choice's probability renormalised
+      over the choices, exp(ll_correct) / Σ_j exp(ll_j),
+
+    each with its standard error (sample sd / sqrt(n), as lm-eval's). Computed from the same
+    log-likelihoods lm-eval scored acc/acc_norm with; tasks of other output types (generation,
+    rolling perplexity) and items with several correct answers are left out.
+    """
+    metrics: dict[str, dict] = {}
+    samples = raw.get("samples") or {}
+    for spec in tasks:
+        name = spec["task"]
+        items: list[tuple[float, float, float | None]] = []
+        for leaf in _leaf_tasks(raw, name):
+            output_type = raw.get("configs", {}).get(leaf, {}).get("output_type")
+            if output_type not in LIKELIHOOD_OUTPUT_TYPES or leaf not in samples:
+                items = []
+                break
+            for sample in samples[leaf]:
+                item = _item_likelihoods(sample, output_type, f"task {leaf!r} doc {sample.get('doc_id')}")
+                if item is not None:
+                    items.append(item)
+        if not items:
+            continue
+        entry = {
+            "logprob_correct": _mean_and_stderr([item[0] for item in items]),
+            "logprob_correct_per_char": _mean_and_stderr([item[1] for item in items]),
+            "n_items": len(items),
+        }
+        if all(item[2] is not None for item in items):
+            entry["prob_correct_norm"] = _mean_and_stderr([item[2] for item in items])  # type: ignore[misc]
+        metrics[name] = entry
+    return metrics
+
+
 def json_safe(raw: dict) -> Any:
     """lm-eval's results without samples or run-time stamps, as plain JSON types."""
     from lm_eval.utils import handle_non_serializable
@@ -267,8 +347,13 @@ def evaluate_checkpoint(
     limit: int | float | None = None,
     seed: int = 1234,
     hf_home: Path | None = None,
+    likelihood: bool = True,
 ) -> dict:
-    """Evaluate the tasks of one shot group on ``hf_dir``, write ``out_json`` and return its content."""
+    """Evaluate the tasks of one shot group on ``hf_dir``, write ``out_json`` and return its content.
+
+    ``likelihood``: also log lm-eval's samples and record :func:`likelihood_metrics` (the protocol
+    metrics are the same either way).
+    """
     validate_protocol_tasks(tasks, num_fewshot)
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
@@ -291,7 +376,7 @@ def evaluate_checkpoint(
             device=device,
             batch_size=batch_size,
             limit=limit,
-            log_samples=False,
+            log_samples=likelihood,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -308,6 +393,7 @@ def evaluate_checkpoint(
         "tokens_seen": int(tokens_seen),
         "num_fewshot": int(num_fewshot),
         "tasks": protocol_scores(raw, tasks),
+        "likelihood": likelihood_metrics(raw, tasks) if likelihood else {},
         "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else raw.get("lm_eval_version"),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,

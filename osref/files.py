@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: str | Path, payload: Any, *, indent: int = 1, sort_keys: bool = False,
-                      allow_nan: bool = True) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` under a temporary name in the same directory, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(payload, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n",
-                       encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: no stray temporary file
         raise
+
+
+def write_json_atomic(path: str | Path, payload: Any, *, indent: int = 1, sort_keys: bool = False,
+                      allow_nan: bool = True) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")

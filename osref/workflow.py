@@ -19,9 +19,13 @@ from typing import Any
 
 from osref.config import REPO_ROOT, walltime_minutes
 from osref.fingerprint import SourceCheck, check_local_sources, describe_changes
-from osref.grid import Grid, Run, run_document
+from osref.grid import Grid, Run, plan_rows, run_document
 from osref.paths import fmt_iter
 
+# plan.csv columns that read the data on disk (listing, tokenized counts): they change once the data
+# exists, so they are left out of the plan rule's params (else every first run after a complete one
+# would re-schedule `plan`).
+PLAN_DATA_COLUMNS = ("dataset_tokens", "dataset_tokens_source", "epochs", "warning")
 LISTING_KEYS = ("source", "repo_id", "revision", "allow_patterns", "ignore_patterns", "paths", "urls_file",
                 "list_url", "list_sha256", "base_url", "format", "shard_groups")
 
@@ -177,6 +181,10 @@ class WorkflowIndex:
     def python(self) -> str:
         """Interpreter for job commands: Snakemake's own, or the container's `python`."""
         return "python" if self.config["cluster"]["container"] else shlex.quote(sys.executable)
+
+    def plan_params(self) -> list[dict[str, Any]]:
+        """The plan rows the config decides (the plan rule's params, its rerun trigger)."""
+        return [{k: v for k, v in row.items() if k not in PLAN_DATA_COLUMNS} for row in plan_rows(self.grid)]
 
     # ---- training launch and resources -------------------------------------------------------------
     def train_resources(self, run_id: str) -> dict[str, Any]:

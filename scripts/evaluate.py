@@ -1,6 +1,7 @@
 """Evaluate one exported checkpoint on one shot group of the protocol (lm-eval, offline).
 
-Writes one JSON (fixed name, atomic) with the protocol metric per task; see osref/evaluate.py.
+Writes one JSON (fixed name, atomic) with the protocol metric per task and, from lm-eval's logged
+samples, per-item likelihood metrics (`likelihood`); see osref/evaluate.py.
 
 Examples (from the repository root):
 
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for task, score in result["tasks"].items():
         logging.info("%s %s = %s (stderr %s, n=%s)", task, score["metric"], score["value"], score["stderr"], score["n_samples"])
+    for task, metrics in result["likelihood"].items():
+        logging.info("%s per-item likelihood: %s", task, ", ".join(
+            f"{name} = {value['value']:.4g}" for name, value in metrics.items() if isinstance(value, dict)))
     logging.info("wrote %s in %.1f s", args.out, result["duration_s"])
     return 0
 

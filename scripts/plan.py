@@ -3,8 +3,8 @@
 Writes one row per run (parameters, iterations, checkpoints, FLOPs = 6·N·D, GPU-hours at the
 configured throughput, nodes, Snakemake jobs) and prints a summary:
 
-    snakemake plan                                   # the release grid → results/plan.csv
-    snakemake plan --configfile config/demo.yaml     # the demo → results/demo/plan.csv
+    snakemake --profile local plan                                # the release grid → results/plan.csv
+    snakemake --profile local plan --configfile config/demo.yaml  # the demo → results/demo/plan.csv
     python scripts/plan.py --config config/config.yaml --out /tmp/plan.csv   # without Snakemake
 """
 
@@ -42,7 +42,8 @@ def summary(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     if "snakemake" in globals():
-        rows = snakemake.params.rows  # noqa: F821
+        # the params hold only the config's part; the data-dependent columns are read now
+        rows = plan_rows(load_grid(snakemake.config))  # noqa: F821
         write_plan(rows, snakemake.output[0])  # noqa: F821
         text = summary(rows)
         Path(snakemake.log[0]).write_text(text + "\n")  # noqa: F821

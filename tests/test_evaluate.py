@@ -60,10 +60,10 @@ def demo_tasks(tmp_path_factory) -> Path:
     return build_demo_tasks(CORPUS, tmp_path_factory.mktemp("demo_tasks"), n_items=20)
 
 
-def _evaluate(model: Path, tasks: Path, out_json: Path, hf_home: Path) -> dict:
+def _evaluate(model: Path, tasks: Path, out_json: Path, hf_home: Path, likelihood: bool = True) -> dict:
     return evaluate_checkpoint(
         model, DEMO_PROTOCOL, num_fewshot=0, out_json=out_json, run_id="tiny-demo", iteration=40,
-        tokens_seen=40960, include_path=tasks, limit=LIMIT, hf_home=hf_home,
+        tokens_seen=40960, include_path=tasks, limit=LIMIT, hf_home=hf_home, likelihood=likelihood,
     )  # fmt: skip
 
 
@@ -108,8 +108,8 @@ def test_evaluate_demo_tasks_is_deterministic(tiny_model: Path, demo_tasks: Path
     on_disk = json.loads((tmp_path / "a" / "0shot.json").read_text())
     assert on_disk == first
     assert set(first) == {
-        "run_id", "iteration", "tokens_seen", "num_fewshot", "tasks", "lm_eval_version", "transformers_version",
-        "torch_version", "model_dir", "duration_s", "raw",
+        "run_id", "iteration", "tokens_seen", "num_fewshot", "tasks", "likelihood", "lm_eval_version",
+        "transformers_version", "torch_version", "model_dir", "duration_s", "raw",
     }  # fmt: skip
     assert (first["run_id"], first["iteration"], first["tokens_seen"], first["num_fewshot"]) == ("tiny-demo", 40, 40960, 0)
     assert first["lm_eval_version"] == "0.4.13"
@@ -127,6 +127,61 @@ def test_evaluate_demo_tasks_is_deterministic(tiny_model: Path, demo_tasks: Path
 
     first.pop("duration_s"), second.pop("duration_s")
     assert first == second
+
+
+def _continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context), tokenized as lm-eval's HFLM does (context's trailing spaces
+    move to the continuation; the continuation's tokens are those of the whole string past the
+    context's), summed over the continuation's tokens."""
+    import torch
+
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logits = model(torch.tensor([whole[:-1]])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return float(sum(logprobs[i - 1, whole[i]] for i in range(n_context, len(whole))))
+
+
+def test_likelihood_metrics_match_a_direct_computation(tiny_model: Path, demo_tasks: Path, tmp_path: Path):
+    """The recorded per-item likelihood metrics equal log-probabilities computed here with the model
+    itself, and recording them leaves every protocol number and lm-eval result unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with_lik = _evaluate(tiny_model, demo_tasks, tmp_path / "a" / "0shot.json", tmp_path / "hf_home")
+    without = _evaluate(tiny_model, demo_tasks, tmp_path / "b" / "0shot.json", tmp_path / "hf_home", likelihood=False)
+    assert with_lik["tasks"] == without["tasks"] and with_lik["raw"]["results"] == without["raw"]["results"]
+    assert without["likelihood"] == {} and set(with_lik["likelihood"]) == {"demo_lastword", "demo_continuation"}
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    docs = {name: [json.loads(line) for line in (demo_tasks / f"{name}_test.jsonl").read_text().splitlines()[:LIMIT]]
+            for name in ("demo_lastword", "demo_continuation")}  # fmt: skip
+    correct, per_char, norm = [], [], []
+    for doc in docs["demo_continuation"]:
+        lls = [_continuation_logprob(model, tokenizer, doc["context"], " " + choice) for choice in doc["choices"]]
+        correct.append(lls[doc["label"]])
+        per_char.append(lls[doc["label"]] / len(" " + doc["choices"][doc["label"]]))
+        norm.append(math.exp(lls[doc["label"]]) / sum(math.exp(ll) for ll in lls))
+    continuation = with_lik["likelihood"]["demo_continuation"]
+    assert continuation["n_items"] == LIMIT
+    assert continuation["logprob_correct"]["value"] == pytest.approx(sum(correct) / LIMIT, rel=1e-4)
+    assert continuation["logprob_correct_per_char"]["value"] == pytest.approx(sum(per_char) / LIMIT, rel=1e-4)
+    assert continuation["prob_correct_norm"]["value"] == pytest.approx(sum(norm) / LIMIT, rel=1e-3)
+    mean = sum(correct) / LIMIT
+    stderr = math.sqrt(sum((c - mean) ** 2 for c in correct) / (LIMIT - 1) / LIMIT)
+    assert continuation["logprob_correct"]["stderr"] == pytest.approx(stderr, rel=1e-3)
+
+    words = [doc["text"].split(" ") for doc in docs["demo_lastword"]]
+    lastword = [_continuation_logprob(model, tokenizer, " ".join(w[:-1]), " " + w[-1]) for w in words]
+    recorded = with_lik["likelihood"]["demo_lastword"]
+    assert recorded["logprob_correct"]["value"] == pytest.approx(sum(lastword) / LIMIT, rel=1e-4)
+    assert "prob_correct_norm" not in recorded  # one continuation: nothing to renormalise over
+    on_disk = json.loads((tmp_path / "a" / "0shot.json").read_text())
+    assert on_disk["likelihood"] == with_lik["likelihood"]
 
 
 def test_hub_task_offline_fails_fast(tiny_model: Path, tmp_path: Path):

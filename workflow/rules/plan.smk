@@ -1,4 +1,7 @@
 # Plan: the cost of the grid (iterations, checkpoints, FLOPs, GPU-hours, jobs), from config alone.
+# The job fills the data-dependent columns (counted tokens, epochs, warnings) from what exists
+# when it runs; they are not params, so tokenizing the data does not re-schedule `plan`
+# (`snakemake --profile local plan -f` refreshes them).
 
 
 rule plan:
@@ -7,7 +10,7 @@ rule plan:
     log:
         LAYOUT.log("plan", "plan"),
     params:
-        rows=lambda wc: plan_rows(GRID),
+        rows=lambda wc: INDEX.plan_params(),
     localrule: True
     script:
         "../../scripts/plan.py"
