@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the training stage, as one unattended script for a short lease of one GPU
-# (at most ~9 minutes: GPU_CHECK_BUDGET_S, default 520 s of runs after the set-up).
+# (at most ~9 minutes: GPU_CHECK_BUDGET_S, default 480 s of runs after the set-up; run it with a
+# 580 s limit).
 #
 # Runs scripts/bench_train.py (the real training stack: megatron GPTModel, DDP, megatron
 # optimizer, bf16; no Transformer Engine needed) and writes every result the moment it is
@@ -15,18 +16,20 @@
 #      optimizer state and the memory with it sharded as on the 252-GPU cluster; one profiled step
 #      per variant records which attention kernels ran (cuDNN / Flash).
 #   2. Numerics on the GPU: 0.13B on the demo corpus, dropout off, 20 steps from the same weights,
-#      plain vs all: the largest relative loss difference per step (bf16; see README).
+#      plain, all, plain again: the largest relative loss difference per step of `all` against the
+#      first plain run, next to that of the second plain run (the GPU's own run-to-run bf16 noise).
 #   3. 1.3B, 0.4B, 0.13B at the recipe micro-batch (4, 10, 12; halved on out-of-memory), all kernels.
 # First lease (2026-11-27, H100 80GB HBM3, torch 2.11.0+cu130, no TE, before osref/kernels.py):
 # 1.7B micro-batch 2: 0.410 s/step, 19 991 tokens/s, 254 TFLOP/s, 25.7 % MFU, 59 GB; 4 ran out of memory.
 #
 # Usage (repository root of the GPU machine; python3 there has torch with CUDA):
 #     bash scripts/gpu_check.sh OUTDIR        # default OUTDIR: $OUT, else /tmp/gpu_check
-# Wheels the machine lacks (megatron-core, jsonschema & co.) may lie in .whl/; they are installed
-# into /tmp/site first.
+# Wheels the machine lacks (megatron-core, jsonschema & co., tokenizers, zstandard) lie in .whl/
+# (`bash scripts/gpu_wheels.sh` fetches them beforehand, 13 MB; carry .whl to the GPU machine);
+# they are installed into /tmp/site first.
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
-budget=${GPU_CHECK_BUDGET_S:-520}
+budget=${GPU_CHECK_BUDGET_S:-480}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/osref-inductor}
@@ -68,7 +71,7 @@ step() {
 
 step 1.7b 270 --scale 1.7b --variants all,plain,megatron --micro-batch-size 4 --fit --recompute none \
     --steps 8 --warmup-steps 3 --profile
-step numerics 110 --scale 0.13b --variants plain,all --data demo --no-dropout --steps 20 --warmup-steps 0 \
+step numerics 130 --scale 0.13b --variants plain,all,plain --data demo --no-dropout --steps 20 --warmup-steps 0 \
     --micro-batch-size 4 --recompute none
 step 1.3b 80 --scale 1.3b --variants all --fit --recompute none --steps 5 --warmup-steps 2
 step 0.4b 70 --scale 0.4b --variants all --fit --recompute none --steps 5 --warmup-steps 2

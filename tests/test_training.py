@@ -49,6 +49,7 @@ def test_loss_falls(full_run):
     valid = read_jsonl(Path(run["paths"]["run_dir"]) / "logs/valid_metrics.jsonl")
     assert [v["iteration"] for v in valid] == [40] and np.isfinite(valid[0]["valid_loss"])
     assert result["iteration"] == 40 and result["consumed_tokens"] == 40 * 8 * 128
+    assert result["kernels"]["compile_layers"] is False  # what the segment marker records
 
 
 def test_lr_follows_wsd_formula(full_run):
@@ -240,6 +241,8 @@ def test_data_parallel_two_ranks_identical(data_root, tmp_path, full_run):
     torchrun_train(run, tmp_path / "dp2", until=10, extra=["--dump-final-weights"])
     marker = json.loads((tmp_path / "dp2.done").read_text())
     assert marker["iteration"] == 10
+    assert marker["kernels"] == {"megatron_fusions": False, "fused_cross_entropy": False, "fused_adamw": False,
+                                 "compile_layers": False, "sdpa_backends": None}
     rank0 = torch.load(tmp_path / "dp2/weights_rank0.pt")
     rank1 = torch.load(tmp_path / "dp2/weights_rank1.pt")
     for key in rank0:
