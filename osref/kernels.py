@@ -150,7 +150,10 @@ def resolve(
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
         device = "cuda" if on_gpu else "cpu"
-        if device not in _get_fused_kernels_supported_devices():
+        if not megatron_uses_torch_adamw():
+            chosen["fused_adamw"] = False
+            notes.append("fused_adamw off: megatron already uses the fused Adam of Transformer Engine or apex")
+        elif device not in _get_fused_kernels_supported_devices():
             chosen["fused_adamw"] = False
             notes.append(f"fused_adamw off: this torch has no fused AdamW for {device}")
     backends = request.get("sdpa_backends")
@@ -159,6 +162,13 @@ def resolve(
         notes.append(f"sdpa_backends not applied: no SDPA kernel choice on {where}")
         backends = None
     return Kernels(**chosen, sdpa_backends=tuple(backends) if backends else None, notes=tuple(notes))
+
+
+def megatron_uses_torch_adamw() -> bool:
+    """True when megatron's optimizer falls back to ``torch.optim.AdamW`` (no TE, no apex)."""
+    from megatron.core import optimizer
+
+    return bool(optimizer.USING_PYTORCH_OPTIMIZER)
 
 
 # ---- applying them --------------------------------------------------------------------------------

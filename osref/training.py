@@ -18,20 +18,20 @@ Observability: every ``train.log_interval`` iterations (and at a segment's end) 
 JSON line to ``{run_dir}/logs/train_metrics.jsonl`` — iteration, consumed_tokens, loss, lr,
 grad_norm, step_s, tokens_per_s, tflops_per_gpu (6·N + attention FLOPs per token), mfu (against
 ``train.peak_tflops`` or the GPU's bf16 peak; null on the CPU), mem_gb, elapsed_s, eta_s, kernels
-(the speed variants in effect, :mod:`osref.kernels`) — and logs the same as one console line. A resumed run first drops the lines past its checkpoint, so the
-file holds each iteration once.
+(the fused kernels in effect, :mod:`osref.kernels`) — and logs the same as one console line. A
+resumed run first drops the lines past its checkpoint, so the file holds each iteration once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import resource
 import time
-import functools
 from functools import partial
 from pathlib import Path
 

@@ -117,6 +117,17 @@ def test_gpu_only_variants_are_off_with_a_reason():
     assert resolve(None, on_gpu=False, attention="local") == Kernels()
 
 
+def test_fused_adamw_is_left_to_te_or_apex_when_megatron_uses_theirs(monkeypatch):
+    """In a TE/apex image megatron builds their FusedAdam, which is fused already."""
+    from megatron.core import optimizer
+
+    from osref.kernels import resolve
+
+    monkeypatch.setattr(optimizer, "USING_PYTORCH_OPTIMIZER", False)
+    chosen = resolve({"fused_adamw": True}, on_gpu=False, attention="local")
+    assert not chosen.fused_adamw and any("fused Adam of Transformer Engine or apex" in n for n in chosen.notes)
+
+
 @pytest.mark.parametrize(
     "request_, message",
     [
