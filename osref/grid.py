@@ -477,6 +477,7 @@ def run_document(grid: Grid, run: Run) -> dict[str, Any]:
             "distributed_optimizer": recipe["distributed_optimizer"] and device == "cuda",
             "overlap_grad_reduce": recipe["overlap_grad_reduce"] and device == "cuda",
             "tensorboard": recipe["tensorboard"],
+            "kernels": _kernels(recipe, device),
         },
         "data": {
             "prefixes": grid.data_prefixes(run.dataset, run.run_id),
@@ -487,6 +488,16 @@ def run_document(grid: Grid, run: Run) -> dict[str, Any]:
         "paths": {"run_dir": layout.run_dir(run.run_id)},
         "branch": _branch_block(grid, run),
     }
+
+
+def _kernels(recipe: dict[str, Any], device: str) -> dict[str, Any]:
+    """The recipe's fused kernels for this device (osref/kernels.py): none on the CPU (they only add
+    compile time there); megatron's fused cross-entropy only in bf16 (its logit gradient is bf16)."""
+    kernels = dict(recipe["kernels"])
+    if device != "cuda":
+        return {key: False for key in kernels if key != "sdpa_backends"} | {"sdpa_backends": None}
+    kernels["fused_cross_entropy"] = kernels["fused_cross_entropy"] and recipe["precision"] == "bf16"
+    return kernels
 
 
 def _branch_block(grid: Grid, run: Run) -> dict[str, Any] | None:

@@ -131,15 +131,18 @@ class _NullEvent(_NullStream):
 
 def _install_cuda_shim() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
-    cuda.synchronize = lambda *args, **kwargs: None
-    cuda.empty_cache = lambda: None
+    # not traced by torch.compile (compiled layers on the CPU): dynamo cannot put a str-returning
+    # "torch.cuda" call into a graph, and would otherwise split the layer there
+    untraced = torch.compiler.disable
+    cuda.current_device = untraced(lambda: "cpu")
+    cuda.synchronize = untraced(lambda *args, **kwargs: None)
+    cuda.empty_cache = untraced(lambda: None)
     cuda.Stream = _NullStream
     cuda.Event = _NullEvent
-    cuda.current_stream = lambda *args, **kwargs: _NullStream()
-    cuda.default_stream = lambda *args, **kwargs: _NullStream()
-    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
-    cuda.set_stream = lambda *args, **kwargs: None
+    cuda.current_stream = untraced(lambda *args, **kwargs: _NullStream())
+    cuda.default_stream = untraced(lambda *args, **kwargs: _NullStream())
+    cuda.stream = untraced(lambda *args, **kwargs: contextlib.nullcontext())
+    cuda.set_stream = untraced(lambda *args, **kwargs: None)
 
 
 # ---- guard 4: CUDA device requests → CPU ----------------------------------------------------

@@ -60,9 +60,10 @@ def attention_backend() -> str:
     return "sdpa" if torch.cuda.is_available() else "local"
 
 
-def layer_spec(spec: ModelSpec, backend: str | None = None):
+def layer_spec(spec: ModelSpec, backend: str | None = None, compile_layers: bool = False):
     """TE layer spec (default when TE is importable and CUDA is up), else the local spec — with
-    SDPA core attention on a GPU. All three save the same checkpoint keys."""
+    SDPA core attention on a GPU. All three save the same checkpoint keys. ``compile_layers``
+    makes each local-spec layer a :func:`osref.kernels.compiled_layer_class` (same keys)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     backend = backend or attention_backend()
@@ -75,6 +76,10 @@ def layer_spec(spec: ModelSpec, backend: str | None = None):
         from osref.sdpa_attention import SDPACoreAttention
 
         local.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if compile_layers:
+        from osref.kernels import compiled_layer_class
+
+        local.module = compiled_layer_class()
     return local
 
 
@@ -86,6 +91,7 @@ def build_gpt_model(
     seed: int = 1234,
     attention: str | None = None,
     device: str | torch.device | None = None,
+    compile_layers: bool = False,
     **config_overrides,
 ):
     """Seed, then construct the megatron ``GPTModel`` for ``spec`` on this rank.
@@ -93,7 +99,8 @@ def build_gpt_model(
     Needs megatron's parallel state (``osref.megatron_compat.init_single_process_parallel`` for a
     single process). On CPU the guards are enabled. ``device`` defaults to the current CUDA device
     when CUDA is available, else the CPU; ``attention`` (one of :data:`ATTENTION_BACKENDS`)
-    defaults to :func:`attention_backend`.
+    defaults to :func:`attention_backend`; ``compile_layers`` compiles each transformer layer
+    (local spec, see :mod:`osref.kernels`).
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -106,7 +113,7 @@ def build_gpt_model(
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(spec, attention),
+        transformer_layer_spec=layer_spec(spec, attention, compile_layers=compile_layers),
         **spec.gpt_model_kwargs(),
     )
     if device is None and torch.cuda.is_available():

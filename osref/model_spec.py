@@ -90,16 +90,18 @@ class ModelSpec:
         emb = self.vocab_size * h
         return body + emb + (0 if self.tie_embeddings else emb)
 
-    def flops_per_token(self, with_attention: bool = False) -> float:
+    def flops_per_token(self, with_attention: bool = False, causal: bool = False) -> float:
         """Training FLOPs per token: 6·N (the authors' convention), optionally + attention.
 
         The attention term is PaLM's 12·L·s·(np·hd) (QKᵀ and AV over the full s×s square, forward
         and backward), the count Megatron-LM's TFLOP/s logs used; a causal kernel does about half
-        of it, so MFU with this term is the conventional, not the strictest, figure.
+        of it (``causal=True``: 6·L·s·(np·hd), megatron-core 0.16's count), so MFU with the full
+        term is the conventional, not the strictest, figure.
         """
         flops = 6.0 * self.parameter_count()
         if with_attention:
-            flops += 12.0 * self.num_layers * self.seq_length * self.num_attention_heads * self.head_dim
+            square = 12.0 * self.num_layers * self.seq_length * self.num_attention_heads * self.head_dim
+            flops += square / 2 if causal else square
         return flops
 
     # ---- megatron-core ---------------------------------------------------------------------

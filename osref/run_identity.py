@@ -16,8 +16,10 @@ from typing import Any
 from osref.files import write_json_atomic
 
 # Keys that may change without changing what is being trained (extra save points included: a
-# cool-down branch added later adds its branch point to the parent's checkpoints).
-VOLATILE_TRAIN_KEYS = {"segment_ends", "checkpoint_iters", "log_interval", "eval_iters", "tensorboard"}
+# cool-down branch added later adds its branch point to the parent's checkpoints; the fused
+# kernels give the plain path's losses, tests/test_kernels.py, so a run may switch them, e.g.
+# when a new node image cannot compile: each metrics line records the ones in effect).
+VOLATILE_TRAIN_KEYS = {"segment_ends", "checkpoint_iters", "log_interval", "eval_iters", "tensorboard", "kernels"}
 
 
 class RunIdentityError(RuntimeError):

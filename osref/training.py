@@ -17,14 +17,15 @@ produces iteration ``i`` uses the micro-batches of global batch ``i - 1`` and th
 Observability: every ``train.log_interval`` iterations (and at a segment's end) rank 0 appends one
 JSON line to ``{run_dir}/logs/train_metrics.jsonl`` — iteration, consumed_tokens, loss, lr,
 grad_norm, step_s, tokens_per_s, tflops_per_gpu (6·N + attention FLOPs per token), mfu (against
-``train.peak_tflops`` or the GPU's bf16 peak; null on the CPU), mem_gb, elapsed_s, eta_s — and logs
-the same as one console line. A resumed run first drops the lines past its checkpoint, so the
-file holds each iteration once.
+``train.peak_tflops`` or the GPU's bf16 peak; null on the CPU), mem_gb, elapsed_s, eta_s, kernels
+(the fused kernels in effect, :mod:`osref.kernels`) — and logs the same as one console line. A
+resumed run first drops the lines past its checkpoint, so the file holds each iteration once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -37,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from osref import checkpointing
+from osref import checkpointing, kernels
 from osref.megatron_compat import enable_cpu_guards
-from osref.megatron_model import build_gpt_model
+from osref.megatron_model import attention_backend, build_gpt_model
 from osref.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -357,6 +358,11 @@ class Trainer:
     def cfg(self) -> dict:
         return self.run["train"]
 
+    @functools.cached_property
+    def variants(self) -> kernels.Kernels:
+        """The kernel variants in effect (:func:`resolve_kernels`)."""
+        return resolve_kernels(self.cfg)
+
     @property
     def tokens_per_iteration(self) -> int:
         return self.cfg["global_batch_size"] * self.cfg["seq_length"]
@@ -366,15 +372,16 @@ class Trainer:
 
         cfg = self.cfg
         batches = list(batches)
-        return get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=iter(batches),
-            model=[self.model],
-            num_microbatches=len(batches),
-            seq_length=cfg["seq_length"],
-            micro_batch_size=cfg["micro_batch_size"],
-            forward_only=forward_only,
-        )
+        with kernels.sdpa_priority(self.variants.sdpa_backends):
+            return get_forward_backward_func()(
+                forward_step_func=_forward_step,
+                data_iterator=iter(batches),
+                model=[self.model],
+                num_microbatches=len(batches),
+                seq_length=cfg["seq_length"],
+                micro_batch_size=cfg["micro_batch_size"],
+                forward_only=forward_only,
+            )
 
     def step(self, iteration: int) -> dict:
         """One optimizer update producing ``iteration`` (uses global batch ``iteration - 1``)."""
@@ -418,14 +425,20 @@ def build_model_and_optimizer(run: dict):
     init_distributed(cfg.get("tensor_parallel", 1))
     _check_batch_sizes(cfg)
     dtype = training_dtype(cfg)
+    chosen = resolve_kernels(cfg)
+    for note in chosen.notes:
+        log.warning("train.kernels: %s", note)
+    if chosen.compile_layers or chosen.megatron_fusions or chosen.fused_cross_entropy:
+        kernels.prepare_compile(torch.cuda.is_available())
     module = build_gpt_model(
         ModelSpec.from_run(run),
         tensor_parallel=cfg.get("tensor_parallel", 1),
         params_dtype=dtype,
         seed=cfg["seed"],
         attention=cfg.get("attention"),
+        compile_layers=chosen.compile_layers,
         **recompute_overrides(cfg.get("recompute", "none")),
-        **fusion_overrides(cfg.get("fusion", torch.cuda.is_available())),
+        **chosen.transformer_config_overrides(),
     )
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -437,14 +450,21 @@ def build_model_and_optimizer(run: dict):
     module.config.finalize_model_grads_func = finalize_model_grads
     module.config.no_sync_func = model.no_sync
     optimizer, scheduler = build_optimizer(model, cfg, dtype)
+    if chosen.fused_adamw:
+        kernels.use_fused_adamw(optimizer)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return model, optimizer, scheduler, device
 
 
-def fusion_overrides(fused: bool) -> dict:
-    """Megatron's own jit-fused bias+SwiGLU and bias+dropout+add (on by default on GPUs, as in
-    Megatron-LM's pretraining defaults; off on the CPU, where they only cost compile time)."""
-    return {"bias_activation_fusion": bool(fused), "bias_dropout_fusion": bool(fused)}
+def resolve_kernels(cfg: dict) -> kernels.Kernels:
+    """The kernel variants this process trains with: ``train.kernels`` (missing: all on a GPU, none
+    on the CPU) minus what this device and attention backend cannot run; see :mod:`osref.kernels`."""
+    return kernels.resolve(
+        cfg.get("kernels"),
+        on_gpu=torch.cuda.is_available(),
+        attention=cfg.get("attention") or attention_backend(),
+        bf16=training_dtype(cfg) == torch.bfloat16,
+    )
 
 
 def recompute_overrides(recompute: str) -> dict:
@@ -485,7 +505,7 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
     ``until_iteration``, saving at the scheduled ``train.checkpoint_iters`` and at the end.
 
     Collective: every rank calls it. Returns (on every rank) ``{"iteration", "consumed_tokens",
-    "checkpoint", "resumed_from", "valid_loss"}`` and the trained megatron module (None when
+    "checkpoint", "resumed_from", "valid_loss", "kernels"}`` and the trained megatron module (None when
     the checkpoint at ``until_iteration`` already existed).
     """
     cfg = run["train"]
@@ -644,6 +664,7 @@ def _metrics_record(trainer, iteration, stats, step_s, elapsed_s, flops_per_toke
         "mem_gb": _memory_gb(),
         "elapsed_s": elapsed_s,
         "eta_s": step_s * (trainer.cfg["train_iters"] - iteration),
+        "kernels": trainer.variants.record(),
     }
 
 
@@ -679,4 +700,5 @@ def _summary(cfg: dict, run_dir: Path, iteration: int, resumed_from: int, valid_
         "checkpoint": str(checkpointing.checkpoint_dir(run_dir, iteration)),
         "resumed_from": resumed_from,
         "valid_loss": valid_loss,
+        "kernels": resolve_kernels(cfg).record(),
     }

@@ -16,7 +16,8 @@ One GPU node, 4 GPUs (srun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PO
         --until 2000 --marker results/runs/<run_id>/train/segment_0002000.json
 
 Without RANK/WORLD_SIZE in the environment it runs as a single process (world size 1). On success
-rank 0 writes the marker (``{"iteration", "consumed_tokens", "checkpoint"}``) via temp + rename.
+rank 0 writes the marker (``{"iteration", "consumed_tokens", "checkpoint", "kernels"}``: the fused
+kernels in effect, osref/kernels.py) via temp + rename.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         torch.save(weights, Path(run["paths"]["run_dir"]) / f"weights_rank{dist.get_rank()}.pt")
     if dist.get_rank() == 0 and args.marker:
         args.marker.parent.mkdir(parents=True, exist_ok=True)
-        marker = {k: result[k] for k in ("iteration", "consumed_tokens", "checkpoint")}
+        marker = {k: result[k] for k in ("iteration", "consumed_tokens", "checkpoint", "kernels")}
         write_json_atomic(args.marker, marker)
     dist.barrier()
     dist.destroy_process_group()

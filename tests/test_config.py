@@ -266,3 +266,27 @@ def test_plan_warns_when_a_budget_needs_many_epochs(release_raw):
     assert "needs 6.0 epochs of c4" in rows["0.13b-c4-300B-4096"]["warning"]
     assert rows["1.3b-c4-50B-4096"]["warning"] == ""
     assert rows["0.13b-pile-300B-4096"]["dataset_tokens_source"] == "catalog estimate"
+
+
+def test_kernel_variants_per_device_and_precision(release_raw):
+    """GPU runs get every fused kernel (osref/kernels.py), CPU runs none; megatron's fused
+    cross-entropy only with bf16 (its logit gradient is bf16)."""
+    grid = load_grid(release_raw)
+    gpu = run_document(grid, grid.runs["1.7b-c4-300B-4096"])["train"]["kernels"]
+    assert gpu == {"megatron_fusions": True, "fused_cross_entropy": True, "fused_adamw": True,
+                   "compile_layers": True, "sdpa_backends": ["cudnn", "flash", "efficient", "math"]}
+    fp32 = copy.deepcopy(release_raw)
+    fp32["recipes"]["open-sci-ref-0.01"].update(precision="fp32", kernels={"compile_layers": False})
+    grid = load_grid(fp32)
+    kernels = run_document(grid, grid.runs["1.7b-c4-300B-4096"])["train"]["kernels"]
+    assert kernels["fused_cross_entropy"] is False and kernels["compile_layers"] is False and kernels["fused_adamw"]
+    demo = load_grid(DEMO)
+    (run,) = demo.runs.values()
+    assert not any(v for v in run_document(demo, run)["train"]["kernels"].values())
+
+
+def test_unknown_kernel_key_is_named(release_raw):
+    msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"kernels": {"liger_rope": True}}))
+    assert "recipes.open-sci-ref-0.01.kernels" in msg and "'liger_rope'" in msg
+    msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"kernels": {"sdpa_backends": ["fa3"]}}))
+    assert "recipes.open-sci-ref-0.01.kernels.sdpa_backends" in msg and "'fa3'" in msg

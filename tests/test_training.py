@@ -49,6 +49,7 @@ def test_loss_falls(full_run):
     valid = read_jsonl(Path(run["paths"]["run_dir"]) / "logs/valid_metrics.jsonl")
     assert [v["iteration"] for v in valid] == [40] and np.isfinite(valid[0]["valid_loss"])
     assert result["iteration"] == 40 and result["consumed_tokens"] == 40 * 8 * 128
+    assert result["kernels"]["compile_layers"] is False  # what the segment marker records
 
 
 def test_lr_follows_wsd_formula(full_run):
@@ -71,7 +72,7 @@ def test_lr_follows_wsd_formula(full_run):
 
 METRIC_KEYS = {
     "iteration", "consumed_tokens", "loss", "lr", "grad_norm", "step_s", "tokens_per_s", "tflops_per_gpu",
-    "mfu", "mem_gb", "elapsed_s", "eta_s",
+    "mfu", "mem_gb", "elapsed_s", "eta_s", "kernels",
 }
 
 
@@ -85,6 +86,10 @@ def test_metrics_records_have_throughput_and_progress_keys(full_run):
         assert record["consumed_tokens"] == record["iteration"] * 8 * 128
         assert record["tokens_per_s"] > 0 and record["tflops_per_gpu"] > 0 and record["mem_gb"] > 0
         assert record["mfu"] is None  # no peak for the CPU
+        assert record["kernels"] == {  # the fused kernels in effect: none by default on the CPU
+            "megatron_fusions": False, "fused_cross_entropy": False, "fused_adamw": False,
+            "compile_layers": False, "sdpa_backends": None,
+        }
     assert records[-1]["eta_s"] == 0 and records[0]["eta_s"] > 0
     line = _console_line(records[-1], 40)
     for label in ("iteration      40/40", "loss", "lr", "grad norm", "tok/s", "TFLOP/s/GPU", "MFU n/a", "mem", "ETA 0:00:00"):
@@ -106,17 +111,29 @@ def test_mfu_peak_from_run_or_device_name(monkeypatch):
 
 
 def test_bench_train_runs_tiny_on_cpu():
+    """Two variants side by side in one process: both FLOP counts, optimizer state, the loss
+    comparison against the first variant, and the attention kernels of a profiled step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, str(REPO / "scripts/bench_train.py"), "--tiny", "--steps", "3", "--warmup-steps", "1", "--json"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+        [sys.executable, str(REPO / "scripts/bench_train.py"), "--tiny", "--steps", "3", "--warmup-steps", "1",
+         "--variants", "plain,fused_adamw", "--attention", "sdpa", "--profile", "--json"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
     ).stdout
-    fields = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith("{"))
-    for name in ("device", "model", "step_s", "tokens_per_s", "tflops_per_device", "mfu"):
-        assert name in fields, out
-    results = json.loads(out.splitlines()[-1])
-    assert results["device"] == "cpu" and results["dtype"] == "fp32" and results["steps"] == 3
-    assert results["tokens_per_s"] > 0 and results["tflops_per_device"] > 0 and results["mfu"] is None
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows] == ["plain", "fused_adamw"], out
+    plain, fused = rows
+    assert plain["kernels"]["fused_adamw"] is False and fused["kernels"]["fused_adamw"] is True
+    for r in rows:
+        assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["steps"] == 3 and r["attention"] == "sdpa"
+        assert r["tokens_per_s"] > 0 and r["mfu"] is None and r["mfu_causal"] is None
+        assert r["tflops_per_device"] > r["tflops_per_device_causal"] > 0
+        assert r["optimizer_state_gb"] > 0 and r["mem_gb"] is None
+        assert any("scaled_dot_product" in name for name in r["attention_kernels"]), r["attention_kernels"]
+    assert plain["loss_max_rel_diff_vs_first_variant"] == 0.0
+    assert fused["loss_max_rel_diff_vs_first_variant"] < 1e-6
+    table = out.split("\n")
+    assert any(line.startswith("plain ") for line in table) and any(line.startswith("fused_adamw ") for line in table)
+    assert "6N + 12·L·s·h per token (full square) | 6N + 6·L·s·h (causal)" in out
 
 
 @pytest.mark.parametrize("schedule", ["wsd", "cosine"])
@@ -224,6 +241,8 @@ def test_data_parallel_two_ranks_identical(data_root, tmp_path, full_run):
     torchrun_train(run, tmp_path / "dp2", until=10, extra=["--dump-final-weights"])
     marker = json.loads((tmp_path / "dp2.done").read_text())
     assert marker["iteration"] == 10
+    assert marker["kernels"] == {"megatron_fusions": False, "fused_cross_entropy": False, "fused_adamw": False,
+                                 "compile_layers": False, "sdpa_backends": None}
     rank0 = torch.load(tmp_path / "dp2/weights_rank0.pt")
     rank1 = torch.load(tmp_path / "dp2/weights_rank1.pt")
     for key in rank0:
