@@ -429,23 +429,23 @@ class Trainer:
     def step(self, iteration: int) -> dict:
         """One optimizer update producing ``iteration`` (uses global batch ``iteration - 1``).
 
-        Raises :class:`NonFiniteLoss` on every rank when the loss (before the update) or the
-        gradient norm is NaN/inf; both are reduced over the ranks, so all of them agree.
+        Raises :class:`NonFiniteLoss` on every rank when the loss or the gradient norm is NaN/inf
+        (both are reduced over the ranks, so all of them agree); the update it made in memory is
+        never saved. Checked after the optimizer step, where the loss was read before: no extra sync.
         """
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
         losses = self._run_batches(micro_batches(self.train_ds, iteration - 1, self.cfg, self.device), False)
-        loss = _mean_loss_across_dp(losses, self.device)
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(iteration, f"the loss is {loss}", lr)
         update_ok, grad_norm, _ = self.optimizer.step()
-        if not update_ok:
-            raise NonFiniteLoss(iteration, "the optimizer skipped the step (non-finite gradients)", lr)
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            raise NonFiniteLoss(iteration, f"the gradient norm is {grad_norm} (loss {loss:.4f})", lr)
+        loss = _mean_loss_across_dp(losses, self.device)
+        grad_norm = float(grad_norm)
+        if not (update_ok and math.isfinite(loss) and math.isfinite(grad_norm)):
+            skipped = "" if update_ok else ", the optimizer skipped the step"
+            raise NonFiniteLoss(iteration, f"the loss or the gradient norm is not finite (loss {loss:.6g}, "
+                                           f"gradient norm {grad_norm:.6g}{skipped})", lr)
         self.scheduler.step(increment=1)
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def validation_loss(self) -> float:
         self.model.eval()
