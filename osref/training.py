@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from osref import checkpointing
-from osref.locks import LockHeld, exclusive_lock
+from osref.locks import LockHeld, LockUnsupported, exclusive_lock
 from osref.megatron_compat import enable_cpu_guards
 from osref.megatron_model import build_gpt_model
 from osref.model_spec import ModelSpec
@@ -117,7 +117,8 @@ RUN_LOCK = "train.lock"
 @contextlib.contextmanager
 def segment_lock(run: dict, until_iteration: int):
     """Rank 0 holds ``{run_dir}/train.lock`` for the block; collective. Every rank raises
-    :class:`osref.locks.LockHeld` (naming the holder) when another job already trains this run."""
+    :class:`osref.locks.LockHeld` (naming the holder) when another job already trains this run,
+    :class:`osref.locks.LockUnsupported` when the filesystem refuses locks."""
     run_dir = Path(run["paths"]["run_dir"])
     what = f"the training segment of run {run.get('run_id')} up to iteration {until_iteration}"
     with contextlib.ExitStack() as stack:
@@ -134,7 +135,7 @@ def segment_lock(run: dict, until_iteration: int):
             if kind == "LockHeld":
                 raise LockHeld(f"run {run.get('run_id')}: another job trains this run: {message}; this job changes "
                                "nothing (it resumes when started again after that job has ended)")
-            raise RuntimeError(message)
+            raise LockUnsupported(message) if kind == "LockUnsupported" else RuntimeError(message)
         yield
 
 
@@ -560,6 +561,7 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
     trainer = _build_trainer(run)
     start = _resume_from_latest_finite(trainer, run_dir, complete)
     if start is None and complete:  # every checkpoint was non-finite and has been loaded: start afresh
+        del trainer  # (one model in memory at a time)
         trainer = _build_trainer(run)
     if start == until_iteration:
         return _summary(cfg, run_dir, until_iteration, start, valid_loss=None), None

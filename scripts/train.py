@@ -21,9 +21,10 @@ Rank 0 holds ``{run_dir}/train.lock`` from before the checkpoint to resume from 
 marker is written (osref/locks.py).
 
 Exit status: 0 trained (or already trained); 3 the run's training config changed since its
-checkpoints were written; 4 another job trains this run (the message names it: host, pid, Slurm job
-id); 5 the loss or gradient norm became NaN/inf (the message names the iteration; nothing after
-the last checkpoint is saved, a rerun resumes from the newest finite checkpoint); 1 anything else.
+checkpoints were written; 4 another job trains this run (the message names it: host, pid, Slurm
+job id), or the filesystem refuses the lock (README, "Locks on shared filesystems"); 5 the loss or
+gradient norm became NaN/inf (the message names the iteration; nothing after the last checkpoint
+is saved, a rerun resumes from the newest finite checkpoint); 1 anything else.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
 
     from osref.checkpointing import NonFiniteCheckpoint, checkpoint_root
     from osref.files import write_json_atomic
-    from osref.locks import LockHeld
+    from osref.locks import LockHeld, LockUnsupported
     from osref.run_identity import RunIdentityError, check_or_record
     from osref.training import NonFiniteLoss, init_distributed, segment_lock, train_and_return_model
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
                 marker = {k: result[k] for k in ("iteration", "consumed_tokens", "checkpoint")}
                 write_json_atomic(args.marker, marker)
             dist.barrier()
-    except LockHeld as exc:
+    except (LockHeld, LockUnsupported) as exc:
         logging.error("%s", exc)
         return 4
     except (NonFiniteLoss, NonFiniteCheckpoint) as exc:
