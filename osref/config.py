@@ -243,6 +243,9 @@ def check_semantics(config: dict[str, Any]) -> None:
                 "runs need (groups_used: auto); give approx_bytes and tokens_per_byte, or set groups_used: all"
                 for k in ("approx_bytes", "tokens_per_byte") if ds[k] is None
             ]
+    for name, recipe in recipes.items():
+        if int(recipe["split"].split(",")[0]) == 0:  # GPTDataset would train on nothing
+            problems.append(f"recipes.{name}.split: {recipe['split']!r} gives training no share (its first number is 0)")
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
         for j, d in enumerate(exp["datasets"]):

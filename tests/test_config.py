@@ -356,3 +356,10 @@ def test_shell_reaching_names_are_restricted(release_raw):
     assert "cluster.nccl_env: bad name 'X;touch /tmp/pwned'" in bad(
         release_raw, lambda c: c["cluster"].update({"nccl_env": {"X;touch /tmp/pwned": "1"}}))
     assert "paths.results" in bad(release_raw, lambda c: c["paths"].update({"results": "out/{run_id}"}))
+
+
+@pytest.mark.parametrize("split", ["0,10,1", "0,0,0"])
+def test_a_split_without_a_training_share_is_named(release_raw, split):
+    """Used to pass validation and end in a bare ZeroDivisionError when the shard groups were sized."""
+    msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"split": split}))
+    assert f"recipes.open-sci-ref-0.01.split: '{split}' gives training no share" in msg
