@@ -18,14 +18,13 @@ min_version("9.27")
 
 import json
 
-import yaml
-
 from osref.grid import load_grid
-from osref.config import repo_relative
+from osref.config import check_config_files, read_yaml, repo_relative
 from osref.workflow import WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
 
+check_config_files(workflow.configfiles)  # Snakemake's own reading keeps the last of two equal keys
 if "experiments" not in config:
-    _release = yaml.safe_load(open(repo_path("config", "config.yaml")))
+    _release = read_yaml(repo_path("config", "config.yaml"))
     _release.update(config)
     config.clear()
     config.update(_release)

@@ -8,7 +8,10 @@ Layout (one directory per saved iteration, never rotated away)::
         complete.json                                       # written last: the checkpoint counts
 
 A job killed mid-save leaves a directory without ``complete.json``; it is ignored by
-:func:`latest_complete_iteration` and replaced by the next save of that iteration. The torch_dist
+:func:`latest_complete_iteration` and replaced by the next save of that iteration. A model holding
+NaN/inf is never saved (:class:`NonFiniteCheckpoint`); a checkpoint found non-finite on resume
+(written before that check existed) loses its ``complete.json`` to a ``nonfinite.json`` saying why
+(:func:`mark_non_finite`), so that neither resume nor export takes it again. The torch_dist
 format reshards on load, so any world size / TP layout can read any other's model weights
 (:func:`load_model_for_inference` reads with one process).
 
@@ -38,6 +41,7 @@ from osref.files import write_json_atomic
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "complete.json"
+NON_FINITE_MARKER = "nonfinite.json"
 KILL_DURING_SAVE_ENV = "OSREF_TEST_KILL_DURING_SAVE"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
@@ -75,6 +79,31 @@ def latest_complete_iteration(ckpt_root: str | Path, at_most: int | None = None)
 
 def read_complete_marker(ckpt_dir: str | Path) -> dict:
     return json.loads((Path(ckpt_dir) / COMPLETE_MARKER).read_text())
+
+
+class NonFiniteCheckpoint(RuntimeError):
+    """The model to be saved holds NaN or inf: it is not saved, let alone marked complete."""
+
+
+def model_is_finite(model) -> bool:
+    """Whether every parameter of ``model`` (this rank's shard) is finite, agreed over all ranks."""
+    params = [p.detach() for p in model.parameters()]
+    flag = torch.stack([torch.isfinite(p).all() for p in params]).all().float().reshape(1)  # one sync
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def mark_non_finite(ckpt_dir: str | Path, reason: str) -> None:
+    """Demote a complete checkpoint found to hold NaN/inf: ``nonfinite.json`` (why), then
+    ``complete.json`` goes, so resume and export skip it. Rank 0 writes; collective."""
+    ckpt_dir = Path(ckpt_dir)
+    if _rank() == 0:
+        found_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_json_atomic(ckpt_dir / NON_FINITE_MARKER, {"reason": reason, "found_at": found_at,
+                                                         "complete_was": read_complete_marker(ckpt_dir)})
+        (ckpt_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    _barrier()
 
 
 # ---- RNG state ------------------------------------------------------------------------------
@@ -143,9 +172,15 @@ def save_checkpoint(
     *,
     dist_optimizer: bool = False,
 ) -> Path:
-    """Collectively save a resumable checkpoint; ``model`` is the unwrapped megatron module."""
+    """Collectively save a resumable checkpoint; ``model`` is the unwrapped megatron module.
+
+    Raises :class:`NonFiniteCheckpoint` (on every rank, before anything is written) when any weight
+    is NaN or inf; ``complete.json`` records that the weights were checked (``"finite": true``).
+    """
     from megatron.core import dist_checkpointing
 
+    if not model_is_finite(model):
+        raise NonFiniteCheckpoint(f"iteration {iteration}: the model holds NaN/inf weights; not saved")
     target = checkpoint_dir(run_dir, iteration)
     if _rank() == 0:
         if target.exists():
@@ -162,7 +197,7 @@ def save_checkpoint(
     _barrier()
     if _rank() == 0:
         saved_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        marker = {"iteration": iteration, "consumed_tokens": consumed_tokens, "saved_at": saved_at}
+        marker = {"iteration": iteration, "consumed_tokens": consumed_tokens, "saved_at": saved_at, "finite": True}
         write_json_atomic(target / COMPLETE_MARKER, marker)
     _barrier()
     return target
@@ -182,6 +217,7 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, *, dist_o
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
+        scheduler.num_steps = 0  # megatron's load_state_dict adds the saved count: loading twice must not
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     rng_file = _rng_file(ckpt_dir, _rank())
     if rng_file.is_file():

@@ -5,15 +5,21 @@ a bad key, type, unknown dataset or scale fails the same way everywhere and befo
 with a message that names the key (``experiments[0].scales[1]: unknown scale '0.2b' ...``).
 
 Validation fills the schema's defaults in place (the open-sci-ref 0.01 values), which is why the
-shipped configs can stay short.
+shipped configs can stay short. It is stricter than plain JSON schema where plain would let a
+mistake through: a key given twice in a YAML file is an error (PyYAML and Snakemake keep the last
+one silently), ``integer`` means a Python int (JSON schema also accepts ``3.0e+11``), patterns
+must match the whole value (``$`` also matches before a final newline), and no number may be
+``.inf`` or ``.nan``.
 """
 
 from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import math
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,6 +36,63 @@ class ConfigError(ValueError):
     """A config problem, phrased for the person who edits the YAML."""
 
 
+# ---- reading YAML strictly ------------------------------------------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are overrides by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first_line:
+                        raise ConfigError(f"duplicate key {key!r} on lines {first_line[key]} and {line} "
+                                          "(YAML would silently keep the second); remove one")
+                    first_line[key] = line
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    pass
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML (or JSON) file, refusing duplicate keys; errors name the file (and lines)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def check_config_files(paths: Iterable[str | Path]) -> None:
+    """Re-read config files that Snakemake already parsed (``--configfile``), for what its loader
+    lets through: a key given twice, of which it keeps the last without a word."""
+    for path in paths:
+        read_yaml(path)
+
+
+# ---- schema validation ------------------------------------------------------------------------
+
+def _full_match(validator, pattern, instance, schema):
+    """``pattern`` against the whole string (JSON schema searches, so ``^a$`` accepts "a\\n")."""
+    if validator.is_type(instance, "string") and not re.fullmatch(pattern, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _strict_integer(checker, instance) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
 def _with_defaults(validator_class):
     validate_properties = validator_class.VALIDATORS["properties"]
 
@@ -40,7 +103,11 @@ def _with_defaults(validator_class):
                     instance[name] = copy.deepcopy(subschema["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+    return jsonschema.validators.extend(
+        validator_class,
+        {"properties": set_defaults, "pattern": _full_match},
+        type_checker=validator_class.TYPE_CHECKER.redefine("integer", _strict_integer),
+    )
 
 
 _DefaultFillingValidator = _with_defaults(jsonschema.Draft202012Validator)
@@ -67,27 +134,47 @@ def _describe(error: jsonschema.ValidationError) -> str:
         extra = sorted(k for k in error.instance if k not in allowed)
         hint = f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""
         return f"{where}: unknown key {', '.join(map(repr, extra))}{hint}"
-    if error.validator == "propertyNames":
+    if error.validator == "propertyNames" or "propertyNames" in error.schema_path:
         return f"{where}: bad name {error.instance!r}: {error.message}"
+    if error.validator == "anyOf" and error.schema.get("description"):
+        hint = ""
+        if isinstance(error.instance, float) and error.instance.is_integer():
+            hint = f" (write {int(error.instance)}, not the float {error.instance!r})"
+        return f"{where}: {error.instance!r} is not valid: expected {error.schema['description']}{hint}"
+    if error.validator == "type" and isinstance(error.instance, float) and error.instance.is_integer():
+        return f"{where}: {error.message} (write {int(error.instance)}, not the float {error.instance!r})"
     return f"{where}: {error.message}"
+
+
+def _non_finite(value: Any, parts: tuple = ()) -> list[str]:
+    """Key paths of every ``.inf``/``.nan`` in the config (no setting accepts one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{key_path(parts)}: {value!r} is not a finite number"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, (*parts, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, (*parts, i))]
+    return []
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Schema-validate ``config`` in place (filling defaults), then run the semantic checks."""
+    problems = _non_finite(config)
     validator = _DefaultFillingValidator(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors[:10]))
+    problems += [_describe(e) for e in errors]
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems[:10]))
     check_semantics(config)
     return config
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read (strictly, see :func:`read_yaml`) and validate one config file."""
     path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    config = read_yaml(path) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     if overrides:
         config.update(overrides)
     try:
@@ -119,9 +206,29 @@ def walltime_minutes(text: str) -> int:
 
 # ---- cross-field checks ---------------------------------------------------------------------------
 
+@lru_cache(maxsize=8)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_tokenizer(tokenizer: dict[str, Any]) -> list[str]:
+    """``tokenizer.path`` must hold a ``tokenizer.json`` whose sha256 is ``tokenizer.sha256``: found
+    here, before any job, instead of in the first tokenize job after the listings and downloads."""
+    path = Path(repo_relative(tokenizer["path"])) / "tokenizer.json"
+    try:
+        stat = path.stat()
+        digest = _sha256_of(str(path), stat.st_mtime_ns, stat.st_size)
+    except OSError as exc:
+        return [f"tokenizer.path: {tokenizer['path']!r}: cannot read {path} ({exc.strerror or exc})"]
+    if digest != tokenizer["sha256"]:
+        return [f"tokenizer.sha256: {path} has sha256 {digest}, the config says {tokenizer['sha256']} "
+                "(a different tokenizer, or a wrong hash)"]
+    return []
+
+
 def check_semantics(config: dict[str, Any]) -> None:
     """Cross-references a schema cannot express; run-level checks follow in ``osref.grid``."""
-    problems: list[str] = []
+    problems: list[str] = check_tokenizer(config["tokenizer"])
     datasets, scales, recipes = config["datasets"], config["scales"], config["recipes"]
     for name, ds in datasets.items():
         need = {"hub": ["repo_id"], "local": ["paths"], "http": []}[ds["source"]]
@@ -142,6 +249,9 @@ def check_semantics(config: dict[str, Any]) -> None:
                 "runs need (groups_used: auto); give approx_bytes and tokens_per_byte, or set groups_used: all"
                 for k in ("approx_bytes", "tokens_per_byte") if ds[k] is None
             ]
+    for name, recipe in recipes.items():
+        if int(recipe["split"].split(",")[0]) == 0:  # GPTDataset would train on nothing
+            problems.append(f"recipes.{name}.split: {recipe['split']!r} gives training no share (its first number is 0)")
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
         for j, d in enumerate(exp["datasets"]):

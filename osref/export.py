@@ -22,6 +22,15 @@ Megatron names are accepted in every form a checkpoint may use: per-layer ``deco
 (``linear_qkv.layer_norm_weight``). ``_extra_state`` entries are skipped. The weight mapping and
 the measurements behind it are in ``notes/export-and-eval.md`` §3-4.
 
+The gate has a second half: the written ``config.json``, read back the way ``transformers`` reads
+it, must carry the spec's architecture field by field (:func:`check_hf_config`). Logits alone miss
+a wrong field that barely moves them: an RMSNorm eps of 1e-6 instead of 1e-5, or a
+``max_position_embeddings`` that no parity sequence reaches.
+
+An export holds a lock next to its target (``.iter_XXXXXXX.lock``, ``osref.locks``) while it writes
+``.iter_XXXXXXX.tmp-PID``; so every temporary of that target found while holding it was left by a
+killed export, and is removed (a full model's size each).
+
 The parity gate compares in fp32 on both sides. For a bf16 export the megatron reference's weights
 are rounded through bf16 first, so the gate checks the file as saved (not a fp32 twin of it) while
 keeping an fp32-sized tolerance. A checkpoint trained in bf16 stores bf16 model weights anyway, so
@@ -30,10 +39,12 @@ for it this rounding changes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import glob
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -45,6 +56,7 @@ from typing import Any
 import torch
 
 from osref import checkpointing
+from osref.locks import exclusive_lock
 from osref.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -282,6 +294,56 @@ def hf_config_for(spec: ModelSpec, tokenizer_info: dict[str, Any]):
     raise ValueError(f"no Hugging Face class for family {family!r}")
 
 
+def expected_hf_config(spec: ModelSpec, tokenizer_info: dict[str, Any]) -> dict[str, Any]:
+    """What ``config.json`` must say for ``spec``, written out independently of
+    :func:`hf_config_for` (a check that reused it would agree with any mistake in it)."""
+    eod = int(tokenizer_info.get("eod_id", 0))
+    expected = {
+        "architectures": [HF_CAUSAL_LM_CLASS[spec.family]],
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.query_groups,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": spec.norm_epsilon,
+        "rope_theta": float(spec.rotary_base),
+        "max_position_embeddings": spec.seq_length,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "attention_bias": spec.add_qkv_bias or spec.add_bias_linear,
+        "bos_token_id": eod,
+        "eos_token_id": eod,
+    }
+    if spec.family in ("hy_v3", "llama"):
+        expected["mlp_bias"] = spec.add_bias_linear
+    if spec.family == "hy_v3":
+        expected["mlp_layer_types"] = ["dense"] * spec.num_layers
+    return expected
+
+
+def check_hf_config(directory: Path, spec: ModelSpec, tokenizer_info: dict[str, Any]) -> None:
+    """Read ``config.json`` back as ``transformers`` does and compare it with the spec, field by
+    field; :class:`ParityError` naming every field that differs."""
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(directory)
+    raw = json.loads((directory / "config.json").read_text())
+    problems = []
+    for field, want in expected_hf_config(spec, tokenizer_info).items():
+        if field == "rope_theta":
+            got = (getattr(loaded, "rope_parameters", None) or {}).get("rope_theta")
+            if raw.get("rope_theta") != want:  # what a transformers 4.x reader takes
+                problems.append(f"rope_theta (top level) = {raw.get('rope_theta')!r}, the spec's rotary_base is {want!r}")
+        else:
+            got = getattr(loaded, field, None)
+        if got != want:
+            problems.append(f"{field} = {got!r}, the spec says {want!r}")
+    if problems:
+        raise ParityError(f"{directory / 'config.json'} does not describe the model ({spec.name}): " + "; ".join(problems))
+
+
 def _save_config(config, directory: Path) -> None:
     config.save_pretrained(directory)
     # transformers 5.x writes only rope_parameters; a 4.x reader would fall back to its default base.
@@ -478,18 +540,22 @@ def atomic_directory(out_dir: str | Path):
     export can never be taken for a finished one.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with exclusive_lock(out_dir.parent / f".{out_dir.name}.lock", f"an export to {out_dir}"):
+        # every live writer of this target holds the lock: what is here was left by killed ones
+        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+            log.warning("removing %s, left behind by a killed export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def export_checkpoint(
@@ -504,13 +570,16 @@ def export_checkpoint(
     """Convert ``iter_{iteration:07d}`` of ``run`` to a Hugging Face directory at ``out_dir``.
 
     Everything is written into a temporary sibling directory, which is renamed to ``out_dir`` only
-    after the strict reload and the parity check passed (``ParityError`` otherwise, and nothing is
-    left behind; an existing ``out_dir`` is replaced). Parity: :func:`measure_parity` on two
+    after the strict reload and the parity check passed and ``config.json`` matched the spec
+    (:func:`check_hf_config`) (``ParityError`` otherwise, and nothing is left behind; an existing
+    ``out_dir`` is replaced). ``tolerance`` must be finite and positive (``ValueError``). Parity: :func:`measure_parity` on two
     sequences of ``parity_tokens`` tokens (fixed English text and random ids). Returns the
     provenance dict, also written as ``provenance.json``.
     """
     if dtype not in _EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r} not one of {sorted(_EXPORT_DTYPES)}")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"parity tolerance {tolerance!r}: must be a finite positive number")
     save_dtype = _EXPORT_DTYPES[dtype]
     spec = spec_from_run(run)
     ckpt = checkpointing.checkpoint_dir(run["paths"]["run_dir"], iteration)
@@ -529,6 +598,7 @@ def export_checkpoint(
         if not max_diff <= tolerance:  # written this way round so that NaN fails too
             raise ParityError(f"{run.get('run_id')} iter {iteration}: exported {hf_class} differs from megatron: "
                               f"max |Δlogit| = {max_diff:.4g} > tolerance {tolerance:.4g}", max_diff)
+        check_hf_config(tmp, spec, run["tokenizer"])  # what the logits cannot see
 
         train = run["train"]
         provenance = {

@@ -247,7 +247,21 @@ def build_run(config: dict, experiment: dict, exp_index: int, dataset: str, scal
     tokens = budget_tokens(budget)
     train_iters = math.ceil(tokens / (gbs * seq))
     if recipe["warmup_iters"] >= train_iters:
-        raise ConfigError(f"{where}: warmup_iters {recipe['warmup_iters']} >= train_iters {train_iters}")
+        def source(key: str, fallback: str | None = None) -> str:
+            if key in override:
+                return f"overrides.{base_id}.{key}"
+            if fallback and config["recipes"][recipe_name].get(key) is None:
+                return fallback
+            return f"recipes.{recipe_name}.{key}"
+
+        budget_key = f"experiments[{exp_index}].budgets[{experiment['budgets'].index(budget)}]"
+        raise ConfigError(
+            f"{where}: the warm-up does not fit: {source('warmup_iters')} = {recipe['warmup_iters']} >= its "
+            f"{train_iters} iterations = ceil({budget_key} = {budget} tokens / "
+            f"({source('global_batch_size', f'scales.{scale_name}.global_batch_size')} = {gbs} x "
+            f"{source('seq_length')} = {seq})); lower warmup_iters (for this run: overrides.{base_id}.warmup_iters), "
+            "raise the budget or shorten seq_length"
+        )
 
     ranks = resources["nodes"] * max(resources["gpus_per_node"], 1)
     model_parallel = resources["tensor_parallel"] * resources["pipeline_parallel"]

@@ -12,7 +12,8 @@ or Snakemake wildcards (``"{run_id}"``), which is how the rules build their patt
     {runs}/{run_id}/run.json                       the fully resolved run (model, recipe, data)
     {runs}/{run_id}/checkpoints/iter_{i}/          torch_dist checkpoints (never deleted by Snakemake)
     {runs}/{run_id}/train/segment_{i}.json         marker of a training job that ended at iteration i
-    {runs}/{run_id}/hf/iter_{i}/                   Hugging Face export of checkpoint i
+    {runs}/{run_id}/train.lock                     held by the running segment (osref.training, osref.locks)
+    {runs}/{run_id}/hf/iter_{i}/                   Hugging Face export of checkpoint i (.iter_{i}.lock while written)
     {runs}/{run_id}/eval/iter_{i}/{group}.json     lm-eval results of one shot group
     {results}/plan.csv, {results}/report/          the plan and the report
     {results}/logs/{stage}/...                     one log per job

@@ -14,6 +14,15 @@ Iteration semantics: iteration ``i`` is the state after ``i`` optimizer updates.
 produces iteration ``i`` uses the micro-batches of global batch ``i - 1`` and the learning rate
 ``lr(i - 1)``; the metrics line for iteration ``i`` reports that update.
 
+Divergence: a non-finite loss or gradient norm stops the segment at once with
+:class:`NonFiniteLoss` naming the iteration (Megatron-LM's ``check_for_nan_in_loss_and_grad``; with
+bf16 or fp32 there is no loss scaler to skip the step), before the update is saved; a model holding
+NaN/inf is never saved or marked complete, and resume takes the newest checkpoint whose weights are
+finite (see ``osref.checkpointing``).
+
+Exclusivity: a segment holds ``{run_dir}/train.lock`` (:func:`segment_lock`, ``osref.locks``)
+from before it picks its checkpoint until its marker is written.
+
 Observability: every ``train.log_interval`` iterations (and at a segment's end) rank 0 appends one
 JSON line to ``{run_dir}/logs/train_metrics.jsonl`` — iteration, consumed_tokens, loss, lr,
 grad_norm, step_s, tokens_per_s, tflops_per_gpu (6·N + attention FLOPs per token), mfu (against
@@ -24,6 +33,7 @@ resumed run first drops the lines past its checkpoint, so the file holds each it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from osref import checkpointing, kernels
+from osref.locks import LockHeld, LockUnsupported, exclusive_lock
 from osref.megatron_compat import enable_cpu_guards
 from osref.megatron_model import attention_backend, build_gpt_model
 from osref.model_spec import ModelSpec
@@ -99,6 +110,34 @@ def init_distributed(tensor_parallel: int) -> None:
 
 def is_rank0() -> bool:
     return dist.get_rank() == 0
+
+
+RUN_LOCK = "train.lock"
+
+
+@contextlib.contextmanager
+def segment_lock(run: dict, until_iteration: int):
+    """Rank 0 holds ``{run_dir}/train.lock`` for the block; collective. Every rank raises
+    :class:`osref.locks.LockHeld` (naming the holder) when another job already trains this run,
+    :class:`osref.locks.LockUnsupported` when the filesystem refuses locks."""
+    run_dir = Path(run["paths"]["run_dir"])
+    what = f"the training segment of run {run.get('run_id')} up to iteration {until_iteration}"
+    with contextlib.ExitStack() as stack:
+        refusal = [None]
+        if is_rank0():
+            try:
+                stack.enter_context(exclusive_lock(run_dir / RUN_LOCK, what))
+            except (LockHeld, OSError, RuntimeError) as exc:
+                refusal[0] = f"{type(exc).__name__}: {exc}"
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            kind, _, message = refusal[0].partition(": ")
+            if kind == "LockHeld":
+                raise LockHeld(f"run {run.get('run_id')}: another job trains this run: {message}; this job changes "
+                               "nothing (it resumes when started again after that job has ended)")
+            raise LockUnsupported(message) if kind == "LockUnsupported" else RuntimeError(message)
+        yield
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -341,6 +380,18 @@ def _mean_loss_across_dp(losses_reduced: list[dict], device) -> float:
 # ---- the loop ------------------------------------------------------------------------------------
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: a NaN/inf loss or gradient norm at ``iteration``; nothing after the
+    last saved checkpoint is kept."""
+
+    def __init__(self, iteration: int, what: str, lr: float):
+        super().__init__(
+            f"iteration {iteration}: {what} at learning rate {lr:.4g}; training diverged, the segment stops "
+            "without saving this update (the checkpoints before it are kept)"
+        )
+        self.iteration = iteration
+
+
 @dataclasses.dataclass
 class Trainer:
     """One rank's model, optimizer and data, and the optimizer update (also driven by
@@ -384,16 +435,25 @@ class Trainer:
             )
 
     def step(self, iteration: int) -> dict:
-        """One optimizer update producing ``iteration`` (uses global batch ``iteration - 1``)."""
+        """One optimizer update producing ``iteration`` (uses global batch ``iteration - 1``).
+
+        Raises :class:`NonFiniteLoss` on every rank when the loss or the gradient norm is NaN/inf
+        (both are reduced over the ranks, so all of them agree); the update it made in memory is
+        never saved. Checked after the optimizer step, where the loss was read before: no extra sync.
+        """
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
         losses = self._run_batches(micro_batches(self.train_ds, iteration - 1, self.cfg, self.device), False)
         update_ok, grad_norm, _ = self.optimizer.step()
-        if not update_ok:
-            raise RuntimeError(f"iteration {iteration}: optimizer step skipped (non-finite gradients)")
+        loss = _mean_loss_across_dp(losses, self.device)
+        grad_norm = float(grad_norm)
+        if not (update_ok and math.isfinite(loss) and math.isfinite(grad_norm)):
+            skipped = "" if update_ok else ", the optimizer skipped the step"
+            raise NonFiniteLoss(iteration, f"the loss or the gradient norm is not finite (loss {loss:.6g}, "
+                                           f"gradient norm {grad_norm:.6g}{skipped})", lr)
         self.scheduler.step(increment=1)
-        return {"loss": _mean_loss_across_dp(losses, self.device), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def validation_loss(self) -> float:
         self.model.eval()
@@ -512,22 +572,20 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
     if not 0 < until_iteration <= cfg["train_iters"]:
         raise ValueError(f"until_iteration={until_iteration} outside 1..train.train_iters={cfg['train_iters']}")
     run_dir = Path(run["paths"]["run_dir"])
-    start = checkpointing.latest_complete_iteration(checkpointing.checkpoint_root(run_dir), at_most=until_iteration)
-    if start == until_iteration:
-        log.info("checkpoint for iteration %d is already complete: nothing to train", start)
-        return _summary(cfg, run_dir, until_iteration, start, valid_loss=None), None
+    complete = [i for i in checkpointing.complete_iterations(checkpointing.checkpoint_root(run_dir))
+                if i <= until_iteration]
+    if complete and complete[-1] == until_iteration and _checked_finite(run_dir, until_iteration):
+        log.info("checkpoint for iteration %d is already complete: nothing to train", until_iteration)
+        return _summary(cfg, run_dir, until_iteration, until_iteration, valid_loss=None), None
     branch = run.get("branch")
     trainer = _build_trainer(run)
-    if start is not None:
-        checkpointing.load_checkpoint(
-            checkpointing.checkpoint_dir(run_dir, start),
-            trainer.model.module,
-            trainer.optimizer,
-            trainer.scheduler,
-            dist_optimizer=use_distributed_optimizer(cfg),
-        )
-        log.info("resumed from %s", checkpointing.checkpoint_dir(run_dir, start))
-    elif branch:
+    start = _resume_from_latest_finite(trainer, run_dir, complete)
+    if start is None and complete:  # every checkpoint was non-finite and has been loaded: start afresh
+        del trainer  # (one model in memory at a time)
+        trainer = _build_trainer(run)
+    if start == until_iteration:
+        return _summary(cfg, run_dir, until_iteration, start, valid_loss=None), None
+    if start is None and branch:
         start = _start_branch(trainer, branch, until_iteration)
     start = start or 0
 
@@ -585,6 +643,29 @@ class MetricsLog:
             self.tensorboard.close()
 
 
+def _checked_finite(run_dir: Path, iteration: int) -> bool:
+    """Whether ``complete.json`` says the weights were checked finite when saved (checkpoints
+    from before that check have to be loaded to know)."""
+    return bool(checkpointing.read_complete_marker(checkpointing.checkpoint_dir(run_dir, iteration)).get("finite"))
+
+
+def _resume_from_latest_finite(trainer: Trainer, run_dir: Path, complete: list[int]) -> int | None:
+    """Load the newest of the ``complete`` checkpoints whose weights are finite; one that is not
+    (saved before the finiteness check existed) is demoted (``nonfinite.json``) and the next older
+    one tried. Returns its iteration, or None when there is none."""
+    for iteration in reversed(complete):
+        ckpt = checkpointing.checkpoint_dir(run_dir, iteration)
+        checkpointing.load_checkpoint(ckpt, trainer.model.module, trainer.optimizer, trainer.scheduler,
+                                      dist_optimizer=use_distributed_optimizer(trainer.cfg))
+        if checkpointing.model_is_finite(trainer.model.module):
+            log.info("resumed from %s", ckpt)
+            return iteration
+        log.error("%s holds NaN/inf weights although marked complete: skipped (now %s), trying an older one",
+                  ckpt, checkpointing.NON_FINITE_MARKER)
+        checkpointing.mark_non_finite(ckpt, "NaN/inf weights found when resuming")
+    return None
+
+
 def _start_branch(trainer: Trainer, branch: dict, until_iteration: int) -> int:
     """Load the parent's checkpoint at the branch point into a cool-down branch's first job.
 
@@ -608,6 +689,8 @@ def _start_branch(trainer: Trainer, branch: dict, until_iteration: int) -> int:
         None,
         dist_optimizer=use_distributed_optimizer(trainer.cfg),
     )
+    if not checkpointing.model_is_finite(trainer.model.module):
+        raise checkpointing.NonFiniteCheckpoint(f"{source}: the parent's checkpoint at the branch point holds NaN/inf")
     trainer.scheduler.step(increment=iteration)
     log.info("branched from %s (run %s)", source, branch["parent_run_id"])
     return iteration

@@ -219,7 +219,7 @@ class WorkflowIndex:
         if launcher == "srun":
             return (
                 f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
-                f"{container}bash {repo_path('scripts', 'torchrun_slurm.sh')} {per_node} {self.python}"
+                f"{container}bash {shlex.quote(repo_path('scripts', 'torchrun_slurm.sh'))} {per_node} {self.python}"
             )
         if per_node == 1:
             return f"{container}{self.python}"

@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HOME"] = str(Path(args.hf_home).resolve())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import torch
+
+    try:
+        torch.device(args.device)  # a bad evaluation.device fails here, not after loading model and tasks
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"--device {args.device!r} (config evaluation.device): not a torch device: {error}")
+
     from osref.evaluate import evaluate_checkpoint
 
     run = json.loads(Path(args.run_json).read_text(encoding="utf-8"))

@@ -20,7 +20,10 @@ Examples:
     python -c "from transformers import AutoModelForCausalLM as M; \\
         M.from_pretrained('results/runs/tiny-demo-0.25M-128/hf/iter_0000020')"
 
-Exit status: 0 exported; 2 parity gate failed (nothing written); 1 any other error.
+Exit status: 0 exported; 2 parity gate failed (logits, or a config.json field that differs from the
+model spec; nothing written); 3 another export of the same target is running (the message names it;
+its files are left alone); 1 any other error (a --tolerance that is not finite and positive too).
+Temporaries of the same target left by killed exports (.iter_XXXXXXX.tmp-PID) are removed first.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osref.export import DEFAULT_PARITY_TOKENS, DEFAULT_TOLERANCE, ParityError, export_checkpoint  # noqa: E402
+from osref.locks import LockHeld  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        print(f"--tolerance {args.tolerance!r} (config parity_tolerance): must be a finite positive number",
+              file=sys.stderr)
+        return 1
     run = json.loads(args.run_json.read_text())
     try:
         provenance = export_checkpoint(run, args.iteration, args.out, dtype=args.dtype,
@@ -61,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as error:
         print(f"PARITY FAILURE, nothing written to {args.out}: {error}", file=sys.stderr)
         return 2
+    except LockHeld as error:
+        print(f"another export of {args.out} is running, nothing done: {error}", file=sys.stderr)
+        return 3
     print(f"exported {run.get('run_id')} iter {args.iteration} to {args.out} "
           f"({provenance['hf_class']}, {args.dtype}, max |Δlogit| {provenance['parity']['max_abs_logit_diff']:.3g})")
     return 0

@@ -18,6 +18,14 @@ One GPU node, 4 GPUs (srun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PO
 Without RANK/WORLD_SIZE in the environment it runs as a single process (world size 1). On success
 rank 0 writes the marker (``{"iteration", "consumed_tokens", "checkpoint", "kernels"}``: the fused
 kernels in effect, osref/kernels.py) via temp + rename.
+Rank 0 holds ``{run_dir}/train.lock`` from before the checkpoint to resume from is chosen until the
+marker is written (osref/locks.py).
+
+Exit status: 0 trained (or already trained); 3 the run's training config changed since its
+checkpoints were written; 4 another job trains this run (the message names it: host, pid, Slurm
+job id), or the filesystem refuses the lock (README, "Locks on shared filesystems"); 5 the loss or
+gradient norm became NaN/inf (the message names the iteration; nothing after the last checkpoint
+is saved, a rerun resumes from the newest finite checkpoint); 1 anything else.
 """
 
 from __future__ import annotations
@@ -59,10 +67,11 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from osref.checkpointing import checkpoint_root
+    from osref.checkpointing import NonFiniteCheckpoint, checkpoint_root
     from osref.files import write_json_atomic
+    from osref.locks import LockHeld, LockUnsupported
     from osref.run_identity import RunIdentityError, check_or_record
-    from osref.training import init_distributed, train_and_return_model
+    from osref.training import NonFiniteLoss, init_distributed, segment_lock, train_and_return_model
 
     run = json.loads(args.run_json.read_text())
     try:
@@ -71,15 +80,23 @@ def main(argv=None) -> int:
         logging.error("%s", exc)
         return 3
     init_distributed(run["train"].get("tensor_parallel", 1))
-    result, model = train_and_return_model(run, args.until)
-    if args.dump_final_weights and model is not None:
-        weights = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        torch.save(weights, Path(run["paths"]["run_dir"]) / f"weights_rank{dist.get_rank()}.pt")
-    if dist.get_rank() == 0 and args.marker:
-        args.marker.parent.mkdir(parents=True, exist_ok=True)
-        marker = {k: result[k] for k in ("iteration", "consumed_tokens", "checkpoint", "kernels")}
-        write_json_atomic(args.marker, marker)
-    dist.barrier()
+    try:
+        with segment_lock(run, args.until):
+            result, model = train_and_return_model(run, args.until)
+            if args.dump_final_weights and model is not None:
+                weights = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+                torch.save(weights, Path(run["paths"]["run_dir"]) / f"weights_rank{dist.get_rank()}.pt")
+            if dist.get_rank() == 0 and args.marker:
+                args.marker.parent.mkdir(parents=True, exist_ok=True)
+                marker = {k: result[k] for k in ("iteration", "consumed_tokens", "checkpoint", "kernels")}
+                write_json_atomic(args.marker, marker)
+            dist.barrier()
+    except (LockHeld, LockUnsupported) as exc:
+        logging.error("%s", exc)
+        return 4
+    except (NonFiniteLoss, NonFiniteCheckpoint) as exc:
+        logging.error("run %s: %s", run.get("run_id"), exc)
+        return 5
     dist.destroy_process_group()
     return 0
 

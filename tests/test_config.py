@@ -290,3 +290,100 @@ def test_unknown_kernel_key_is_named(release_raw):
     assert "recipes.open-sci-ref-0.01.kernels" in msg and "'liger_rope'" in msg
     msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"kernels": {"sdpa_backends": ["fa3"]}}))
     assert "recipes.open-sci-ref-0.01.kernels.sdpa_backends" in msg and "'fa3'" in msg
+
+
+# ---- issue 11: what the schema alone let through -----------------------------------------------------
+
+@pytest.mark.parametrize("budget", [3.0e11, 250000.0])
+def test_float_budget_is_a_config_error_naming_the_key(release_raw, budget):
+    """YAML reads `3.0e+11` and `250000.0` as floats; they used to reach the budget parser as a bare
+    TypeError naming nothing."""
+    msg = bad(release_raw, lambda c: c["experiments"][1].update({"budgets": [budget]}))
+    assert f"experiments[1].budgets[0]: {budget!r} is not valid" in msg and f"write {int(budget)}" in msg
+
+
+def test_float_where_an_integer_belongs_is_named(release_raw):
+    msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"save_interval": 2000.0}))
+    assert "recipes.open-sci-ref-0.01.save_interval: 2000.0 is not of type 'integer' (write 2000" in msg
+
+
+def test_patterns_match_the_whole_value(release_raw):
+    """`$` also matches before a final newline: a dataset named "c4\\n" used to pass the schema."""
+    def rename(c):
+        c["datasets"]["c4\n"] = c["datasets"].pop("c4")
+        for exp in c["experiments"]:
+            exp["datasets"] = ["c4\n" if d == "c4" else d for d in exp["datasets"]]
+    msg = bad(release_raw, rename)
+    assert "datasets: bad name 'c4\\n'" in msg
+    assert "experiments[0].suffix" in bad(release_raw, lambda c: c["experiments"][0].update({"suffix": "x\n"}))
+
+
+@pytest.mark.parametrize("where", ["evaluation", "override"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_parity_tolerance_must_be_finite(release_raw, where, value):
+    """`.inf` published an export with swapped gate/up weights; `.nan` refused every export."""
+    if where == "evaluation":
+        msg = bad(release_raw, lambda c: c["evaluation"].update({"parity_tolerance": value}))
+        assert f"evaluation.parity_tolerance: {value!r} is not a finite number" in msg
+    else:
+        msg = bad(release_raw, lambda c: c["overrides"].update({"0.13b-c4-300B-4096": {"parity_tolerance": value}}))
+        assert f"overrides.0.13b-c4-300B-4096.parity_tolerance: {value!r} is not a finite number" in msg
+
+
+def test_tokenizer_path_pointing_nowhere_fails_at_config_time(release_raw):
+    msg = bad(release_raw, lambda c: c["tokenizer"].update({"path": "assets/gpt-neox-20b-missing"}))
+    assert "tokenizer.path: 'assets/gpt-neox-20b-missing': cannot read" in msg and "tokenizer.json" in msg
+
+
+def test_tokenizer_with_the_wrong_sha256_fails_at_config_time(release_raw):
+    msg = bad(release_raw, lambda c: c["tokenizer"].update({"sha256": "0" * 64}))
+    assert "tokenizer.sha256:" in msg and "the config says " + "0" * 64 in msg
+    assert "tokenizer.sha256" in bad(release_raw, lambda c: c["tokenizer"].update({"sha256": "not-a-hash"}))
+
+
+def test_duplicate_yaml_keys_are_named_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: a whole second `scales:` section
+    silently replaced the first."""
+    text = DEMO.read_text()
+    first = text.splitlines().index("scales:") + 1
+    path = tmp_path / "twice.yaml"
+    path.write_text(text + "\nscales:\n  tiny: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 192, num_attention_heads: 4}\n")
+    second = path.read_text().splitlines().index("scales:", first) + 1
+    with pytest.raises(ConfigError, match=f"twice.yaml: duplicate key 'scales' on lines {first} and {second}"):
+        load_config(path)
+    path.write_text("datasets:\n  a: {source: local, format: jsonl}\n  b:\n    source: local\n    source: hub\n")
+    with pytest.raises(ConfigError, match="duplicate key 'source' on lines 4 and 5"):
+        load_config(path)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n")
+    from osref.config import read_yaml
+
+    assert read_yaml(path) == {"base": {"x": 1, "y": 2}, "other": {"x": 1, "y": 3}}
+
+
+def test_warmup_longer_than_the_run_names_the_conflicting_keys(release_raw):
+    """A seq length 16x the 0.01 one leaves 4542 iterations for the 300B budget, under the 25000
+    warm-up: the message names warm-up, budget, batch and seq-length keys, not just the warm-up."""
+    msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"seq_length": 65536}))
+    assert "recipes.open-sci-ref-0.01.warmup_iters = 25000 >= its 4542 iterations" in msg
+    assert "experiments[0].budgets[0] = 300B" in msg and "scales.0.13b.global_batch_size = 1008" in msg
+    assert "recipes.open-sci-ref-0.01.seq_length = 65536" in msg
+    override = bad(release_raw, lambda c: c["overrides"]["0.13b-c4-300B-4096"].update({"seq_length": 65536}))
+    assert "overrides.0.13b-c4-300B-4096.seq_length = 65536" in override
+    assert "overrides.0.13b-c4-300B-4096.global_batch_size = 1024" in override
+
+
+def test_shell_reaching_names_are_restricted(release_raw):
+    assert "cluster.nccl_env: bad name 'X;touch /tmp/pwned'" in bad(
+        release_raw, lambda c: c["cluster"].update({"nccl_env": {"X;touch /tmp/pwned": "1"}}))
+    assert "paths.results" in bad(release_raw, lambda c: c["paths"].update({"results": "out/{run_id}"}))
+
+
+@pytest.mark.parametrize("split", ["0,10,1", "0,0,0"])
+def test_a_split_without_a_training_share_is_named(release_raw, split):
+    """Used to pass validation and end in a bare ZeroDivisionError when the shard groups were sized."""
+    msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"split": split}))
+    assert f"recipes.open-sci-ref-0.01.split: '{split}' gives training no share" in msg

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,11 +252,119 @@ def test_cli_exit_codes(biased_gqa_run, tmp_path, capsys):
     run_json.write_text(json.dumps(biased_gqa_run))
     common = ["--run-json", str(run_json), "--iteration", "10", "--dtype", "float32"]
 
-    assert cli.main(common + ["--out", str(tmp_path / "strict"), "--tolerance", "0"]) == 2
+    assert cli.main(common + ["--out", str(tmp_path / "strict"), "--tolerance", "1e-12"]) == 2
     assert "PARITY FAILURE" in capsys.readouterr().err
     assert_nothing_left(tmp_path / "strict")
     assert cli.main(common + ["--out", str(tmp_path / "ok")]) == 0
     assert (tmp_path / "ok" / "provenance.json").is_file()
+
+
+# ---- issue 11: config.json against the spec, the tolerance, killed and concurrent exports -------
+
+
+def _config_field(monkeypatch, field: str, value) -> None:
+    original = export.hf_config_for
+
+    def with_wrong_field(spec, tokenizer_info):
+        config = original(spec, tokenizer_info)
+        setattr(config, field, value)
+        return config
+
+    monkeypatch.setattr(export, "hf_config_for", with_wrong_field)
+
+
+@pytest.mark.parametrize("field, value, spec_value", [("rms_norm_eps", 1e-6, 1e-5), ("max_position_embeddings", 4096, 32)])
+def test_config_json_must_match_the_spec(biased_gqa_run, tmp_path, monkeypatch, field, value, spec_value):
+    """A config.json field that barely moves the logits, or not at all on the parity tokens:
+    refused by the field check, although the logit gate alone lets it through."""
+    _config_field(monkeypatch, field, value)
+    out = tmp_path / "hf"
+    with pytest.raises(ParityError, match=f"{field} = {value!r}, the spec says {spec_value!r}"):
+        export_checkpoint(biased_gqa_run, 10, out, dtype="float32")
+    assert_nothing_left(out)
+    monkeypatch.setattr(export, "check_hf_config", lambda *args: None)  # the logit gate alone
+    provenance = export_checkpoint(biased_gqa_run, 10, out, dtype="float32")
+    MEASURED[f"{field} {value} instead of {spec_value}, logits only"] = provenance["parity"]["max_abs_logit_diff"]
+    assert provenance["parity"]["max_abs_logit_diff"] < export.DEFAULT_TOLERANCE
+
+
+@pytest.mark.parametrize("tolerance", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_parity_tolerance_must_be_finite_and_positive(biased_gqa_run, tmp_path, tolerance):
+    """An infinite tolerance published exports with swapped gate/up weights; NaN refused every one."""
+    with pytest.raises(ValueError, match="must be a finite positive number"):
+        export_checkpoint(biased_gqa_run, 10, tmp_path / "hf", dtype="float32", tolerance=tolerance)
+    assert not (tmp_path / "hf").exists()
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps(biased_gqa_run))
+    proc = subprocess.run([sys.executable, str(EXPORT_CLI), "--run-json", str(run_json), "--iteration", "10",
+                           "--out", str(tmp_path / "hf"), "--tolerance", str(tolerance)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "must be a finite positive number" in proc.stderr, proc.stderr[-2000:]
+
+
+EXPORT_CLI = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
+
+
+def _start_export(run: dict, tmp_path: Path, out: Path) -> subprocess.Popen:
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps(run))
+    return subprocess.Popen([sys.executable, str(EXPORT_CLI), "--run-json", str(run_json), "--iteration", "10",
+                             "--out", str(out), "--dtype", "float32"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, f"the export ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_killed_export_leaves_a_temporary_that_the_next_attempt_removes(biased_gqa_run, tmp_path):
+    """A real export CLI SIGKILLed after writing its weights leaves `.iter_0000010.tmp-PID` (at
+    1.7B about 3.4 GB); the next export of the same target removes it, and succeeds."""
+    out = tmp_path / "hf" / "iter_0000010"
+    first = _start_export(biased_gqa_run, tmp_path, out)
+    leftover = out.parent / f".{out.name}.tmp-{first.pid}"
+    try:
+        _wait_for(leftover / "model.safetensors", first)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert leftover.is_dir() and not out.exists()
+
+    again = _start_export(biased_gqa_run, tmp_path, out)
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr[-3000:]
+    assert f"removing {leftover}, left behind by a killed export" in stderr
+    assert (out / "provenance.json").is_file()
+    assert not [p.name for p in out.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_live_export_is_never_disturbed_by_a_second_one(biased_gqa_run, tmp_path):
+    """Two exports of one target (two Snakemake instances): the second is refused naming the first
+    (which is frozen with SIGSTOP mid-write, so surely alive), leaves its temporary alone; the first,
+    continued, finishes."""
+    import socket
+
+    out = tmp_path / "hf" / "iter_0000010"
+    first = _start_export(biased_gqa_run, tmp_path, out)
+    live = out.parent / f".{out.name}.tmp-{first.pid}"
+    try:
+        _wait_for(live / "config.json", first)
+        os.killpg(first.pid, signal.SIGSTOP)
+        second = _start_export(biased_gqa_run, tmp_path, out)
+        _, stderr = second.communicate(timeout=300)
+        assert second.returncode == 3, stderr[-3000:]
+        assert f"on host {socket.gethostname()}, pid {first.pid}" in stderr
+        assert live.is_dir() and not out.exists()
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert (out / "provenance.json").is_file() and not live.exists()
 
 
 # ---- a TP=2 checkpoint consolidates to the same weights -----------------------------------------

@@ -96,7 +96,7 @@ def test_slurm_profile_maps_multi_node_training(release_dry_run):
     assert "runtime=1440" in job and "slurm_partition=gpu" in job and "slurm_account=acct" in job
     assert "srun --nodes=63 --ntasks-per-node=1" in job and "torchrun_slurm.sh 4" in job
     assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in job
-    assert "--until 60000" in job
+    assert "--until=60000" in job
 
 
 def test_segment_chain_and_checkpoint_flow(release_dry_run):
@@ -179,6 +179,21 @@ BAD_DEMO_CONFIGS = {
     "batch not divisible by micro-batch x DP": (
         lambda c: _demo_resources(c).update({"micro_batch_size": 3}),
         "global_batch_size 8 is not divisible by micro_batch_size 3 x data-parallel size 1"),
+    # issue 11
+    "tokenizer path pointing nowhere": (lambda c: c.update({"tokenizer": {"path": "/nonexistent/gpt-neox-20b"}}),
+                                        "tokenizer.path: '/nonexistent/gpt-neox-20b': cannot read"),
+    "tokenizer with the wrong sha256": (lambda c: c.update({"tokenizer": {"sha256": "ab" * 32}}),
+                                        "tokenizer.sha256:"),
+    "float budget": (lambda c: c["experiments"][0].update({"budgets": [250000.0]}),
+                     "experiments[0].budgets[0]: 250000.0 is not valid"),
+    "dataset name ending in a newline": (
+        lambda c: (c["datasets"].update({"pydocs\n": c["datasets"].pop("pydocs")}),
+                   c["experiments"][0].update({"datasets": ["pydocs\n"]}), c["evaluation"].update({"local_tasks": "pydocs\n"})),
+        "datasets: bad name 'pydocs\\n'"),
+    "infinite parity tolerance": (lambda c: c["evaluation"].update({"parity_tolerance": float("inf")}),
+                                  "evaluation.parity_tolerance: inf is not a finite number"),
+    "warm-up longer than the run": (lambda c: c["recipes"]["demo"].update({"warmup_iters": 245}),
+                                    "recipes.demo.warmup_iters = 245 >= its 245 iterations"),
 }
 
 
@@ -197,3 +212,30 @@ def test_bad_config_stops_snakemake_before_any_job(kind, tmp_path):
     assert expected in output, output[-3000:]
     assert "Job stats" not in output and "rule " not in output, output[-3000:]  # no job was planned
     assert not (work / "results").exists()
+
+
+def test_duplicate_key_in_a_configfile_stops_snakemake(tmp_path):
+    """Snakemake reads --configfile itself and keeps the last of two equal keys; the Snakefile
+    re-reads every config file strictly."""
+    text = (ROOT / "config" / "demo.yaml").read_text()
+    first = text.splitlines().index("scales:") + 1
+    path = tmp_path / "twice.yaml"
+    path.write_text(text + "\nscales:\n  tiny: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 192, num_attention_heads: 4}\n")
+    second = len(text.splitlines()) + 2
+    work = tmp_path / "work"
+    proc = snakemake("-n", "-s", str(ROOT / "Snakefile"), "-d", str(work), "--configfile", str(path), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and f"duplicate key 'scales' on lines {first} and {second}" in output, output[-3000:]
+    assert "Job stats" not in output and not (work / "results").exists()
+
+
+def test_plan_fails_on_a_tokenizer_that_is_not_there(tmp_path):
+    """`snakemake plan` (not only -n) stops at config loading, before writing a plan."""
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    config["tokenizer"] = {"path": str(tmp_path / "no-tokenizer")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = snakemake("plan", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path / "work"), "-c1",
+                     "--configfile", str(path), check=False)
+    assert proc.returncode == 1 and "tokenizer.path:" in proc.stdout + proc.stderr
+    assert not (tmp_path / "work" / "results").exists()

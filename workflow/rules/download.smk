@@ -10,8 +10,8 @@ rule list_dataset:
         dataset=lambda wc: json.dumps(INDEX.listing_params(wc.dataset)),
     localrule: True
     shell:
-        "{PYTHON} {SCRIPTS}/download.py list --name {wildcards.dataset} --dataset-json {params.dataset:q} "
-        "--out {output} > {log} 2>&1"
+        "{PYTHON} {SCRIPTS:q}/download.py list --name={wildcards.dataset:q} --dataset-json={params.dataset:q} "
+        "--out={output:q} > {log:q} 2>&1"
 
 
 rule download_group:
@@ -26,8 +26,8 @@ rule download_group:
     resources:
         runtime=24 * 60,
     shell:
-        "{PYTHON} {SCRIPTS}/download.py fetch --name {wildcards.dataset} --listing {input.listing} "
-        "--group {wildcards.group} --out-dir {params.out_dir} --manifest {output.manifest} > {log} 2>&1"
+        "{PYTHON} {SCRIPTS:q}/download.py fetch --name={wildcards.dataset:q} --listing={input.listing:q} "
+        "--group={wildcards.group:q} --out-dir={params.out_dir:q} --manifest={output.manifest:q} > {log:q} 2>&1"
 
 
 rule download:

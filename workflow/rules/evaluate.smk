@@ -13,7 +13,7 @@ if INDEX.eval_tasks_marker:
         params:
             out_dir=LAYOUT.eval_tasks_dir(),
         shell:
-            "{PYTHON} {SCRIPTS}/build_eval_tasks.py --manifest {input.corpus} --out {params.out_dir} > {log} 2>&1"
+            "{PYTHON} {SCRIPTS:q}/build_eval_tasks.py --manifest={input.corpus:q} --out={params.out_dir:q} > {log:q} 2>&1"
 
 
 rule evaluate_group:
@@ -28,20 +28,20 @@ rule evaluate_group:
         LAYOUT.log("evaluate", "{run_id}", "iter_{iteration}", "{shots}"),
     params:
         protocol=json.dumps(GRID.protocol),
-        include=f"--include-path {LAYOUT.eval_tasks_dir()}" if INDEX.eval_tasks_marker else "",
+        include=[f"--include-path={LAYOUT.eval_tasks_dir()}"] if INDEX.eval_tasks_marker else [],
         batch_size=config["evaluation"]["batch_size"],
         device=config["evaluation"]["device"],
         dtype=config["evaluation"]["dtype"],
-        limit=f"--limit {config['evaluation']['limit']}" if config["evaluation"]["limit"] else "",
+        limit=[f"--limit={config['evaluation']['limit']}"] if config["evaluation"]["limit"] else [],
         hf_home=INDEX.eval_hf_home,
     threads: config["cluster"]["eval_resources"]["cpus"]
     resources:
         **INDEX.eval_resources,
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS}/evaluate.py --hf-dir {input.hf} --run-json {input.run} --iteration {wildcards.iteration} "
-        "--group {wildcards.shots} --tasks-json {params.protocol:q} {params.include} --batch-size {params.batch_size} "
-        "--device {params.device} --dtype {params.dtype} {params.limit} --hf-home {params.hf_home} "
-        "--out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS:q}/evaluate.py --hf-dir={input.hf:q} --run-json={input.run:q} "
+        "--iteration={wildcards.iteration:q} --group={wildcards.shots:q} --tasks-json={params.protocol:q} {params.include:q} "
+        "--batch-size={params.batch_size:q} --device={params.device:q} --dtype={params.dtype:q} {params.limit:q} "
+        "--hf-home={params.hf_home:q} --out={output:q} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -62,5 +62,5 @@ rule prefetch_eval_data:
         hf_home=INDEX.eval_hf_home,
     localrule: True
     shell:
-        "{PYTHON} {SCRIPTS}/prefetch_eval_data.py --tasks-json {params.protocol:q} --hf-home {params.hf_home} "
-        "--out {output} > {log} 2>&1"
+        "{PYTHON} {SCRIPTS:q}/prefetch_eval_data.py --tasks-json={params.protocol:q} --hf-home={params.hf_home:q} "
+        "--out={output:q} > {log:q} 2>&1"

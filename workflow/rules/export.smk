@@ -18,8 +18,9 @@ rule export_hf:
         runtime=60,
         mem_mb=32000,
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS}/export_hf.py --run-json {input.run} --iteration {wildcards.iteration} "
-        "--out {output} --dtype {params.dtype} --tolerance {params.tolerance} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS:q}/export_hf.py --run-json={input.run:q} "
+        "--iteration={wildcards.iteration:q} --out={output:q} --dtype={params.dtype:q} --tolerance={params.tolerance:q} "
+        "> {log:q} 2>&1"
 
 
 rule export:

@@ -21,9 +21,9 @@ rule tokenize_group:
         fmt=lambda wc: INDEX.dataset_block(wc.dataset)["format"],
         text_field=lambda wc: INDEX.dataset_block(wc.dataset)["text_field"],
         max_docs=lambda wc: (
-            f"--max-documents {INDEX.dataset_block(wc.dataset)['max_documents']}"
+            [f"--max-documents={INDEX.dataset_block(wc.dataset)['max_documents']}"]
             if INDEX.dataset_block(wc.dataset)["max_documents"]
-            else ""
+            else []
         ),
         tokenizer=repo_relative(config["tokenizer"]["path"]),
         sha256=config["tokenizer"]["sha256"],
@@ -36,11 +36,11 @@ rule tokenize_group:
         mem_mb=8000,
     shell:
         # one single-threaded worker process per core; the output does not depend on their number
-        "RAYON_NUM_THREADS=1 {PYTHON} {SCRIPTS}/tokenize_group.py --manifest {input.manifest} "
-        "--format {params.fmt} --text-field {params.text_field} --tokenizer {params.tokenizer} "
-        "--tokenizer-sha256 {params.sha256} --eod-id {params.eod} {params.max_docs} "
-        "--workers {threads} --backend {params.backend} --verify-documents {params.verify_documents} {BAD_DOCUMENTS_ARGS} "
-        "--out-prefix {params.prefix} --stats {output.stats} > {log} 2>&1"
+        "RAYON_NUM_THREADS=1 {PYTHON} {SCRIPTS:q}/tokenize_group.py --manifest={input.manifest:q} "
+        "--format={params.fmt:q} --text-field={params.text_field:q} --tokenizer={params.tokenizer:q} "
+        "--tokenizer-sha256={params.sha256:q} --eod-id={params.eod:q} {params.max_docs:q} "
+        "--workers={threads} --backend={params.backend:q} --verify-documents={params.verify_documents:q} {BAD_DOCUMENTS_ARGS} "
+        "--out-prefix={params.prefix:q} --stats={output.stats:q} > {log:q} 2>&1"
 
 
 rule tokenized_dataset_manifest:
@@ -52,7 +52,7 @@ rule tokenized_dataset_manifest:
         LAYOUT.log("tokenize", "{dataset}", "manifest"),
     localrule: True
     shell:
-        "{PYTHON} {SCRIPTS}/dataset_manifest.py --out {output} {input.stats} > {log} 2>&1"
+        "{PYTHON} {SCRIPTS:q}/dataset_manifest.py --out={output:q} {input.stats:q} > {log:q} 2>&1"
 
 
 rule tokenize:

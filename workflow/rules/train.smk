@@ -41,8 +41,9 @@ rule train_segment:
         mem_mb=lambda wc: INDEX.train_resources(wc.run_id)["mem_mb"],
         cpus_per_task=lambda wc: INDEX.train_resources(wc.run_id)["cpus_per_task"],
     shell:
-        "{params.env} {params.launcher} {SCRIPTS}/train.py --run-json {input.run} "
-        "--until {params.until} --marker {output} > {log} 2>&1"
+        # env and launcher are command words, quoted where they are built (osref/workflow.py)
+        "{params.env} {params.launcher} {SCRIPTS:q}/train.py --run-json={input.run:q} "
+        "--until={params.until:q} --marker={output:q} > {log:q} 2>&1"
 
 
 rule train:
