@@ -7,10 +7,11 @@
 #   {runs}/{run_id}/train/segment_{i}.json       one marker per training job
 #   {runs}/{run_id}/hf/iter_{i}/                 Hugging Face exports (parity-checked)
 #   {runs}/{run_id}/eval/iter_{i}/{k}shot.json   lm-eval results per shot group
+#   {runs}/released/{name}/...                   released checkpoints: listing, fetched/, hf/, eval/
 #   {results}/plan.csv, {results}/report/        the plan and the report
 #
 # Without --configfile the release grid (config/config.yaml) is used; the demo is
-# `snakemake --configfile config/demo.yaml`.
+# `snakemake --configfile config/demo.yaml`; the released checkpoints `--configfile config/released.yaml`.
 
 from snakemake.utils import min_version
 
@@ -22,7 +23,7 @@ import yaml
 
 from osref.grid import load_grid, plan_rows
 from osref.config import repo_relative
-from osref.workflow import WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
+from osref.workflow import EVALUATE_WILDCARD_CONSTRAINTS, WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
 
 if "experiments" not in config:
     _release = yaml.safe_load(open(repo_path("config", "config.yaml")))
@@ -47,11 +48,13 @@ include: "workflow/rules/export.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/plan.smk"
+include: "workflow/rules/released.smk"
 
 
 rule all:
     default_target: True
     input:
-        rules.report.output,
+        rules.report.output if GRID.runs else [],
         rules.plan.output,
         [LAYOUT.tokenized_manifest(d) for d in GRID.datasets_in_use],
+        INDEX.released_results,

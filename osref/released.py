@@ -431,6 +431,12 @@ def convert_released(
         dtype = stored_dtypes[0]
     save_dtype = getattr(torch, dtype)
     remote_code = sorted(src.glob("*.py"))
+    fetched = src / "manifest.json"  # written by the fetch job (osref.released_hub.fetch_revision)
+    if source_commit is None and fetched.is_file():
+        manifest = json.loads(fetched.read_text())
+        if revision is not None and manifest.get("revision") not in (None, revision):
+            raise ReleasedFormatError(f"{src}: fetched revision {manifest.get('revision')!r}, converting as {revision!r}")
+        source_commit = manifest.get("commit")
 
     eod = int(config.get("eos_token_id", 0))
     tokenizer_info = {"eod_id": eod}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import released_repo  # tests/ is on sys.path under pytest
 from osref import released, remote_code
 
 HIDDEN, HEADS, LAYERS, FFN, VOCAB, THETA, EPS = 64, 4, 2, 96, 256, 10000.0, 1e-5
@@ -34,48 +35,14 @@ def executed_marker(tmp_path, monkeypatch) -> Path:
 
 
 def released_config(**overrides) -> dict:
-    config = {
-        "_name_or_path": "/leonardo/.../hf/iter_0072661",
-        "architectures": ["OpensciForCausalLM"], "model_type": "opensci",
-        "auto_map": {"AutoConfig": "configuration_opensci.OpensciConfig",
-                     "AutoModelForCausalLM": "modeling_opensci.OpensciForCausalLM"},
-        "attention_bias": True, "mlp_bias": True, "attention_dropout": 0.1, "bos_token_id": 0, "eos_token_id": 0,
-        "hidden_act": "silu", "hidden_size": HIDDEN, "intermediate_size": FFN, "initializer_range": 0.02,
-        "layer_norm_eps": EPS, "rms_norm_eps": EPS, "max_position_embeddings": 128, "num_attention_heads": HEADS,
-        "num_hidden_layers": LAYERS, "num_key_value_heads": 1,  # as megatron's num_query_groups=1 for MHA
-        "pretraining_tp": 1, "qk_layernorm": True, "rope_scaling": None, "rope_theta": THETA,
-        "tie_word_embeddings": True, "torch_dtype": "float32", "transformers_version": "4.49.0",
-        "use_cache": True, "vocab_size": VOCAB,
-    }
-    config.update(overrides)
-    return config
+    """A released config.json of the test shape (fp32, 128 positions); tests/released_repo.py has the layout."""
+    return released_repo.released_config(HIDDEN, HEADS, LAYERS, FFN, VOCAB, iteration=72661, **{
+        "max_position_embeddings": 128, "torch_dtype": "float32", "rope_theta": THETA, "rms_norm_eps": EPS,
+        "layer_norm_eps": EPS, **overrides})
 
 
 def random_released_tensors(kv_heads: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    def norm(n):
-        return 1.0 + rand(n, scale=0.3)
-
-    kv = kv_heads * HEAD_DIM
-    t = {"model.embed_tokens.weight": rand(VOCAB, HIDDEN, scale=1.0), "model.norm.weight": norm(HIDDEN)}
-    for n in range(LAYERS):
-        p = f"model.layers.{n}."
-        for name, rows, cols in (("self_attn.q_proj", HIDDEN, HIDDEN), ("self_attn.k_proj", kv, HIDDEN),
-                                 ("self_attn.v_proj", kv, HIDDEN), ("self_attn.o_proj", HIDDEN, HIDDEN),
-                                 ("mlp.gate_proj", FFN, HIDDEN), ("mlp.up_proj", FFN, HIDDEN),
-                                 ("mlp.down_proj", HIDDEN, FFN)):
-            t[p + name + ".weight"] = rand(rows, cols)
-            t[p + name + ".bias"] = rand(rows)
-        t[p + "input_layernorm.weight"] = norm(HIDDEN)
-        t[p + "post_attention_layernorm.weight"] = norm(HIDDEN)
-        t[p + "self_attn.q_layernorm.weight"] = norm(HEAD_DIM)
-        t[p + "self_attn.k_layernorm.weight"] = norm(HEAD_DIM)
-    t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()  # tied copy, as some exports store it
-    return t
+    return released_repo.released_tensors(HIDDEN, HEADS, LAYERS, FFN, VOCAB, kv_heads=kv_heads, seed=seed)
 
 
 def write_released(directory: Path, config: dict, tensors: dict[str, torch.Tensor], modeling: str | None = MODELING) -> Path:

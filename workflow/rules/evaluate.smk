@@ -16,7 +16,11 @@ if INDEX.eval_tasks_marker:
             "{PYTHON} {SCRIPTS}/build_eval_tasks.py --manifest {input.corpus} --out {params.out_dir} > {log} 2>&1"
 
 
+# Also evaluates released checkpoints (run_id "released/{name}", workflow/rules/released.smk) and
+# their extra tasks (shots "extra-{task}-{k}shot", one task per file).
 rule evaluate_group:
+    wildcard_constraints:
+        **EVALUATE_WILDCARD_CONSTRAINTS,
     input:
         hf=LAYOUT.hf_dir("{run_id}", "{iteration}"),
         run=LAYOUT.run_json("{run_id}"),
@@ -27,7 +31,7 @@ rule evaluate_group:
     log:
         LAYOUT.log("evaluate", "{run_id}", "iter_{iteration}", "{shots}"),
     params:
-        protocol=json.dumps(GRID.protocol),
+        protocol=lambda wc: INDEX.eval_tasks_json(wc.run_id, wc.shots),
         include=f"--include-path {LAYOUT.eval_tasks_dir()}" if INDEX.eval_tasks_marker else "",
         batch_size=config["evaluation"]["batch_size"],
         device=config["evaluation"]["device"],
@@ -58,7 +62,7 @@ rule prefetch_eval_data:
     log:
         LAYOUT.log("evaluate", "prefetch_eval_data"),
     params:
-        protocol=json.dumps(GRID.protocol),
+        protocol=INDEX.prefetch_tasks_json,
         hf_home=INDEX.eval_hf_home,
     localrule: True
     shell:
