@@ -57,4 +57,5 @@ rule all:
         rules.report.output if GRID.runs else [],
         rules.plan.output,
         [LAYOUT.tokenized_manifest(d) for d in GRID.datasets_in_use],
+        INDEX.released_evaluations,  # listed, not only behind released_results: a new one is always made
         INDEX.released_results,

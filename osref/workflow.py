@@ -229,10 +229,14 @@ class WorkflowIndex:
     @cached_property
     def prefetch_tasks_json(self) -> str:
         """Every task whose data evaluation jobs need: the protocol, then the released extra tasks."""
-        extra = [t for tasks in self.released_groups.values() for t in tasks if t not in self.grid.protocol]
-        names = {t["task"] for t in self.grid.protocol}
-        extra = [t for t in extra if t["task"] not in names and not names.add(t["task"])]
-        return json.dumps(self.grid.protocol + extra)
+        tasks = list(self.grid.protocol)
+        names = {t["task"] for t in tasks}
+        for group, group_tasks in self.released_groups.items():
+            for task in group_tasks:
+                if parse_group(group)[1] is not None and task["task"] not in names:  # one prefetch per dataset
+                    tasks.append(task)
+                    names.add(task["task"])
+        return json.dumps(tasks)
 
     # ---- released checkpoints ----------------------------------------------------------------------
     @cached_property

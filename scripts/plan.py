@@ -6,7 +6,7 @@ checkpoints, bytes to download, GPU-hours of evaluation) and prints a summary:
 
     snakemake plan                                   # the release grid → results/plan.csv
     snakemake plan --configfile config/demo.yaml     # the demo → results/demo/plan.csv
-    snakemake plan --configfile config/released.yaml # re-evaluating the released checkpoints
+    snakemake plan --configfile config/released.yaml --cores 1   # re-evaluating the released checkpoints
     python scripts/plan.py --config config/config.yaml --out /tmp/plan.csv   # without Snakemake
 """
 
@@ -40,8 +40,9 @@ def summary(rows: list[dict]) -> str:
     trained = [r for r in rows if r.get("source", "train") == "train"]
     released = [r for r in rows if r.get("source") == "released"]
     total_h = sum(r["gpu_hours"] for r in trained)
-    lines.append(f"{len(trained)} runs, {sum(r['flops'] for r in trained):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
-                 f"{sum(r['jobs'] for r in trained)} training/export/eval jobs")
+    if trained or not released:
+        lines.append(f"{len(trained)} runs, {sum(r['flops'] for r in trained):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
+                     f"{sum(r['jobs'] for r in trained)} training/export/eval jobs")
     if released:
         inferred = sum(r["repo_status"] == "inferred" for r in released)
         lines.append(

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -171,7 +172,7 @@ def test_released_plan_says_what_it_costs():
 
 TINY_REPO = "open-sci/open-sci-ref-v0.01-tiny-synthetic-40-4096"
 ITERATIONS, FINAL = (10, 20, 30), 40
-GROUPS = ("0shot", "2shot", "extra-demo_lastword-1shot")
+GROUPS = ("2shot", "extra-demo_lastword-0shot")  # the protocol's one shot group, one extra task
 
 
 def e2e_config(tmp_path: Path) -> Path:
@@ -179,11 +180,13 @@ def e2e_config(tmp_path: Path) -> Path:
     config["experiments"] = []
     config["paths"] = {"data": str(tmp_path / "data"), "runs": str(tmp_path / "runs"), "results": str(tmp_path / "results")}
     config["evaluation"]["limit"] = 8
+    # one protocol task and one extra task keep the test to 8 lm-eval jobs (each starts in ~15 s)
+    config["evaluation"]["protocols"]["demo"] = [{"task": "demo_continuation", "shots": 2, "metric": "acc_norm"}]
     config["released"] = {
         "models": [{"name": "tiny-synthetic", "repo": TINY_REPO, "save_interval": 10, "train_iters": FINAL,
                     "global_batch_size": 8, "seq_length": 128, "params": 3_300_000}],
         "iterations": "all",
-        "extra_tasks": [{"task": "demo_lastword", "shots": 1, "metric": "perplexity", "in_average": False}],
+        "extra_tasks": [{"task": "demo_lastword", "shots": 0, "metric": "perplexity", "in_average": False}],
         "keep": "converted",
     }
     path = tmp_path / "released-e2e.yaml"
@@ -200,10 +203,48 @@ def test_small_released_config_dry_run_and_extra_task_files(tmp_path):
     assert {k: counts[k] for k in ("list_released", "released_run_config", "fetch_released", "convert_released",
                                    "evaluate_group", "released_results")} == {
         "list_released": 1, "released_run_config": 1, "fetch_released": 4, "convert_released": 4,
-        "evaluate_group": 12, "released_results": 1}
+        "evaluate_group": 8, "released_results": 1}
     assert "train_segment" not in counts and "export_hf" not in counts and "report" not in counts
-    extra = next(b for b in proc.stdout.split("rule evaluate_group:")[1:] if "shots=extra-demo_lastword-1shot" in b)
-    assert "run_id=released/tiny-synthetic" in extra and "eval/iter_" in extra and "extra-demo_lastword-1shot.json" in extra
+    extra = next(b for b in proc.stdout.split("rule evaluate_group:")[1:] if "shots=extra-demo_lastword-0shot" in b)
+    assert "run_id=released/tiny-synthetic" in extra and "eval/iter_" in extra and "extra-demo_lastword-0shot.json" in extra
+
+
+def test_adding_an_extra_task_evaluates_only_its_new_files(tmp_path):
+    """Done evaluations stay done when an extra task is added: its data is prefetched again (the
+    prefetch marker is an ancient() input of the evaluations, so its new mtime re-runs nothing), and
+    its files are planned because `all` lists every evaluation (not only through released_results),
+    whatever the rerun triggers. Nothing is fetched or converted again."""
+    from osref.workflow import WorkflowIndex
+
+    smoke = yaml.safe_load((ROOT / "config" / "released_smoke.yaml").read_text())
+    work = tmp_path / "work"
+    index = WorkflowIndex(load_grid(copy.deepcopy(smoke)))
+    layout = index.layout
+    prefetched = work / index.eval_hf_home / "prefetched.json"
+    done = [*index.released_listings, *(layout.run_json(m.run_id) for m in index.grid.released.values()),
+            *index.released_evaluations, *index.released_results, layout.plan_csv()]
+    for path in [*(work / p for p in done), prefetched]:  # a finished smoke run, as far as Snakemake can tell
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    for path in index.released_exports:
+        (work / path).mkdir(parents=True)
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(smoke))
+    common = ["-s", str(ROOT / "Snakefile"), "-d", str(work), "--cores", "1", "--configfile", str(config),
+              "--rerun-triggers", "mtime"]
+    snakemake("--touch", "-q", *common, env={"HF_HUB_OFFLINE": "1"})
+    assert "Nothing to be done" in snakemake("-n", *common, env={"HF_HUB_OFFLINE": "1"}).stdout
+
+    smoke["released"]["extra_tasks"] = [{"task": "sciq", "shots": 0, "metric": "acc_norm"}]
+    config.write_text(yaml.safe_dump(smoke))
+    future = prefetched.stat().st_mtime + 60
+    prefetched.write_text('{"tasks": ["sciq"]}')  # the new task's data was just prefetched
+    os.utime(prefetched, (future, future))
+    proc = snakemake("-n", *common, env={"HF_HUB_OFFLINE": "1"})
+    counts = job_counts(proc.stdout)
+    assert counts.get("evaluate_group") == 2, proc.stdout[-3000:]  # the two revisions' extra-sciq-0shot.json
+    assert set(counts) <= {"evaluate_group", "released_results", "all"}
+    assert proc.stdout.count("shots=extra-sciq-0shot") == 2
 
 
 def test_evaluate_script_selects_one_extra_task_by_its_file_name():
@@ -253,18 +294,19 @@ def test_released_checkpoints_end_to_end(tmp_path):
                 payload = json.loads((released / "eval" / f"iter_{iteration:07d}" / f"{group}.json").read_text())
                 assert (payload["run_id"], payload["iteration"]) == ("released/tiny-synthetic", iteration)
                 assert payload["tokens_seen"] == iteration * 8 * 128
-                expected = {"0shot": {"demo_lastword"}, "2shot": {"demo_continuation"},
-                            "extra-demo_lastword-1shot": {"demo_lastword"}}[group]
+                expected = {"2shot": {"demo_continuation"}, "extra-demo_lastword-0shot": {"demo_lastword"}}[group]
                 assert set(payload["tasks"]) == expected
-                assert payload["num_fewshot"] == {"0shot": 0, "2shot": 2, "extra-demo_lastword-1shot": 1}[group]
+                assert payload["num_fewshot"] == {"2shot": 2, "extra-demo_lastword-0shot": 0}[group]
                 for score in payload["tasks"].values():
                     assert isinstance(score["value"], float) and score["n_samples"] == 8
         assert not (released / "fetched").exists() or not list((released / "fetched").iterdir())
         with open(tmp_path / "results" / "released" / "results.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         cells = {(int(r["iteration"]), r["task"], r["shots"]) for r in rows if r["task"] != "avg"}
-        assert cells == {(i, t, s) for i in (*ITERATIONS, FINAL)
-                         for t, s in (("demo_lastword", "0"), ("demo_continuation", "2"), ("demo_lastword", "1"))}
+        assert cells == {(i, t, s) for i in (*ITERATIONS, FINAL) for t, s in (("demo_continuation", "2"), ("demo_lastword", "0"))}
+        averages = [r for r in rows if r["task"] == "avg"]  # the protocol's in-average task only, not the extra
+        assert len(averages) == 4 and all(a["value"] == c["value"] for a, c in zip(
+            averages, [r for r in rows if r["task"] == "demo_continuation"]))
         assert {r["source"] for r in rows} == {"released"}
         assert (tmp_path / "results" / "released" / "reproduction.csv").is_file()  # no published demo tasks: header only
         # every download asked for a listed commit; branch names were used only by the listing's config read

@@ -25,7 +25,8 @@ rule evaluate_group:
         hf=LAYOUT.hf_dir("{run_id}", "{iteration}"),
         run=LAYOUT.run_json("{run_id}"),
         tasks=INDEX.eval_tasks_marker,
-        prefetched=INDEX.prefetch_marker,
+        # ancient: prefetching again (a new extra task) must not re-run the evaluations already done
+        prefetched=ancient(INDEX.prefetch_marker),
     output:
         LAYOUT.eval_json("{run_id}", "{iteration}", "{shots}"),
     log:
