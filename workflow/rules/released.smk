@@ -75,7 +75,7 @@ rule convert_released:
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS}/convert_released.py --src {input.fetched:q} --out {output:q} "
         "--repo {params.repo:q} --revision {params.revision:q} --iteration {wildcards.iteration} "
-        "--tolerance {params.tolerance} > {log:q} 2>&1"
+        "--tolerance {params.tolerance:q} > {log:q} 2>&1"
 
 
 rule released_results:
