@@ -7,10 +7,11 @@
 #   {runs}/{run_id}/train/segment_{i}.json       one marker per training job
 #   {runs}/{run_id}/hf/iter_{i}/                 Hugging Face exports (parity-checked)
 #   {runs}/{run_id}/eval/iter_{i}/{k}shot.json   lm-eval results per shot group
+#   {runs}/released/{name}/...                   released checkpoints: listing, fetched/, hf/, eval/
 #   {results}/plan.csv, {results}/report/        the plan and the report
 #
 # Without --configfile the release grid (config/config.yaml) is used; the demo is
-# `snakemake --configfile config/demo.yaml`.
+# `snakemake --configfile config/demo.yaml`; the released checkpoints `--configfile config/released.yaml`.
 
 from snakemake.utils import min_version
 
@@ -20,7 +21,7 @@ import json
 
 from osref.grid import load_grid
 from osref.config import check_config_files, read_yaml, repo_relative
-from osref.workflow import WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
+from osref.workflow import EVALUATE_WILDCARD_CONSTRAINTS, WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
 
 check_config_files(workflow.configfiles)  # Snakemake's own reading keeps the last of two equal keys
 if "experiments" not in config:
@@ -46,6 +47,7 @@ include: "workflow/rules/export.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/plan.smk"
+include: "workflow/rules/released.smk"
 
 
 # Exports and evaluations are targets in their own right: Snakemake does not rebuild a missing
@@ -54,8 +56,10 @@ include: "workflow/rules/plan.smk"
 rule all:
     default_target: True
     input:
-        rules.report.output,
+        rules.report.output if GRID.runs else [],
         rules.plan.output,
         [LAYOUT.tokenized_manifest(d) for d in GRID.datasets_in_use],
         INDEX.exports,
         INDEX.evaluations,
+        INDEX.released_evaluations,  # listed, not only behind released_results: a new one is always made
+        INDEX.released_results,

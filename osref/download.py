@@ -309,7 +309,7 @@ def _fetch_hub(name: str, listing: dict, entry: dict, out_dir: Path, progress: _
         hf_hub_download(
             listing["repo_id"],
             entry["path"],
-            repo_type="dataset",
+            repo_type=listing.get("repo_type", "dataset"),  # "model": a released checkpoint (osref.released_hub)
             revision=listing["revision"],
             local_dir=out_dir,
             endpoint=_hub_endpoint(),

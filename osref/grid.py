@@ -97,6 +97,7 @@ class Grid:
     config: dict[str, Any]
     runs: dict[str, Run]
     layout: Layout
+    released: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> ReleasedModel (osref.released_models)
 
     @cached_property
     def protocol(self) -> list[dict[str, Any]]:
@@ -432,7 +433,12 @@ def expand_grid(config: dict[str, Any]) -> Grid:
         }
         chosen |= {runs[rid].parent_run for rid in chosen if runs[rid].parent_run}  # a branch needs its parent
         runs = {rid: r for rid, r in runs.items() if rid in chosen}
-    return Grid(config=config, runs=runs, layout=Layout.from_config(config))
+    from osref.released_models import build_released  # noqa: PLC0415 (it imports this module)
+
+    released = build_released(config)
+    if not config["experiments"] and not released:
+        raise ConfigError("experiments: empty, and released.models names no released model: nothing to plan")
+    return Grid(config=config, runs=runs, layout=Layout.from_config(config), released=released)
 
 
 def load_grid(config: dict[str, Any] | str | Path) -> Grid:
@@ -535,6 +541,7 @@ PLAN_COLUMNS = [
     "walltime", "evaluated_checkpoints", "data_groups", "dataset_groups", "shard_groups",
     "dataset_tokens", "dataset_tokens_source", "epochs", "warning",
     "branch_of", "branch_iteration", "trained_iters",
+    "source", "revisions", "download_bytes", "download_bytes_source", "eval_gpu_hours", "repo", "repo_status",
 ]
 
 
@@ -578,6 +585,9 @@ def dataset_tokens(grid: Grid, dataset: str, groups: list[int] | None = None,
 
 
 def plan_rows(grid: Grid) -> list[dict[str, Any]]:
+    """One row per training run, then one per released model (``source`` train / released)."""
+    from osref.released_models import evaluation_gpu_hours  # noqa: PLC0415
+
     n_groups = len(grid.groups)
     warn_epochs = grid.config["plan"]["warn_epochs"]
     counted = {d: _counted_group_tokens(grid, d) for d in grid.datasets_in_use}
@@ -639,5 +649,14 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
             "branch_of": run.parent_run or "",
             "branch_iteration": run.branch_iteration or "",
             "trained_iters": run.trained_iters,
+            "source": "train",
+            "revisions": "",
+            "download_bytes": "",
+            "download_bytes_source": "",
+            "eval_gpu_hours": round(evaluation_gpu_hours(grid.config, run.params, len(run.eval_iters), n_groups), 1),
+            "repo": "",
+            "repo_status": "",
         })
-    return rows
+    from osref.released_models import released_plan_rows  # noqa: PLC0415
+
+    return rows + released_plan_rows(grid)

@@ -15,7 +15,11 @@ or Snakemake wildcards (``"{run_id}"``), which is how the rules build their patt
     {runs}/{run_id}/train.lock                     held by the running segment (osref.training, osref.locks)
     {runs}/{run_id}/hf/iter_{i}/                   Hugging Face export of checkpoint i (.iter_{i}.lock while written)
     {runs}/{run_id}/eval/iter_{i}/{group}.json     lm-eval results of one shot group
+    {runs}/released/{name}/listing.json            refs of a released model's hub repo (resolved commits)
+    {runs}/released/{name}/fetched/iter_{i}/       one downloaded revision (deleted once converted, by default)
+    {runs}/released/{name}/run.json|hf/|eval/      as for our runs, with run_id "released/{name}"
     {results}/plan.csv, {results}/report/          the plan and the report
+    {results}/released/results.csv|reproduction.csv  released evaluations, next to the published values
     {results}/logs/{stage}/...                     one log per job
 """
 
@@ -102,6 +106,19 @@ class Layout:
 
     def valid_metrics(self, run_id: str) -> str:
         return f"{self.runs}/{run_id}/logs/valid_metrics.jsonl"
+
+    # ---- released checkpoints (run_id "released/{name}" for run_json, hf_dir, eval_json) ---------
+    def released_run(self, name: str) -> str:
+        return f"released/{name}"
+
+    def released_listing(self, name: str) -> str:
+        return f"{self.runs}/released/{name}/listing.json"
+
+    def released_fetch_dir(self, name: str, iteration: int | str) -> str:
+        return f"{self.runs}/released/{name}/fetched/iter_{fmt_iter(iteration)}"
+
+    def released_results_dir(self) -> str:
+        return f"{self.results}/released"
 
     # ---- results -------------------------------------------------------------------------
     def plan_csv(self) -> str:

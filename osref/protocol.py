@@ -49,6 +49,15 @@ def lm_eval_task_names() -> frozenset[str]:
     return frozenset(names)
 
 
+def task_problem(name: str, evaluation: dict[str, Any], where: str) -> str | None:
+    """Why ``name`` is not a task lm-eval (or, with ``evaluation.local_tasks``, the demo) knows; None if it is."""
+    local = evaluation.get("local_tasks") is not None
+    if (local and name in LOCAL_DEMO_TASKS) or name in OPEN_SCI_REF_TASKS or name in lm_eval_task_names():
+        return None
+    hint = " (local demo tasks need evaluation.local_tasks)" if name in LOCAL_DEMO_TASKS else ""
+    return f"{where}: unknown eval task {name!r}{hint}"
+
+
 def check_tasks(tasks: list[dict[str, Any]], evaluation: dict[str, Any]) -> list[str]:
     problems = []
     seen = set()
@@ -58,11 +67,19 @@ def check_tasks(tasks: list[dict[str, Any]], evaluation: dict[str, Any]) -> list
         if name in seen:
             problems.append(f"{where}: task {name!r} listed twice")
         seen.add(name)
-        local = evaluation.get("local_tasks") is not None
-        if local and name in LOCAL_DEMO_TASKS:
-            continue
-        if name in OPEN_SCI_REF_TASKS or name in lm_eval_task_names():
-            continue
-        hint = " (local demo tasks need evaluation.local_tasks)" if name in LOCAL_DEMO_TASKS else ""
-        problems.append(f"{where}: unknown eval task {name!r}{hint}")
+        if (problem := task_problem(name, evaluation, where)) is not None:
+            problems.append(problem)
     return problems
+
+
+EXTRA_GROUP = re.compile(r"^extra-(?P<task>[A-Za-z0-9_.\-]+)-(?P<shots>\d+)shot$")
+
+
+def parse_group(group: str) -> tuple[int, str | None]:
+    """(shots, task) of an evaluation file name: ``5shot`` -> (5, None); ``extra-mmlu_pro-5shot`` ->
+    (5, "mmlu_pro"), the one-task file of an extra task (osref.released_models.extra_group_name)."""
+    if match := re.fullmatch(r"(\d+)shot", group):
+        return int(match.group(1)), None
+    if match := EXTRA_GROUP.match(group):
+        return int(match.group("shots")), match.group("task")
+    raise ValueError(f"evaluation group {group!r}: expected '<k>shot' or 'extra-<task>-<k>shot'")

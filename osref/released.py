@@ -25,11 +25,18 @@ plus per-head QK norms kept under Megatron's names)::
     lm_head.weight (tied; may be absent, must equal the embedding if present)   -> dropped
     model.rotary_emb.inv_freq (non-persistent; old files may hold it)           -> dropped
 
-Assumption, not verified on real weights here: ``q_layernorm``/``k_layernorm`` hold the weights of
-Megatron's per-head RMSNorm (the model was trained with ``--normalization RMSNorm --qk-layernorm``).
-Drafts of the public remote code apply them as ``nn.LayerNorm(head_dim, bias=False)``, which also
-subtracts the mean; ``HYV3`` applies RMSNorm, i.e. what training computed. Comparing one converted
-model against the released remote code on real weights (transformers 4.48, network needed) settles it.
+The QK norms: ``HYV3`` applies a per-head RMSNorm with the block's eps, which is what training
+computed (``--normalization RMSNorm --qk-layernorm``). What the *released* code applies is read from
+the checkpoint's own ``modeling_opensci.py`` by :func:`osref.remote_code.read_qk_norm` (parsed with
+``ast``, never imported or run; drafts of that code used ``nn.LayerNorm(head_dim, bias=False)``,
+which also subtracts the mean). The conversion goes ahead only for a per-head RMSNorm whose eps
+equals ``rms_norm_eps``, and refuses anything else, naming the declaration. The remote-code files are
+copied into the export's ``released_remote_code/`` (with their sha256 in ``provenance.json``) for
+provenance; nothing loads them from there.
+
+After conversion, a reference forward pass written from the architecture (with the declared QK norm,
+in fp32, on the released tensors themselves) must reproduce the exported model's logits within
+``tolerance``: the same kind of gate as our own exports' parity check.
 
 The KV-head count is taken from the tensors (``k_proj`` rows / head_dim), because the Megatron
 checkpoints behind the release store ``num_query_groups=1`` for plain multi-head attention and a
@@ -42,7 +49,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,7 @@ import torch
 
 from osref import export
 from osref.model_spec import ModelSpec
+from osref.remote_code import QKNorm, RemoteCodeError, modeling_file, read_qk_norm
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +84,9 @@ _RENAMED_LAYER_SUFFIXES = {"self_attn.q_layernorm.weight": "self_attn.q_norm.wei
                            "self_attn.k_layernorm.weight": "self_attn.k_norm.weight"}
 _DROPPED_KEY_SUFFIX = "rotary_emb.inv_freq"
 _ITERATION_NAME = re.compile(r"iter_(\d{7})")
+REMOTE_CODE_DIR = "released_remote_code"  # where the export keeps the release's .py files (never loaded)
+DEFAULT_TOLERANCE = 1e-3  # max |Δlogit| between the export and the reference forward, fp32
+_GATE_TOKENS = 16
 
 
 class ReleasedFormatError(ValueError):
@@ -238,6 +251,109 @@ def released_to_hf_state_dict(released: dict[str, torch.Tensor], spec: ModelSpec
     return hf
 
 
+# ---- the QK norm the release declares --------------------------------------------------------------
+
+
+def declared_qk_norm(src: Path, config: dict[str, Any], assume: str | None = None) -> QKNorm:
+    """The QK norm of the checkpoint in ``src``, read from its remote code; refuses what HYV3 cannot represent.
+
+    Without a modelling file (a directory that is not a hub download) ``assume="rmsnorm"`` states the
+    assumption explicitly; a config whose ``auto_map`` names a modelling file that is absent is refused.
+    """
+    path = modeling_file(src, config)
+    if path is None:
+        named = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
+        if named:
+            raise ReleasedFormatError(f"{src}: config.json's auto_map names {named!r}, but its modelling file is not "
+                                      "there: the QK norm it declares cannot be read (fetch the .py files too)")
+        if assume != "rmsnorm":
+            raise ReleasedFormatError(f"{src}: no remote code to read the QK norm from; pass assume_qk_norm='rmsnorm' "
+                                      "(--assume-qk-norm rmsnorm) to convert under that assumption")
+        eps = float(config.get("layer_norm_eps", config["rms_norm_eps"]))
+        return QKNorm(kind="rmsnorm", eps=eps, per_head=True, declared="assumed (no remote code)", attributes=())
+    try:
+        norm = read_qk_norm(path.read_text(encoding="utf-8"), config, name=path.name)
+    except RemoteCodeError as error:
+        raise ReleasedFormatError(str(error)) from None
+    where = f"{path.name}: {' / '.join(norm.attributes)} = {norm.declared}"
+    if norm.kind != "rmsnorm":
+        raise ReleasedFormatError(f"{where} is a {norm.kind}; the converter maps QK norms onto a per-head RMSNorm only "
+                                  "(a LayerNorm also subtracts the mean: converting would change the model)")
+    if not norm.per_head:
+        raise ReleasedFormatError(f"{where} normalises across all heads (size hidden_size); the converter needs a "
+                                  "per-head norm over head_dim")
+    if not math.isclose(norm.eps, float(config["rms_norm_eps"]), rel_tol=1e-9):
+        raise ReleasedFormatError(f"{where} has eps {norm.eps:g} but rms_norm_eps is {config['rms_norm_eps']!r}: "
+                                  "the export class has one eps for every norm")
+    return norm
+
+
+# ---- reference forward: the gate after conversion -----------------------------------------------------
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "rmsnorm") -> torch.Tensor:
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; non-interleaved RoPE (pairs i, i + head_dim/2)."""
+    head_dim, seq = x.shape[-1], x.shape[-2]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(seq, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    cos, sin = torch.cat([angles.cos()] * 2, -1).float(), torch.cat([angles.sin()] * 2, -1).float()
+    half = head_dim // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def reference_logits(released: dict[str, torch.Tensor], config: dict[str, Any], ids: torch.Tensor, kv_heads: int,
+                     qk_norm: QKNorm) -> torch.Tensor:
+    """Logits of the opensci block computed from the released tensors as named in the release (fp32).
+
+    Written from the architecture, not from either model class: pre-norm RMSNorm, QK norm (as
+    declared) per head before rotate-half RoPE, causal softmax attention, SwiGLU, optional biases,
+    tied embeddings. Tensors are cast to fp32 one at a time, so no second full copy is held.
+    """
+    heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
+    head_dim, eps, theta = hidden // heads, float(config["rms_norm_eps"]), float(config["rope_theta"])
+    names = {"q": "q_layernorm", "k": "k_layernorm"} if "model.layers.0.self_attn.q_layernorm.weight" in released \
+        else {"q": "q_norm", "k": "k_norm"}
+
+    def w(name: str) -> torch.Tensor:
+        return released[name].float()
+
+    def linear(prefix: str, x: torch.Tensor) -> torch.Tensor:
+        out = x @ w(prefix + ".weight").T
+        return out + w(prefix + ".bias") if prefix + ".bias" in released else out
+
+    batch, seq = ids.shape
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    x = w("model.embed_tokens.weight")[ids]
+    for n in range(int(config["num_hidden_layers"])):
+        p = f"model.layers.{n}."
+        h = _norm(x, w(p + "input_layernorm.weight"), eps)
+        q = linear(p + "self_attn.q_proj", h).view(batch, seq, heads, head_dim).transpose(1, 2)
+        k = linear(p + "self_attn.k_proj", h).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        v = linear(p + "self_attn.v_proj", h).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        q = _rotate_half_rope(_norm(q, w(p + f"self_attn.{names['q']}.weight"), qk_norm.eps, qk_norm.kind), theta)
+        k = _rotate_half_rope(_norm(k, w(p + f"self_attn.{names['k']}.weight"), qk_norm.eps, qk_norm.kind), theta)
+        k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        x = x + linear(p + "self_attn.o_proj", attention.transpose(1, 2).reshape(batch, seq, heads * head_dim))
+        h = _norm(x, w(p + "post_attention_layernorm.weight"), eps)
+        gate, up = linear(p + "mlp.gate_proj", h), linear(p + "mlp.up_proj", h)
+        x = x + linear(p + "mlp.down_proj", torch.nn.functional.silu(gate) * up)
+    head = "lm_head.weight" if "lm_head.weight" in released and not config["tie_word_embeddings"] else "model.embed_tokens.weight"
+    return _norm(x, w("model.norm.weight"), eps) @ w(head).T
+
+
+def gate_tokens(vocab_size: int, n: int = _GATE_TOKENS) -> torch.Tensor:
+    """A fixed pseudo-random token sequence (seed 0) for the reference-forward gate."""
+    return torch.randint(0, vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+
+
 # ---- the conversion ------------------------------------------------------------------------------
 
 
@@ -267,12 +383,19 @@ def convert_released(
     kv_heads: int | None = None,
     dtype: str | None = None,
     tokenizer_dir: str | Path = DEFAULT_TOKENIZER_DIR,
+    expected_iteration: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    assume_qk_norm: str | None = None,
+    source_commit: str | None = None,
 ) -> dict[str, Any]:
     """Write ``out`` (replacing it) from the released checkpoint directory ``src``; return the provenance.
 
-    ``dtype`` None keeps the stored dtype (bf16 for the release). The directory is assembled next to
-    ``out`` and renamed only after a strict reload (no missing/unexpected/mismatched key) and a
-    finite forward pass.
+    ``dtype`` None keeps the stored dtype (bf16 for the release). The QK norm comes from the
+    checkpoint's remote code (parsed, never run; see :func:`declared_qk_norm`). ``expected_iteration``,
+    when given, must be the checkpoint's training iteration (from an ``iter_*`` revision or
+    ``_name_or_path``). The directory is assembled next to ``out`` and renamed only after a strict
+    reload (no missing/unexpected/mismatched key) and the reference-forward gate (max |Δlogit| ≤
+    ``tolerance`` in fp32 against :func:`reference_logits`).
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -283,6 +406,13 @@ def convert_released(
         raise ReleasedFormatError(f"{src}: no config.json")
     config = json.loads(config_path.read_text())
     _check_config_values(config)
+    qk_norm = declared_qk_norm(src, config, assume_qk_norm)
+    iteration = iteration_of(revision, config)
+    if expected_iteration is not None and iteration is not None and iteration != expected_iteration:
+        raise ReleasedFormatError(f"{src}: revision {revision!r} is training iteration {iteration} "
+                                  f"(from its name / config.json _name_or_path), expected {expected_iteration}")
+    if iteration is None:
+        iteration = expected_iteration
     released = read_released_tensors(src)
     kv_heads_in_tensors = kv_heads_from_tensors(released, config)
     if kv_heads is not None and kv_heads != kv_heads_in_tensors:
@@ -300,29 +430,54 @@ def convert_released(
             raise ReleasedFormatError(f"mixed stored dtypes {stored_dtypes}: pass dtype explicitly")
         dtype = stored_dtypes[0]
     save_dtype = getattr(torch, dtype)
+    remote_code = sorted(src.glob("*.py"))
+    fetched = src / "manifest.json"  # written by the fetch job (osref.released_hub.fetch_revision)
+    if source_commit is None and fetched.is_file():
+        manifest = json.loads(fetched.read_text())
+        if revision is not None and manifest.get("revision") not in (None, revision):
+            raise ReleasedFormatError(f"{src}: fetched revision {manifest.get('revision')!r}, converting as {revision!r}")
+        source_commit = manifest.get("commit")
 
     eod = int(config.get("eos_token_id", 0))
     tokenizer_info = {"eod_id": eod}
     with export.atomic_directory(out) as tmp:
         save_file({name: t.to(save_dtype).contiguous() for name, t in hf_state.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del hf_state
         hf_config = export.hf_config_for(spec, tokenizer_info)
         hf_config.dtype = dtype
         export._save_config(hf_config, tmp)
         GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod).save_pretrained(tmp)
         export._copy_tokenizer(Path(tokenizer_dir), tmp)
+        if remote_code:  # kept for provenance only: a subfolder transformers never looks into
+            (tmp / REMOTE_CODE_DIR).mkdir()
+            for path in remote_code:
+                shutil.copy2(path, tmp / REMOTE_CODE_DIR / path.name)
 
+        ids = gate_tokens(spec.vocab_size)
         model = export.load_hf_strict(tmp, torch.float32)
-        logits = export.hf_logits(model, torch.arange(min(8, spec.vocab_size)).unsqueeze(0))
+        with torch.no_grad():
+            logits = export.hf_logits(model, ids)
         del model
         if not torch.isfinite(logits).all():
             raise export.ParityError(f"converted model at {tmp} gives non-finite logits")
+        # the reference sees the weights as saved (a dtype cast included), like the loaded export
+        stored = {k: (t.to(save_dtype) if t.is_floating_point() else t) for k, t in released.items()}
+        with torch.no_grad():
+            expected = reference_logits(stored, config, ids, kv_heads_in_tensors, qk_norm)
+        del stored
+        max_diff = float((logits - expected).abs().max())
+        if not max_diff <= tolerance:
+            raise export.ParityError(f"converted model at {tmp} differs from the reference forward of the released "
+                                     f"tensors: max |Δlogit| {max_diff:.3g} > tolerance {tolerance:g}", max_diff)
+        log.info("reference-forward gate: max |Δlogit| %.3g (tolerance %g, %d tokens)", max_diff, tolerance, ids.numel())
 
         provenance = {
             "converted_from": "released",
             "source_repo": source_repo,
             "revision": revision,
-            "iteration": iteration_of(revision, config),
+            "source_commit": source_commit,
+            "iteration": iteration,
             "source_dir": str(src.resolve()),
             "source_config_sha256": _sha256(config_path),
             "source_weight_files": {p.name: p.stat().st_size for p in safetensors_files(src)},
@@ -332,7 +487,11 @@ def convert_released(
             "dtype": dtype,
             "spec": spec.as_dict(),
             "tensor_renames": dict(_RENAMED_LAYER_SUFFIXES),
-            "assumption": "q_layernorm/k_layernorm are per-head RMSNorm weights (as trained in megatron)",
+            "qk_norm": qk_norm.as_dict(),
+            "remote_code": {p.name: _sha256(p) for p in remote_code},
+            "remote_code_dir": REMOTE_CODE_DIR if remote_code else None,
+            "reference_forward": {"max_abs_logit_diff": max_diff, "tolerance": tolerance, "tokens": ids.numel(),
+                                  "dtype": "float32"},
             "code_version": export._code_version(),
             "libraries": export._library_versions(),
         }

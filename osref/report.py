@@ -50,7 +50,7 @@ from typing import Any
 import pandas as pd
 
 AVG_TASK = "avg"
-SOURCES = ("ours", "reference", "baseline")
+SOURCES = ("ours", "reference", "baseline", "released")  # released: osref.released_results
 RESULT_COLUMNS = [
     "source", "run_id", "reference_run", "dataset", "scale", "budget", "iteration", "tokens_seen", "flops",
     "task", "shots", "metric", "value", "stderr",

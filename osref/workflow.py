@@ -10,6 +10,7 @@ grid close to Snakemake's own cost per job.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
 import sys
@@ -21,6 +22,7 @@ from osref.config import REPO_ROOT, walltime_minutes
 from osref.fingerprint import SourceCheck, check_local_sources, describe_changes
 from osref.grid import Grid, Run, plan_rows, run_document
 from osref.paths import fmt_iter
+from osref.protocol import parse_group
 
 # plan.csv columns that read the data on disk (listing, tokenized counts): they change once the data
 # exists, so they are left out of the plan rule's params (else every first run after a complete one
@@ -36,6 +38,13 @@ WILDCARD_CONSTRAINTS = {
     "iteration": r"\d{7}",
     "end": r"\d{7}",
     "shots": r"\d+shot",
+    "release": r"[^/]+",
+}
+# The evaluation rule also serves released checkpoints (run_id "released/{name}") and their extra
+# tasks (one file "extra-{task}-{k}shot" each); only that rule widens these two wildcards.
+EVALUATE_WILDCARD_CONSTRAINTS = {
+    "run_id": r"(?:released/)?[^/]+",
+    "shots": r"\d+shot|extra-[A-Za-z0-9_.\-]+-\d+shot",
 }
 
 
@@ -242,6 +251,103 @@ class WorkflowIndex:
             env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
             env.update(cluster["nccl_env"])
         return " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+
+    # ---- evaluation: our runs and released checkpoints ----------------------------------------------
+    def eval_tasks_json(self, run_id: str, group: str) -> str:
+        """--tasks-json of one evaluation job: the protocol (the script picks the shot group), or the
+        one extra task of an ``extra-{task}-{k}shot`` file of a released checkpoint."""
+        if parse_group(group)[1] is not None:
+            return json.dumps(self.released_groups[group])
+        return json.dumps(self.grid.protocol)
+
+    @cached_property
+    def prefetch_tasks_json(self) -> str:
+        """Every task whose data evaluation jobs need: the protocol, then the released extra tasks."""
+        tasks = list(self.grid.protocol)
+        names = {t["task"] for t in tasks}
+        for group, group_tasks in self.released_groups.items():
+            for task in group_tasks:
+                if parse_group(group)[1] is not None and task["task"] not in names:  # one prefetch per dataset
+                    tasks.append(task)
+                    names.add(task["task"])
+        return json.dumps(tasks)
+
+    # ---- released checkpoints ----------------------------------------------------------------------
+    @cached_property
+    def released_groups(self) -> dict[str, list[dict[str, Any]]]:
+        from osref.released_models import evaluation_groups  # noqa: PLC0415
+
+        return evaluation_groups(self.config, self.grid.protocol) if self.grid.released else {}
+
+    @cached_property
+    def released_listings(self) -> list[str]:
+        return [self.layout.released_listing(name) for name in self.grid.released]
+
+    @cached_property
+    def released_exports(self) -> list[str]:
+        return [self.layout.hf_dir(m.run_id, i) for m in self.grid.released.values() for i in m.iterations]
+
+    @cached_property
+    def released_evaluations(self) -> list[str]:
+        return [
+            self.layout.eval_json(m.run_id, i, group)
+            for m in self.grid.released.values()
+            for i in m.iterations
+            for group in self.released_groups
+        ]
+
+    @cached_property
+    def released_results(self) -> list[str]:
+        """The tidy released rows and the protocol-reproduction table (none without released models)."""
+        if not self.grid.released:
+            return []
+        out = self.layout.released_results_dir()
+        return [f"{out}/results.csv", f"{out}/reproduction.csv"]
+
+    def released_model(self, name: str):
+        try:
+            return self.grid.released[name]
+        except KeyError:
+            raise KeyError(f"no released model {name!r} in the config (released.models)") from None
+
+    def released_listing_request(self, name: str) -> str:
+        from osref.released_models import listing_request  # noqa: PLC0415
+
+        return json.dumps(listing_request(self.released_model(name)), sort_keys=True)
+
+    def released_revision(self, name: str, iteration: str) -> str:
+        model = self.released_model(name)
+        if int(iteration) not in model.schedule:
+            raise ValueError(f"{iteration} is not a saved iteration of released model {name}")
+        return model.revision(int(iteration))
+
+    def released_run_document(self, name: str) -> dict[str, Any]:
+        from osref.released_models import run_document as released_document  # noqa: PLC0415
+
+        return released_document(self.released_model(name))
+
+    def released_convert_mem_mb(self, name: str) -> int:
+        """Released tensors + the exported model + the reference forward's activations: ~10 bytes per
+        parameter at bf16 (fp32 copies are made one tensor at a time), plus 4 GB."""
+        return int(self.released_model(name).params * 10 / 2**20) + 4000
+
+    @property
+    def released_keep(self) -> str:
+        return self.config["released"]["keep"]
+
+    def released_manifest(self) -> dict[str, Any]:
+        """What scripts/released.py results reads: the protocol, extra tasks and every model's files."""
+        return {
+            "protocol": self.grid.protocol,
+            "groups": self.released_groups,
+            "models": [
+                {"name": m.name, "run_id": m.run_id, "repo": m.repo, "reference_run": m.reference_run,
+                 "dataset": m.dataset, "scale": m.scale, "budget": m.budget, "params": m.params,
+                 "iterations": list(m.iterations),
+                 "eval_files": [self.layout.eval_json(m.run_id, i, g) for i in m.iterations for g in self.released_groups]}
+                for m in self.grid.released.values()
+            ],
+        }
 
     # ---- report ------------------------------------------------------------------------------------
     @cached_property

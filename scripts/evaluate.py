@@ -20,7 +20,8 @@ Examples (from the repository root):
         --batch-size 32 --hf-home /path/to/hf_home --out results/runs/RUN/eval/iter_0072661/10shot.json
 
 --tasks-json is a file or an inline JSON list of {"task", "shots", "metric", "in_average"}; --group
-"<k>shot" selects the tasks with k shots from it (all of them must then share k).
+"<k>shot" selects the tasks with k shots from it (all of them must then share k); --group
+"extra-<task>-<k>shot" selects that one task (the extra tasks of released checkpoints, one file each).
 tokens_seen = iteration * train.global_batch_size * train.seq_length of the run JSON.
 """
 
@@ -48,8 +49,17 @@ def read_tasks(tasks_json: str) -> list[dict]:
 
 
 def select_group(tasks: list[dict], group: str) -> tuple[list[dict], int]:
-    from osref.protocol import shot_groups
+    from osref.protocol import parse_group, shot_groups
 
+    try:
+        shots, task = parse_group(group)
+    except ValueError as error:
+        raise SystemExit(f"--group: {error}")
+    if task is not None:  # one extra task (released checkpoints): extra-<task>-<k>shot
+        selected = [t for t in tasks if t["task"] == task and int(t["shots"]) == shots]
+        if len(selected) != 1:
+            raise SystemExit(f"--group {group!r}: --tasks-json has no single task {task!r} with {shots} shots")
+        return selected, shots
     groups = shot_groups(tasks)
     if group not in groups:
         raise SystemExit(f"--group {group!r}: the tasks form the groups {sorted(groups)}")

@@ -1,10 +1,12 @@
 """Plan stage: what the grid will cost, before any of it runs.
 
 Writes one row per run (parameters, iterations, checkpoints, FLOPs = 6·N·D, GPU-hours at the
-configured throughput, nodes, Snakemake jobs) and prints a summary:
+configured throughput, nodes, Snakemake jobs) and one per released model (source = released:
+checkpoints, bytes to download, GPU-hours of evaluation) and prints a summary:
 
     snakemake --profile local plan                                # the release grid → results/plan.csv
     snakemake --profile local plan --configfile config/demo.yaml  # the demo → results/demo/plan.csv
+    snakemake --profile local plan --configfile config/released.yaml  # re-evaluating the released checkpoints
     python scripts/plan.py --config config/config.yaml --out /tmp/plan.csv   # without Snakemake
 """
 
@@ -35,9 +37,19 @@ def summary(rows: list[dict]) -> str:
     for r in rows:
         if r["warning"]:
             lines.append(f"WARNING {r['run_id']}: {r['warning']}")
-    total_h = sum(r["gpu_hours"] for r in rows)
-    lines.append(f"{len(rows)} runs, {sum(r['flops'] for r in rows):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
-                 f"{sum(r['jobs'] for r in rows)} training/export/eval jobs")
+    trained = [r for r in rows if r.get("source", "train") == "train"]
+    released = [r for r in rows if r.get("source") == "released"]
+    total_h = sum(r["gpu_hours"] for r in trained)
+    if trained or not released:
+        lines.append(f"{len(trained)} runs, {sum(r['flops'] for r in trained):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
+                     f"{sum(r['jobs'] for r in trained)} training/export/eval jobs")
+    if released:
+        inferred = sum(r["repo_status"] == "inferred" for r in released)
+        lines.append(
+            f"{len(released)} released models ({inferred} repo names inferred, not seen), "
+            f"{sum(r['revisions'] for r in released)} checkpoints, {sum(r['download_bytes'] for r in released) / 1e12:.2f} TB "
+            f"to download, {sum(r['eval_gpu_hours'] for r in released):,.0f} GPU-hours of evaluation (evaluation.cost), "
+            f"{sum(r['jobs'] for r in released)} list/fetch/convert/eval jobs")
     return "\n".join(lines)
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ Routes (``{rev}`` is a branch, tag or commit sha, percent-encoded as the client 
   ``Repr-Digest: sha-256=:<base64>:`` (RFC 9530), the digest of the whole file, as a server that
   publishes one does.
 
+Model repos (``HubServer.models``; the released open-sci-ref checkpoints are model repos with one
+branch per saved iteration), for ``HfApi.list_repo_refs``, ``HfApi.list_models``, ``HfApi.model_info``,
+``list_repo_tree`` and ``hf_hub_download`` of a model:
+
+- ``GET /api/{models|datasets}/{repo}/refs`` → ``{"branches": [{"name", "ref", "targetCommit"}], "tags": [...],
+  "converts": []}`` from ``Repo.refs`` (branches) and ``Repo.tags``
+- ``GET /api/models?author=..&search=..`` → ``[{"id", "_id", "modelId"}]``: the model repos of that author
+  whose id contains the search text (what the hub's search does for a plain substring)
+- ``GET /api/models/{repo}[/revision/{rev}]``, ``GET /api/models/{repo}/tree/{rev}[/{path}]`` and
+  ``HEAD|GET /{repo}/resolve/{rev}/{path}``: as for datasets (models have no URL prefix)
+
 Fault injection, per repo-relative (or ``/files``-relative) path:
 
 - ``cut_after[path] = (n_bytes, times)``: the first ``times`` body transfers send full headers, then
@@ -81,11 +92,12 @@ class Repo:
     commits: dict[str, dict[str, bytes]]
     refs: dict[str, str]
     lfs_suffixes: tuple[str, ...] = (".parquet", ".zst", ".zstd", ".gz")
+    tags: dict[str, str] = field(default_factory=dict)  # tag name -> sha (refs holds the branches)
 
     def resolve(self, revision: str) -> str | None:
         if revision in self.commits:
             return revision
-        return self.refs.get(revision)
+        return self.refs.get(revision) or self.tags.get(revision)
 
     def is_lfs(self, path: str) -> bool:
         return path.endswith(self.lfs_suffixes)
@@ -106,6 +118,7 @@ class HubServer:
     """Two threaded HTTP servers on 127.0.0.1 (hub + CDN origin) sharing the repos and the fault knobs."""
 
     repos: dict[str, Repo] = field(default_factory=dict)
+    models: dict[str, Repo] = field(default_factory=dict)  # model repos (served without a URL prefix)
     files: dict[str, bytes] = field(default_factory=dict)  # served under the CDN origin's /files/
     page_size: int = 1000
     required_token: str | None = None
@@ -157,7 +170,7 @@ class HubServer:
             return value
 
     def _lfs_blob(self, sha256: str) -> tuple[str, bytes] | None:
-        for repo in self.repos.values():
+        for repo in [*self.repos.values(), *self.models.values()]:
             for tree in repo.commits.values():
                 for path, data in tree.items():
                     if lfs_sha256(data) == sha256:
@@ -214,6 +227,20 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             return self._tree(unquote(match[1]), unquote(match[2]), unquote((match[3] or "/")[1:]), parse_qs(url.query))
         if match := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", url.path):
             return self._resolve(unquote(match[1]), unquote(match[2]), unquote(match[3]), send_body)
+        return self._model_routes(url, send_body)
+
+    def _model_routes(self, url, send_body: bool) -> None:
+        if match := re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/refs", url.path):
+            return self._refs(match[1], unquote(match[2]))
+        if url.path == "/api/models":
+            return self._list_models(parse_qs(url.query))
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", url.path):
+            return self._dataset_info(unquote(match[1]), unquote(match[2] or "main"), kind="models")
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", url.path):
+            return self._tree(unquote(match[1]), unquote(match[2]), unquote((match[3] or "/")[1:]), parse_qs(url.query),
+                              kind="models")
+        if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", url.path):
+            return self._resolve(unquote(match[1]), unquote(match[2]), unquote(match[3]), send_body, kind="models")
         return self._error(404, None, f"no route for {url.path}")
 
     def _send_headers(self, status: int, headers: dict[str, str], content_length: int) -> None:
@@ -235,8 +262,8 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         extra = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {}), **(headers or {})}
         self._send(status, {"Content-Type": "application/json", **extra}, json.dumps({"error": message}).encode())
 
-    def _repo_and_commit(self, repo_id: str, revision: str) -> tuple[Repo, str] | None:
-        repo = self.hub.repos.get(repo_id)
+    def _repo_and_commit(self, repo_id: str, revision: str, kind: str = "datasets") -> tuple[Repo, str] | None:
+        repo = (self.hub.models if kind == "models" else self.hub.repos).get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
             return None
@@ -248,8 +275,25 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 
     # ---- hub API ----------------------------------------------------------------------------------
 
-    def _dataset_info(self, repo_id: str, revision: str) -> None:
-        if (found := self._repo_and_commit(repo_id, revision)) is None:
+    def _refs(self, kind: str, repo_id: str) -> None:
+        repo = (self.hub.models if kind == "models" else self.hub.repos).get(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+
+        def entries(refs: dict[str, str], prefix: str) -> list[dict]:
+            return [{"name": name, "ref": f"refs/{prefix}/{name}", "targetCommit": sha} for name, sha in sorted(refs.items())]
+
+        self._json({"branches": entries(repo.refs, "heads"), "converts": [], "tags": entries(repo.tags, "tags")})
+
+    def _list_models(self, query: dict[str, list[str]]) -> None:
+        author, search = query.get("author", [""])[0], query.get("search", [""])[0]
+        found = [repo_id for repo_id in sorted(self.hub.models)
+                 if (not author or repo_id.split("/")[0] == author) and search.lower() in repo_id.lower()]
+        self._json([{"_id": hashlib.sha1(r.encode()).hexdigest()[:24], "id": r, "modelId": r}  # noqa: S324
+                    for r in found])
+
+    def _dataset_info(self, repo_id: str, revision: str, kind: str = "datasets") -> None:
+        if (found := self._repo_and_commit(repo_id, revision, kind)) is None:
             return
         repo, commit = found
         siblings = [{"rfilename": path} for path in sorted(repo.commits[commit])]
@@ -257,8 +301,9 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                     "private": False, "gated": False, "disabled": False, "tags": [], "siblings": siblings,
                     "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z"})
 
-    def _tree(self, repo_id: str, revision: str, folder: str, query: dict[str, list[str]]) -> None:
-        if (found := self._repo_and_commit(repo_id, revision)) is None:
+    def _tree(self, repo_id: str, revision: str, folder: str, query: dict[str, list[str]],
+              kind: str = "datasets") -> None:
+        if (found := self._repo_and_commit(repo_id, revision, kind)) is None:
             return
         repo, commit = found
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
@@ -267,14 +312,14 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         page = entries[start : start + self.hub.page_size]
         headers = {}
         if start + self.hub.page_size < len(entries):
-            next_url = (f"{self.hub.endpoint}/api/datasets/{repo_id}/tree/{quote(revision, safe='')}"
+            next_url = (f"{self.hub.endpoint}/api/{kind}/{repo_id}/tree/{quote(revision, safe='')}"
                         f"{'/' + quote(folder) if folder else ''}?recursive={str(recursive).lower()}"
                         f"&cursor={start + self.hub.page_size}")
             headers["Link"] = f'<{next_url}>; rel="next"'
         self._json(page, headers)
 
-    def _resolve(self, repo_id: str, revision: str, path: str, send_body: bool) -> None:
-        if (found := self._repo_and_commit(repo_id, revision)) is None:
+    def _resolve(self, repo_id: str, revision: str, path: str, send_body: bool, kind: str = "datasets") -> None:
+        if (found := self._repo_and_commit(repo_id, revision, kind)) is None:
             return
         repo, commit = found
         commit_header = {"X-Repo-Commit": commit}

@@ -1,8 +1,9 @@
 """Released open-sci-ref checkpoints → our HYV3 export: numeric parity against an independent forward.
 
 The released format is rebuilt here with random weights (names and config keys as published by
-``LAION-AI/Open-Sci-hf``), converted, loaded with plain ``AutoModelForCausalLM.from_pretrained`` and
-compared with a forward pass written from the architecture description, not from either model class.
+``LAION-AI/Open-Sci-hf``) plus a stand-in for its remote code (tests/data/released/*.py, which
+records any execution of itself), converted, loaded with plain ``AutoModelForCausalLM.from_pretrained``
+and compared with a forward pass written from the architecture description, not from either model class.
 """
 
 from __future__ import annotations
@@ -14,64 +15,53 @@ from pathlib import Path
 import pytest
 import torch
 
-from osref import released
+import released_repo  # tests/ is on sys.path under pytest
+from osref import released, remote_code
 
 HIDDEN, HEADS, LAYERS, FFN, VOCAB, THETA, EPS = 64, 4, 2, 96, 256, 10000.0, 1e-5
 HEAD_DIM = HIDDEN // HEADS
+REMOTE_CODE = Path(__file__).resolve().parent / "data" / "released"
+MODELING = (REMOTE_CODE / "modeling_opensci.py").read_text()
+RMS_DECLARATION = "OpensciRMSNorm(self.head_dim, eps=config.layer_norm_eps)"
+
+
+@pytest.fixture(autouse=True)
+def executed_marker(tmp_path, monkeypatch) -> Path:
+    """Where the stand-in remote code would record its own execution; every test asserts it never ran."""
+    marker = tmp_path / "REMOTE_CODE_WAS_EXECUTED"
+    monkeypatch.setenv("OSREF_TEST_EXECUTED_MARKER", str(marker))
+    yield marker
+    assert not marker.exists(), marker.read_text()
 
 
 def released_config(**overrides) -> dict:
-    config = {
-        "_name_or_path": "/leonardo/.../hf/iter_0072661",
-        "architectures": ["OpensciForCausalLM"], "model_type": "opensci",
-        "auto_map": {"AutoConfig": "configuration_opensci.OpensciConfig",
-                     "AutoModelForCausalLM": "modeling_opensci.OpensciForCausalLM"},
-        "attention_bias": True, "mlp_bias": True, "attention_dropout": 0.1, "bos_token_id": 0, "eos_token_id": 0,
-        "hidden_act": "silu", "hidden_size": HIDDEN, "intermediate_size": FFN, "initializer_range": 0.02,
-        "layer_norm_eps": EPS, "rms_norm_eps": EPS, "max_position_embeddings": 128, "num_attention_heads": HEADS,
-        "num_hidden_layers": LAYERS, "num_key_value_heads": 1,  # as megatron's num_query_groups=1 for MHA
-        "pretraining_tp": 1, "qk_layernorm": True, "rope_scaling": None, "rope_theta": THETA,
-        "tie_word_embeddings": True, "torch_dtype": "float32", "transformers_version": "4.49.0",
-        "use_cache": True, "vocab_size": VOCAB,
-    }
-    config.update(overrides)
-    return config
+    """A released config.json of the test shape (fp32, 128 positions); tests/released_repo.py has the layout."""
+    return released_repo.released_config(HIDDEN, HEADS, LAYERS, FFN, VOCAB, iteration=72661, **{
+        "max_position_embeddings": 128, "torch_dtype": "float32", "rope_theta": THETA, "rms_norm_eps": EPS,
+        "layer_norm_eps": EPS, **overrides})
 
 
 def random_released_tensors(kv_heads: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    def norm(n):
-        return 1.0 + rand(n, scale=0.3)
-
-    kv = kv_heads * HEAD_DIM
-    t = {"model.embed_tokens.weight": rand(VOCAB, HIDDEN, scale=1.0), "model.norm.weight": norm(HIDDEN)}
-    for n in range(LAYERS):
-        p = f"model.layers.{n}."
-        for name, rows, cols in (("self_attn.q_proj", HIDDEN, HIDDEN), ("self_attn.k_proj", kv, HIDDEN),
-                                 ("self_attn.v_proj", kv, HIDDEN), ("self_attn.o_proj", HIDDEN, HIDDEN),
-                                 ("mlp.gate_proj", FFN, HIDDEN), ("mlp.up_proj", FFN, HIDDEN),
-                                 ("mlp.down_proj", HIDDEN, FFN)):
-            t[p + name + ".weight"] = rand(rows, cols)
-            t[p + name + ".bias"] = rand(rows)
-        t[p + "input_layernorm.weight"] = norm(HIDDEN)
-        t[p + "post_attention_layernorm.weight"] = norm(HIDDEN)
-        t[p + "self_attn.q_layernorm.weight"] = norm(HEAD_DIM)
-        t[p + "self_attn.k_layernorm.weight"] = norm(HEAD_DIM)
-    t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()  # tied copy, as some exports store it
-    return t
+    return released_repo.released_tensors(HIDDEN, HEADS, LAYERS, FFN, VOCAB, kv_heads=kv_heads, seed=seed)
 
 
-def write_released(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def write_released(directory: Path, config: dict, tensors: dict[str, torch.Tensor], modeling: str | None = MODELING) -> Path:
+    """A released checkpoint directory: config, weights and (unless ``modeling`` is None) the remote code."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(directory / "model.safetensors"))
+    if modeling is not None:
+        (directory / "modeling_opensci.py").write_text(modeling)
+        (directory / "configuration_opensci.py").write_text((REMOTE_CODE / "configuration_opensci.py").read_text())
     return directory
+
+
+def modeling_with(declaration: str, extra_class: str = "") -> str:
+    """The stand-in remote code with the two QK norm constructors replaced by ``declaration``."""
+    assert MODELING.count(RMS_DECLARATION) == 2
+    return MODELING.replace(RMS_DECLARATION, declaration) + extra_class
 
 
 # ---- independent reference forward of the opensci block ------------------------------------------
@@ -147,9 +137,17 @@ def test_converted_release_matches_reference_forward(tmp_path, kv_heads):
     assert provenance["kv_heads"] == kv_heads and provenance["source_config_num_key_value_heads"] == 1
     on_disk = json.loads((tmp_path / "hf" / "provenance.json").read_text())
     assert on_disk["hf_class"] == "HYV3ForCausalLM"
+    assert on_disk["qk_norm"] == {"kind": "rmsnorm", "eps": EPS, "per_head": True, "declared": RMS_DECLARATION,
+                                  "attributes": ["q_layernorm", "k_layernorm"]}
+    assert on_disk["reference_forward"]["max_abs_logit_diff"] < 1e-4
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_theta"] == THETA and config["num_key_value_heads"] == kv_heads
+    assert "auto_map" not in config  # nothing points transformers at the release's code
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    kept = tmp_path / "hf" / released.REMOTE_CODE_DIR / "modeling_opensci.py"
+    assert kept.read_text() == MODELING  # kept for provenance, with its hash
+    assert on_disk["remote_code"]["modeling_opensci.py"] == released._sha256(src / "modeling_opensci.py")
+    assert not list((tmp_path / "hf").glob("*.py"))
 
 
 def test_unknown_config_key_is_named(tmp_path):
@@ -197,12 +195,97 @@ def test_cli_converts_and_rejects(tmp_path, capsys):
     spec.loader.exec_module(cli)
     src = write_released(tmp_path / "released", released_config(), random_released_tensors(HEADS))
     assert cli.main(["--src", str(src), "--out", str(tmp_path / "hf"), "--revision", "iter_0072661",
-                     "--kv-heads", str(HEADS), "--dtype", "bfloat16"]) == 0
+                     "--kv-heads", str(HEADS), "--dtype", "bfloat16", "--iteration", "72661"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iteration"] == 72661
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     bad = write_released(tmp_path / "bad", released_config(foo_bar=1), random_released_tensors(HEADS))
     assert cli.main(["--src", str(bad), "--out", str(tmp_path / "hf2")]) == 2
     assert "foo_bar" in capsys.readouterr().err
+
+
+# ---- the QK norm, read from the release's remote code (never run) --------------------------------------
+
+
+def test_qk_norm_is_read_from_the_remote_code_without_running_it():
+    config = released_config(layer_norm_eps=1e-5)
+    norm = remote_code.read_qk_norm(MODELING, config)
+    assert (norm.kind, norm.eps, norm.per_head, norm.attributes) == ("rmsnorm", 1e-5, True, ("q_layernorm", "k_layernorm"))
+    # transformers' own RMSNorm classes and an explicit number are read too
+    norm = remote_code.read_qk_norm(modeling_with("Qwen3RMSNorm(self.head_dim, eps=1e-05)"), config)
+    assert (norm.kind, norm.eps) == ("rmsnorm", 1e-5)
+    # the class default when no eps is given (OpensciRMSNorm's eps=1e-6)
+    assert remote_code.read_qk_norm(modeling_with("OpensciRMSNorm(self.head_dim)"), config).eps == 1e-6
+
+
+BAD_QK_NORMS = {
+    "layernorm": ("nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps, bias=False)", "", "is a layernorm"),
+    "across heads": ("OpensciRMSNorm(config.hidden_size, eps=config.layer_norm_eps)", "", "across all heads"),
+    "other eps": ("OpensciRMSNorm(self.head_dim, eps=1e-6)", "", "has eps 1e-06 but rms_norm_eps is 1e-05"),
+    "unknown class": ("FancyNorm(self.head_dim, eps=config.layer_norm_eps)", "", "'FancyNorm' is unknown"),
+    "local class, not RMS": ("OpensciScaleNorm(self.head_dim, eps=config.layer_norm_eps)",
+                             "\n\nclass OpensciScaleNorm(nn.Module):\n    def forward(self, x):\n"
+                             "        return self.weight * x / x.norm(dim=-1, keepdim=True)\n",
+                             "OpensciScaleNorm (defined in the file) is neither an RMSNorm"),
+    "local class subtracting the mean": (
+        "OpensciCenteredNorm(self.head_dim, eps=config.layer_norm_eps)",
+        "\n\nclass OpensciCenteredNorm(nn.Module):\n    def forward(self, x):\n        mu = x.mean(-1, keepdim=True)\n"
+        "        x = x - mu\n        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)\n",
+        "OpensciCenteredNorm (defined in the file) is neither an RMSNorm"),
+    "eps from a missing config key": ("OpensciRMSNorm(self.head_dim, eps=config.qk_norm_eps)", "",
+                                      "config.qk_norm_eps, which the checkpoint's config.json lacks"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_QK_NORMS)
+def test_qk_norm_the_converter_does_not_know_is_refused_naming_it(tmp_path, kind):
+    declaration, extra, expected = BAD_QK_NORMS[kind]
+    src = write_released(tmp_path / "released", released_config(), random_released_tensors(HEADS),
+                         modeling=modeling_with(declaration, extra))
+    with pytest.raises(released.ReleasedFormatError, match="modeling_opensci.py") as error:
+        released.convert_released(src, tmp_path / "hf")
+    assert expected in str(error.value)
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+def test_remote_code_named_by_auto_map_must_be_there(tmp_path):
+    src = write_released(tmp_path / "released", released_config(), random_released_tensors(HEADS), modeling=None)
+    with pytest.raises(released.ReleasedFormatError, match="auto_map names 'modeling_opensci.OpensciForCausalLM'"):
+        released.convert_released(src, tmp_path / "hf")
+    config = released_config()
+    del config["auto_map"]
+    src = write_released(tmp_path / "plain", config, random_released_tensors(HEADS), modeling=None)
+    with pytest.raises(released.ReleasedFormatError, match="assume_qk_norm"):
+        released.convert_released(src, tmp_path / "hf")
+    provenance = released.convert_released(src, tmp_path / "hf", assume_qk_norm="rmsnorm")
+    assert provenance["qk_norm"]["declared"] == "assumed (no remote code)" and provenance["remote_code"] == {}
+
+
+def test_reference_forward_gate_has_teeth(tmp_path):
+    """The gate compares against a forward that would differ had the norm been a LayerNorm, and it blocks
+    the output when the export does not reproduce the released tensors within the tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    tensors = random_released_tensors(HEADS)
+    src = write_released(tmp_path / "released", released_config(), tensors)
+    released.convert_released(src, tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = released.gate_tokens(VOCAB)
+    with torch.no_grad():
+        actual = model(input_ids=ids).logits
+    norm = remote_code.read_qk_norm(MODELING, released_config())
+    assert (actual - released.reference_logits(tensors, released_config(), ids, HEADS, norm)).abs().max() < 1e-4
+    layernorm = remote_code.QKNorm("layernorm", EPS, True, "nn.LayerNorm(...)", ())
+    assert (actual - released.reference_logits(tensors, released_config(), ids, HEADS, layernorm)).abs().max() > 1e-2
+    with pytest.raises(released.export.ParityError, match="differs from the reference forward"):
+        released.convert_released(src, tmp_path / "strict", tolerance=1e-12)
+    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict.tmp-*"))
+
+
+def test_iteration_must_match_the_planned_one(tmp_path):
+    src = write_released(tmp_path / "released", released_config(), random_released_tensors(HEADS))
+    with pytest.raises(released.ReleasedFormatError, match=r"revision .main. is training iteration 72661 \(from its name / config.json _name_or_path\), expected 70000"):
+        released.convert_released(src, tmp_path / "hf", revision="main", expected_iteration=70000)
+    assert released.convert_released(src, tmp_path / "hf", revision="main", expected_iteration=72661)["iteration"] == 72661
 
 
 # ---- scripts/prefetch_eval_data.py (kept here: it ships with the released-model evaluation path) ------

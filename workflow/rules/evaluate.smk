@@ -16,18 +16,23 @@ if INDEX.eval_tasks_marker:
             "{PYTHON} {SCRIPTS:q}/build_eval_tasks.py --manifest={input.corpus:q} --out={params.out_dir:q} > {log:q} 2>&1"
 
 
+# Also evaluates released checkpoints (run_id "released/{name}", workflow/rules/released.smk) and
+# their extra tasks (shots "extra-{task}-{k}shot", one task per file).
 rule evaluate_group:
+    wildcard_constraints:
+        **EVALUATE_WILDCARD_CONSTRAINTS,
     input:
         hf=LAYOUT.hf_dir("{run_id}", "{iteration}"),
         run=LAYOUT.run_json("{run_id}"),
         tasks=INDEX.eval_tasks_marker,
-        prefetched=INDEX.prefetch_marker,
+        # ancient: prefetching again (a new extra task) must not re-run the evaluations already done
+        prefetched=ancient(INDEX.prefetch_marker),
     output:
         LAYOUT.eval_json("{run_id}", "{iteration}", "{shots}"),
     log:
         LAYOUT.log("evaluate", "{run_id}", "iter_{iteration}", "{shots}"),
     params:
-        protocol=json.dumps(GRID.protocol),
+        protocol=lambda wc: INDEX.eval_tasks_json(wc.run_id, wc.shots),
         include=[f"--include-path={LAYOUT.eval_tasks_dir()}"] if INDEX.eval_tasks_marker else [],
         batch_size=config["evaluation"]["batch_size"],
         device=config["evaluation"]["device"],
@@ -58,7 +63,7 @@ rule prefetch_eval_data:
     log:
         LAYOUT.log("evaluate", "prefetch_eval_data"),
     params:
-        protocol=json.dumps(GRID.protocol),
+        protocol=INDEX.prefetch_tasks_json,
         hf_home=INDEX.eval_hf_home,
     localrule: True
     shell:
