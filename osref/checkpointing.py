@@ -100,8 +100,10 @@ def mark_non_finite(ckpt_dir: str | Path, reason: str) -> None:
     ckpt_dir = Path(ckpt_dir)
     if _rank() == 0:
         found_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        write_json_atomic(ckpt_dir / NON_FINITE_MARKER, {"reason": reason, "found_at": found_at,
-                                                         "complete_was": read_complete_marker(ckpt_dir)})
+        write_json_atomic(
+            ckpt_dir / NON_FINITE_MARKER,
+            {"reason": reason, "found_at": found_at, "complete_was": read_complete_marker(ckpt_dir)},
+        )
         (ckpt_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     _barrier()
 

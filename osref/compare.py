@@ -189,8 +189,10 @@ def user_scores(results: pd.DataFrame, spec: pd.DataFrame, *, where: str = "resu
         bad = ours[column].notna() & numbers.isna()
         if bad.any():  # the index is the row number of the CSV read (line = index + 2 after the header)
             index = bad.idxmax()
-            raise ValueError(f"{where}: line {int(index) + 2}: {column} {ours.at[index, column]!r} is not a number "
-                             f"(run {ours.at[index, 'run_id']}, task {ours.at[index, 'task']})")
+            raise ValueError(
+                f"{where}: line {int(index) + 2}: {column} {ours.at[index, column]!r} is not a number "
+                f"(run {ours.at[index, 'run_id']}, task {ours.at[index, 'task']})"
+            )
         ours[column] = numbers
     ours["shots"] = pd.to_numeric(ours["shots"], errors="coerce").astype("Int64")
     merged = ours.merge(spec[["task", "shots", "metric"]].astype({"shots": "Int64"}), on=["task", "shots", "metric"])
@@ -260,7 +262,9 @@ def repeat_groups(runs: pd.DataFrame) -> pd.DataFrame:
         & ~runs["slurm_job_id"].isin(list(SUSPECT_JOBS))
     )
     chosen = runs[keep].copy()
-    chosen["group"] = chosen["size"] + " " + chosen["dataset"] + " " + chosen["tokens"] + " ctx" + chosen["seq_length"].astype(str)
+    chosen["group"] = (
+        chosen["size"] + " " + chosen["dataset"] + " " + chosen["tokens"] + " ctx" + chosen["seq_length"].astype(str)
+    )
     sizes = chosen.groupby("group")["run_id"].transform("size")
     return chosen[sizes >= 2].sort_values(["group", "slurm_job_id"]).reset_index(drop=True)
 
@@ -274,7 +278,9 @@ def checkpoint_wiggle(curves: pd.DataFrame) -> tuple[float, int]:
     E[(y[i+2] − 2y[i+1] + y[i])²] = 6σ²; pooled over runs.
     """
     iters = curves["train_iters"].astype("float64")
-    window = curves[(curves["iteration"] >= 0.5 * iters) & (curves["iteration"] < iters - (0.2 * iters).astype("int64"))]
+    window = curves[
+        (curves["iteration"] >= 0.5 * iters) & (curves["iteration"] < iters - (0.2 * iters).astype("int64"))
+    ]
     window = window.sort_values(["run_id", "iteration"])
     by_run = window.groupby("run_id")
     spacing, first = by_run["iteration"].diff(), by_run["value"].diff()
@@ -321,7 +327,7 @@ def estimate_noise_floor(scores: pd.DataFrame, runs: pd.DataFrame) -> NoiseFloor
 
 
 def verdict(diff: float, noise_sd: float, z: float = Z95) -> str:
-    """"better" / "worse" when |diff| exceeds z noise standard deviations, else "within noise"."""
+    """ "better" / "worse" when |diff| exceeds z noise standard deviations, else "within noise"."""
     if diff is None or noise_sd is None or math.isnan(diff) or math.isnan(noise_sd):
         return "no estimate"
     if diff > z * noise_sd:
@@ -331,8 +337,16 @@ def verdict(diff: float, noise_sd: float, z: float = Z95) -> str:
     return WITHIN
 
 
-def compare_pair(ours: float, ours_se: float, ref: float, ref_se: float, floor: float,
-                 ours_excess: float = 0.0, ref_excess: float = 0.0, z: float = Z95) -> dict[str, Any]:
+def compare_pair(
+    ours: float,
+    ours_se: float,
+    ref: float,
+    ref_se: float,
+    floor: float,
+    ours_excess: float = 0.0,
+    ref_excess: float = 0.0,
+    z: float = Z95,
+) -> dict[str, Any]:
     """One score against another: the difference, its item interval and the verdict."""
     diff = ours - ref
     diff_se = math.sqrt(ours_se**2 + ref_se**2)
@@ -345,8 +359,14 @@ def compare_pair(ours: float, ours_se: float, ref: float, ref_se: float, floor: 
     }  # fmt: skip
 
 
-def compare_equal_tokens(ours: pd.DataFrame, refs: pd.DataFrame, floor: NoiseFloor,
-                         carry: pd.DataFrame | None = None, *, last_only: bool = True) -> pd.DataFrame:
+def compare_equal_tokens(
+    ours: pd.DataFrame,
+    refs: pd.DataFrame,
+    floor: NoiseFloor,
+    carry: pd.DataFrame | None = None,
+    *,
+    last_only: bool = True,
+) -> pd.DataFrame:
     """Each user checkpoint against each reference run of the same scale and budget (the runs.csv
     ``reference`` run per dataset) at equal tokens (within 2 %), per task and for the average.
 
@@ -388,7 +408,9 @@ def compare_equal_tokens(ours: pd.DataFrame, refs: pd.DataFrame, floor: NoiseFlo
         return frame
     order = {task: i for i, task in enumerate([AVG_TASK, *PROTOCOL_ITEMS])}
     frame["_order"] = frame["task"].map(order)
-    frame = frame.sort_values(["run_id", "iteration", "_order", "reference_dataset"], ascending=[True, False, True, True])
+    frame = frame.sort_values(
+        ["run_id", "iteration", "_order", "reference_dataset"], ascending=[True, False, True, True]
+    )
     return frame.drop(columns="_order").reset_index(drop=True)
 
 
@@ -410,7 +432,9 @@ def _carry(carry: pd.DataFrame | None, scale: str, task: str) -> str:
 def final_scores(refs: pd.DataFrame, budget: str = REFERENCE_BUDGET) -> pd.DataFrame:
     """The reference runs' final scores at ``budget``: one row per (dataset, scale, task)."""
     rows = refs[refs["reference"].astype(bool) & refs["final"] & (refs["budget"] == budget)]
-    return rows[["dataset", "scale", "task", "value", "stderr", "excess_se", "flops", "slurm_job_id"]].reset_index(drop=True)
+    return rows[["dataset", "scale", "task", "value", "stderr", "excess_se", "flops", "slurm_job_id"]].reset_index(
+        drop=True
+    )
 
 
 def ranked_groups(values: pd.Series, noise_sd: float, z: float = Z95) -> list[list[str]]:
@@ -525,8 +549,9 @@ def fit_scaling(points: pd.DataFrame, run_sd: float, *, dataset: str = "", task:
     )  # fmt: skip
 
 
-def reference_fits(finals: pd.DataFrame, floor: NoiseFloor,
-                   tasks: Iterable[str] = (AVG_TASK,)) -> dict[tuple[str, str], ScalingFit]:
+def reference_fits(
+    finals: pd.DataFrame, floor: NoiseFloor, tasks: Iterable[str] = (AVG_TASK,)
+) -> dict[tuple[str, str], ScalingFit]:
     """One fit per (dataset, task) over the reference runs' final 300B scores (suspect jobs left out)."""
     usable = finals[~finals["slurm_job_id"].isin(list(SUSPECT_JOBS))]
     fits = {}
@@ -537,8 +562,9 @@ def reference_fits(finals: pd.DataFrame, floor: NoiseFloor,
     return fits
 
 
-def compute_multiplier(fit: ScalingFit, score: float, flops: float, score_sd: float, *, draws: int = 2000,
-                       seed: int = 1234) -> dict[str, Any]:
+def compute_multiplier(
+    fit: ScalingFit, score: float, flops: float, score_sd: float, *, draws: int = 2000, seed: int = 1234
+) -> dict[str, Any]:
     """How many times ``flops`` the reference needs to reach ``score``, with a bootstrap 95 % interval.
 
     Parametric bootstrap: the fit's points redrawn as fitted value + N(0, point_sd²), the user's
@@ -594,8 +620,9 @@ def _last_final(ours: pd.DataFrame) -> pd.DataFrame:
     return ours[ours["iteration"] == last]
 
 
-def compute_multipliers(ours: pd.DataFrame, fits: dict[tuple[str, str], ScalingFit], floor: NoiseFloor,
-                        task: str = AVG_TASK) -> pd.DataFrame:
+def compute_multipliers(
+    ours: pd.DataFrame, fits: dict[tuple[str, str], ScalingFit], floor: NoiseFloor, task: str = AVG_TASK
+) -> pd.DataFrame:
     """Per user dataset and reference dataset: the multiplier at the user's largest run (most FLOPs)."""
     finals = _last_final(ours)
     finals = finals[(finals["task"] == task) & finals["final"]]
@@ -672,7 +699,8 @@ def _multiplier_text(row: Any) -> str:
         return "inf" if not math.isfinite(x) else (f"{x:.3g}" if x < 1000 else f"{x:.2e}")
 
     return f"{fmt(row.multiplier)}× [{fmt(row.multiplier_lo)}, {fmt(row.multiplier_hi)}]" + (
-        " (extrapolated)" if row.extrapolated else "")
+        " (extrapolated)" if row.extrapolated else ""
+    )
 
 
 def floor_table(floor: NoiseFloor) -> pd.DataFrame:
@@ -741,7 +769,9 @@ def _reference_lines(result: Comparison) -> list[str]:
         lines.append(f"  {scale:>6}: {ranking_text(groups)}")
     lines.append("")
     if not result.decision.empty:
-        decision = result.decision.assign(cell=result.decision["agree"].astype(str) + "/" + result.decision["pairs"].astype(str))
+        decision = result.decision.assign(
+            cell=result.decision["agree"].astype(str) + "/" + result.decision["pairs"].astype(str)
+        )
         pivot = decision.pivot(index="task", columns="scale", values="cell")
         order = [t for t in [AVG_TASK, *PROTOCOL_ITEMS] if t in pivot.index]
         lines += [f"How far a small-scale verdict carries: dataset pairs ordered as at {TARGET_SCALE} (300B finals)",
@@ -762,7 +792,11 @@ def _user_lines(result: Comparison, all_tasks: bool) -> list[str]:
     def shown(frame: pd.DataFrame) -> pd.DataFrame:
         return frame if all_tasks or frame.empty else frame[frame["task"] == AVG_TASK]
 
-    lines = ["Scored differently from the protocol (left out): " + "; ".join(result.mismatches)] if result.mismatches else []
+    lines = (
+        ["Scored differently from the protocol (left out): " + "; ".join(result.mismatches)]
+        if result.mismatches
+        else []
+    )
     lines += _section(
         "At equal tokens (same scale and budget): ours − reference, 95 % item intervals", shown(result.equal_tokens),
         "no reference run at the scale and budget of any user run",
@@ -801,7 +835,8 @@ def reference_multipliers(result: Comparison, baseline: str = "c4", scale: str =
     """The same multiplier analysis on the references alone: each dataset's ``scale`` final run
     against the ``baseline`` dataset's fit."""
     rows = result.finals[result.finals["scale"] == scale].assign(
-        run_id=lambda f: f["scale"] + " " + f["dataset"], iteration=0, final=True)
+        run_id=lambda f: f["scale"] + " " + f["dataset"], iteration=0, final=True
+    )
     fits = {key: fit for key, fit in result.fits.items() if key[0] == baseline}
     return compute_multipliers(rows, fits, result.floor)
 

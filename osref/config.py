@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 
 # ---- reading YAML strictly ------------------------------------------------------------------------
 
+
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a mapping key given twice instead of keeping the last."""
 
@@ -51,8 +52,10 @@ class _StrictLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 try:
                     if key in first_line:
-                        raise ConfigError(f"duplicate key {key!r} on lines {first_line[key]} and {line} "
-                                          "(YAML would silently keep the second); remove one")
+                        raise ConfigError(
+                            f"duplicate key {key!r} on lines {first_line[key]} and {line} "
+                            "(YAML would silently keep the second); remove one"
+                        )
                     first_line[key] = line
                 except TypeError:  # an unhashable key: the base constructor reports it
                     pass
@@ -82,6 +85,7 @@ def check_config_files(paths: Iterable[str | Path]) -> None:
 
 
 # ---- schema validation ------------------------------------------------------------------------
+
 
 def _full_match(validator, pattern, instance, schema):
     """``pattern`` against the whole string (JSON schema searches, so ``^a$`` accepts "a\\n")."""
@@ -161,7 +165,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Schema-validate ``config`` in place (filling defaults), then run the semantic checks."""
     problems = _non_finite(config)
     validator = _DefaultFillingValidator(schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    errors = sorted(
+        validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
+    )
     problems += [_describe(e) for e in errors]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems[:10]))
@@ -190,6 +196,7 @@ def repo_relative(path: str) -> str:
 
 # ---- units --------------------------------------------------------------------------------------
 
+
 def budget_tokens(budget: str | int) -> int:
     if isinstance(budget, int):
         return budget
@@ -206,6 +213,7 @@ def walltime_minutes(text: str) -> int:
 
 # ---- cross-field checks ---------------------------------------------------------------------------
 
+
 @lru_cache(maxsize=8)
 def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -221,8 +229,10 @@ def check_tokenizer(tokenizer: dict[str, Any]) -> list[str]:
     except OSError as exc:
         return [f"tokenizer.path: {tokenizer['path']!r}: cannot read {path} ({exc.strerror or exc})"]
     if digest != tokenizer["sha256"]:
-        return [f"tokenizer.sha256: {path} has sha256 {digest}, the config says {tokenizer['sha256']} "
-                "(a different tokenizer, or a wrong hash)"]
+        return [
+            f"tokenizer.sha256: {path} has sha256 {digest}, the config says {tokenizer['sha256']} "
+            "(a different tokenizer, or a wrong hash)"
+        ]
     return []
 
 
@@ -234,11 +244,14 @@ def check_semantics(config: dict[str, Any]) -> None:
         need = {"hub": ["repo_id"], "local": ["paths"], "http": []}[ds["source"]]
         problems += [f"datasets.{name}.{k}: required for source '{ds['source']}'" for k in need if k not in ds]
         if ds["source"] == "http" and ("urls_file" in ds) == ("list_url" in ds):
-            problems.append(f"datasets.{name}: source 'http' needs exactly one of list_url (the source's own "
-                            "list, fetched by the listing job) and urls_file (a list on disk)")
+            problems.append(
+                f"datasets.{name}: source 'http' needs exactly one of list_url (the source's own "
+                "list, fetched by the listing job) and urls_file (a list on disk)"
+            )
         if "://" not in ds.get("list_url", "://") and "://" not in ds.get("base_url", ""):
-            problems.append(f"datasets.{name}.base_url: required (an https:// URL) for the relative "
-                            f"list_url {ds['list_url']!r}")
+            problems.append(
+                f"datasets.{name}.base_url: required (an https:// URL) for the relative list_url {ds['list_url']!r}"
+            )
         if ds["source"] == "local":  # glob patterns, relative to the repository; each must match a file
             for k, pattern in enumerate(ds.get("paths", [])):
                 if next(glob.iglob(repo_relative(pattern), recursive=True), None) is None:
@@ -247,11 +260,14 @@ def check_semantics(config: dict[str, Any]) -> None:
             problems += [
                 f"datasets.{name}.{k}: required to choose how many of its {ds['shard_groups']} shard_groups the "
                 "runs need (groups_used: auto); give approx_bytes and tokens_per_byte, or set groups_used: all"
-                for k in ("approx_bytes", "tokens_per_byte") if ds[k] is None
+                for k in ("approx_bytes", "tokens_per_byte")
+                if ds[k] is None
             ]
     for name, recipe in recipes.items():
         if int(recipe["split"].split(",")[0]) == 0:  # GPTDataset would train on nothing
-            problems.append(f"recipes.{name}.split: {recipe['split']!r} gives training no share (its first number is 0)")
+            problems.append(
+                f"recipes.{name}.split: {recipe['split']!r} gives training no share (its first number is 0)"
+            )
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
         for j, d in enumerate(exp["datasets"]):

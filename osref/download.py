@@ -80,11 +80,15 @@ def file_digests(path: str | Path, git_blob: bool = False, md5: bool = False) ->
                 blob.update(block)
             if md5_digest is not None:
                 md5_digest.update(block)
-    return (digest.hexdigest(), blob.hexdigest() if blob is not None else None,
-            md5_digest.hexdigest() if md5_digest is not None else None)
+    return (
+        digest.hexdigest(),
+        blob.hexdigest() if blob is not None else None,
+        md5_digest.hexdigest() if md5_digest is not None else None,
+    )
 
 
 # ---- path containment -----------------------------------------------------------------------------
+
 
 def _unsafe_reason(relative: str) -> str | None:
     """Why ``relative`` cannot name a file inside a directory, or None (the rule huggingface_hub applies to
@@ -104,8 +108,10 @@ def checked_relative(name: str, entry: str, relative: str) -> str:
     """``relative`` if it stays inside a group directory; else fail naming the listing entry."""
     reason = _unsafe_reason(relative)
     if reason is not None:
-        raise UnsafePath(f"{name}: listing entry {entry!r} would be written outside its group directory "
-                         f"({reason}); refused, nothing was fetched")
+        raise UnsafePath(
+            f"{name}: listing entry {entry!r} would be written outside its group directory "
+            f"({reason}); refused, nothing was fetched"
+        )
     return str(PurePosixPath(relative))
 
 
@@ -115,12 +121,15 @@ def group_target(name: str, out_dir: Path, relative: str) -> Path:
     base = out_dir.resolve()
     resolved = target.resolve()
     if resolved == base or not resolved.is_relative_to(base):  # e.g. through a symlinked folder
-        raise UnsafePath(f"{name}: listing entry {relative!r} would be written outside its group directory "
-                         f"(it resolves to {resolved}); refused, nothing was fetched")
+        raise UnsafePath(
+            f"{name}: listing entry {relative!r} would be written outside its group directory "
+            f"(it resolves to {resolved}); refused, nothing was fetched"
+        )
     return target
 
 
 # ---- listing ---------------------------------------------------------------------------------------
+
 
 def _hub_endpoint() -> str | None:
     """``HF_ENDPOINT`` as set now; huggingface_hub itself reads it only once, at import."""
@@ -145,8 +154,12 @@ def _list_hub(name: str, dataset: dict) -> tuple[list[dict], str]:
     # LFS files: the content's sha256. Other files: the tree's oid is git's blob sha1 of the content
     # (for an LFS file it is the pointer's, so it is recorded only for non-LFS files).
     files = [
-        {"path": checked_relative(name, entry.path, entry.path), "size": entry.size,
-         "sha256": entry.lfs.sha256 if entry.lfs else None, **({} if entry.lfs else {"git_sha1": entry.blob_id})}
+        {
+            "path": checked_relative(name, entry.path, entry.path),
+            "size": entry.size,
+            "sha256": entry.lfs.sha256 if entry.lfs else None,
+            **({} if entry.lfs else {"git_sha1": entry.blob_id}),
+        }
         for entry in selected
     ]
     return files, commit
@@ -157,8 +170,15 @@ def _list_local(dataset: dict, repo_root: Path, cache_path: Path) -> list[dict]:
     files = []
     for path, relative in local_files(dataset, repo_root):
         known = cache.lookup(path)
-        files.append({"path": relative, "local_path": str(path), "size": known["size"],
-                      "mtime_ns": known["mtime_ns"], "sha256": known["sha256"]})
+        files.append(
+            {
+                "path": relative,
+                "local_path": str(path),
+                "size": known["size"],
+                "mtime_ns": known["mtime_ns"],
+                "sha256": known["sha256"],
+            }
+        )
     cache.save()
     return files
 
@@ -180,16 +200,27 @@ def _list_http(name: str, dataset: dict, repo_root: Path) -> tuple[list[dict], d
     digest = hashlib.sha256(raw).hexdigest()
     pinned = dataset.get("list_sha256")
     if pinned and digest != pinned:
-        raise IOError(f"{name}: {where} has sha256 {digest}, datasets.{name}.list_sha256 says {pinned}; "
-                      "the source published a different list (update the pin deliberately, or list from a copy)")
+        raise IOError(
+            f"{name}: {where} has sha256 {digest}, datasets.{name}.list_sha256 says {pinned}; "
+            "the source published a different list (update the pin deliberately, or list from a copy)"
+        )
     entries = http_source.read_list(raw, where)
-    selected = list(filter_repo_objects(entries, allow_patterns=dataset.get("allow_patterns"),
-                                        ignore_patterns=dataset.get("ignore_patterns")))
+    selected = list(
+        filter_repo_objects(
+            entries, allow_patterns=dataset.get("allow_patterns"), ignore_patterns=dataset.get("ignore_patterns")
+        )
+    )
     files = []
     for entry in selected:
         relative = urlsplit(entry).path.lstrip("/") if "://" in entry else entry
-        files.append({"path": checked_relative(name, entry, relative), "url": entry if "://" in entry else base + entry,
-                      "size": None, "sha256": None})
+        files.append(
+            {
+                "path": checked_relative(name, entry, relative),
+                "url": entry if "://" in entry else base + entry,
+                "size": None,
+                "sha256": None,
+            }
+        )
     return files, {**origin, "sha256": digest, "entries": len(entries), "selected": len(selected)}
 
 
@@ -229,13 +260,17 @@ def list_dataset(name: str, dataset: dict, out_path: str | Path, repo_root: str 
     else:
         files, file_list = _list_http(name, dataset, repo_root)
     if not files:
-        where = dataset.get("paths") or dataset.get("allow_patterns") or dataset.get("urls_file") or dataset.get("list_url")
+        where = (
+            dataset.get("paths") or dataset.get("allow_patterns") or dataset.get("urls_file") or dataset.get("list_url")
+        )
         raise FileNotFoundError(f"datasets.{name}: no files match {where}")
     seen: dict[str, dict] = {}
     for entry in files:  # two entries on one target would overwrite each other and be tokenized twice
         if (first := seen.setdefault(entry["path"], entry)) is not entry:
-            raise ValueError(f"{name}: listing entries {first.get('url', first['path'])!r} and "
-                             f"{entry.get('url', entry['path'])!r} would both be written to {entry['path']!r}")
+            raise ValueError(
+                f"{name}: listing entries {first.get('url', first['path'])!r} and "
+                f"{entry.get('url', entry['path'])!r} would both be written to {entry['path']!r}"
+            )
     listing = {
         "dataset": name,
         "source": dataset["source"],
@@ -252,6 +287,7 @@ def list_dataset(name: str, dataset: dict, out_path: str | Path, repo_root: str 
 
 
 # ---- fetching one group ----------------------------------------------------------------------------
+
 
 class _JobProgress:
     """The job's byte counter: bytes of the file in flight are taken back if that file is discarded."""
@@ -352,13 +388,16 @@ def _fetch_local(name: str, entry: dict, out_dir: Path) -> Path:
     return target
 
 
-def _fetch_http(name: str, listing: dict, entry: dict, out_dir: Path,
-                progress: _JobProgress) -> tuple[Path, http_source.Remote]:
+def _fetch_http(
+    name: str, listing: dict, entry: dict, out_dir: Path, progress: _JobProgress
+) -> tuple[Path, http_source.Remote]:
     target = group_target(name, out_dir, entry["path"])
     return target, http_source.fetch(entry["url"], target, listing.get("format"), progress)
 
 
-def fetch_group(name: str, listing_path: str | Path, group: int, out_dir: str | Path, manifest_path: str | Path) -> dict:
+def fetch_group(
+    name: str, listing_path: str | Path, group: int, out_dir: str | Path, manifest_path: str | Path
+) -> dict:
     """Fetch (or materialise) every file of one group; finished files are skipped on rerun."""
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -387,14 +426,18 @@ def fetch_group(name: str, listing_path: str | Path, group: int, out_dir: str | 
                     path, remote = _fetch_http(name, listing, entry, out_dir, progress)
                 expected, expected_git = entry.get("sha256"), entry.get("git_sha1")
                 published = remote.digest if remote is not None else None
-                digest, git_sha1, md5 = file_digests(path, git_blob=expected_git is not None,
-                                                     md5=published is not None and published[0] == "md5")
+                digest, git_sha1, md5 = file_digests(
+                    path, git_blob=expected_git is not None, md5=published is not None and published[0] == "md5"
+                )
                 size = path.stat().st_size
                 got_published = {"sha256": digest, "md5": md5}[published[0]] if published else None
-                if ((expected is None or digest == expected) and (expected_git is None or git_sha1 == expected_git)
-                        and (entry["size"] is None or size == entry["size"])
-                        and (published is None or got_published == published[1])
-                        and (remote is None or remote.size is None or size == remote.size)):
+                if (
+                    (expected is None or digest == expected)
+                    and (expected_git is None or git_sha1 == expected_git)
+                    and (entry["size"] is None or size == entry["size"])
+                    and (published is None or got_published == published[1])
+                    and (remote is None or remote.size is None or size == remote.size)
+                ):
                     break
                 path.unlink()  # never use a file whose hash or size is wrong
                 progress.file_discarded()

@@ -228,8 +228,7 @@ def build_demo_tasks(
         "n_fewshot_pool": N_FEWSHOT_POOL,
         "seed": seed,
         "sha256": {
-            path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(out_dir.glob("demo_*.jsonl"))
+            path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(out_dir.glob("demo_*.jsonl"))
         },
     }
     tmp = out_dir / f".{MARKER_NAME}.tmp"

@@ -115,8 +115,9 @@ def _check_supported(spec: ModelSpec) -> None:
     if not spec.swiglu:
         raise ValueError(f"{spec.name}: only SwiGLU models can be exported (every target class is gated SiLU)")
     if spec.num_attention_heads % spec.query_groups:
-        raise ValueError(f"{spec.name}: {spec.num_attention_heads} heads do not divide into "
-                         f"{spec.query_groups} query groups")
+        raise ValueError(
+            f"{spec.name}: {spec.num_attention_heads} heads do not divide into {spec.query_groups} query groups"
+        )
 
 
 def _split_qkv(fused: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,8 +127,10 @@ def _split_qkv(fused: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torc
     heads_per_group = spec.num_attention_heads // groups
     expected_rows = groups * (heads_per_group + 2) * head_dim
     if fused.shape[0] != expected_rows:
-        raise ValueError(f"linear_qkv has {fused.shape[0]} rows, spec {spec.name} implies {expected_rows} "
-                         f"({spec.num_attention_heads} heads, {groups} groups, head_dim {head_dim})")
+        raise ValueError(
+            f"linear_qkv has {fused.shape[0]} rows, spec {spec.name} implies {expected_rows} "
+            f"({spec.num_attention_heads} heads, {groups} groups, head_dim {head_dim})"
+        )
     trailing = fused.shape[1:]
     grouped = fused.reshape(groups, heads_per_group + 2, head_dim, *trailing)
     q = grouped[:, :heads_per_group].reshape(groups * heads_per_group * head_dim, *trailing)
@@ -166,10 +169,11 @@ def _per_layer_tensors(
         if per_layer:
             put(int(per_layer.group(1)), per_layer.group(2), tensor, key)
         elif key.startswith("decoder.layers."):
-            suffix = key[len("decoder.layers."):]
+            suffix = key[len("decoder.layers.") :]
             if tensor.shape[0] != num_layers:
-                raise ValueError(f"stacked tensor {key!r} has leading dim {tensor.shape[0]}, "
-                                 f"expected {num_layers} layers")
+                raise ValueError(
+                    f"stacked tensor {key!r} has leading dim {tensor.shape[0]}, expected {num_layers} layers"
+                )
             for layer in range(num_layers):
                 put(layer, suffix, tensor[layer], key)
         else:
@@ -177,9 +181,7 @@ def _per_layer_tensors(
     return layers, others
 
 
-def megatron_to_hf_state_dict(
-    megatron_sd: dict[str, torch.Tensor], spec: ModelSpec
-) -> dict[str, torch.Tensor]:
+def megatron_to_hf_state_dict(megatron_sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Map megatron model tensors to the state dict of ``HF_CAUSAL_LM_CLASS[spec.family]``.
 
     Strict: an unknown or missing tensor raises ``ValueError``. Attention biases that megatron lacks
@@ -192,8 +194,9 @@ def megatron_to_hf_state_dict(
 
     def take(source: dict[str, torch.Tensor], name: str, where: str) -> torch.Tensor:
         if name not in source:
-            raise ValueError(f"{where}: megatron tensor for {name!r} is missing "
-                             f"(spec {spec.name}, family {spec.family})")
+            raise ValueError(
+                f"{where}: megatron tensor for {name!r} is missing (spec {spec.name}, family {spec.family})"
+            )
         return source.pop(name)
 
     for index, roles in enumerate(layers):
@@ -220,9 +223,11 @@ def megatron_to_hf_state_dict(
             hf[mlp + "gate_proj.bias"], hf[mlp + "up_proj.bias"] = gate, up
             hf[mlp + "down_proj.bias"] = take(roles, "down_proj.bias", where)
         if roles:
-            raise ValueError(f"{where}: megatron tensors {sorted(roles)} have no place in "
-                             f"{HF_CAUSAL_LM_CLASS[spec.family]} for spec {spec.name} "
-                             "(check qk_layernorm / bias settings)")
+            raise ValueError(
+                f"{where}: megatron tensors {sorted(roles)} have no place in "
+                f"{HF_CAUSAL_LM_CLASS[spec.family]} for spec {spec.name} "
+                "(check qk_layernorm / bias settings)"
+            )
 
     hf["model.embed_tokens.weight"] = take(others, "embedding.word_embeddings.weight", "embedding")
     final_norm = others.pop("decoder.final_layernorm.weight", None)
@@ -335,13 +340,17 @@ def check_hf_config(directory: Path, spec: ModelSpec, tokenizer_info: dict[str, 
         if field == "rope_theta":
             got = (getattr(loaded, "rope_parameters", None) or {}).get("rope_theta")
             if raw.get("rope_theta") != want:  # what a transformers 4.x reader takes
-                problems.append(f"rope_theta (top level) = {raw.get('rope_theta')!r}, the spec's rotary_base is {want!r}")
+                problems.append(
+                    f"rope_theta (top level) = {raw.get('rope_theta')!r}, the spec's rotary_base is {want!r}"
+                )
         else:
             got = getattr(loaded, field, None)
         if got != want:
             problems.append(f"{field} = {got!r}, the spec says {want!r}")
     if problems:
-        raise ParityError(f"{directory / 'config.json'} does not describe the model ({spec.name}): " + "; ".join(problems))
+        raise ParityError(
+            f"{directory / 'config.json'} does not describe the model ({spec.name}): " + "; ".join(problems)
+        )
 
 
 def _save_config(config, directory: Path) -> None:
@@ -468,8 +477,9 @@ def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
 
 def _code_version() -> str | None:
     try:
-        result = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if result.returncode != 0:
@@ -503,8 +513,11 @@ def _write_hf_files(directory: Path, run: dict, spec: ModelSpec, ckpt: Path, sav
 
     hf_state = megatron_to_hf_state_dict(read_torch_dist_checkpoint(ckpt), spec)
     # clone: split views share storage, which safetensors refuses to save
-    save_file({name: t.to(save_dtype).contiguous().clone() for name, t in hf_state.items()},
-              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {name: t.to(save_dtype).contiguous().clone() for name, t in hf_state.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = hf_config_for(spec, run["tokenizer"])
     config.dtype = str(save_dtype).removeprefix("torch.")
     _save_config(config, directory)
@@ -513,8 +526,9 @@ def _write_hf_files(directory: Path, run: dict, spec: ModelSpec, ckpt: Path, sav
     _copy_tokenizer(_resolve(run["tokenizer"]["path"]), directory)
 
 
-def measure_parity(run: dict, iteration: int, hf_dir: Path, token_ids: torch.Tensor,
-                   weight_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def measure_parity(
+    run: dict, iteration: int, hf_dir: Path, token_ids: torch.Tensor, weight_dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
     """max |Δlogit| between the megatron checkpoint and the HF directory, both computed in fp32
     (``max_abs_logit_diff``), and the largest |logit| for scale (``max_abs_logit``).
 
@@ -528,8 +542,7 @@ def measure_parity(run: dict, iteration: int, hf_dir: Path, token_ids: torch.Ten
     del reference  # peak memory: one model at a time
     exported = load_hf_strict(hf_dir, torch.float32, device)
     actual = hf_logits(exported, token_ids)
-    return {"max_abs_logit_diff": float((expected - actual).abs().max()),
-            "max_abs_logit": float(expected.abs().max())}
+    return {"max_abs_logit_diff": float((expected - actual).abs().max()), "max_abs_logit": float(expected.abs().max())}
 
 
 @contextlib.contextmanager
@@ -588,16 +601,28 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         _write_hf_files(tmp, run, spec, ckpt, save_dtype)
-        token_ids = parity_token_ids(_resolve(run["tokenizer"]["path"]), min(parity_tokens, spec.seq_length),
-                                     vocab_limit=int(run["tokenizer"].get("size", spec.vocab_size)))
+        token_ids = parity_token_ids(
+            _resolve(run["tokenizer"]["path"]),
+            min(parity_tokens, spec.seq_length),
+            vocab_limit=int(run["tokenizer"].get("size", spec.vocab_size)),
+        )
         parity = measure_parity(run, iteration, tmp, token_ids, save_dtype)
         max_diff = parity["max_abs_logit_diff"]
         hf_class = HF_CAUSAL_LM_CLASS[spec.family]
-        log.info("parity %s iter %d (%s): max |Δlogit| = %.3g, tolerance %.3g",
-                 run.get("run_id"), iteration, hf_class, max_diff, tolerance)
+        log.info(
+            "parity %s iter %d (%s): max |Δlogit| = %.3g, tolerance %.3g",
+            run.get("run_id"),
+            iteration,
+            hf_class,
+            max_diff,
+            tolerance,
+        )
         if not max_diff <= tolerance:  # written this way round so that NaN fails too
-            raise ParityError(f"{run.get('run_id')} iter {iteration}: exported {hf_class} differs from megatron: "
-                              f"max |Δlogit| = {max_diff:.4g} > tolerance {tolerance:.4g}", max_diff)
+            raise ParityError(
+                f"{run.get('run_id')} iter {iteration}: exported {hf_class} differs from megatron: "
+                f"max |Δlogit| = {max_diff:.4g} > tolerance {tolerance:.4g}",
+                max_diff,
+            )
         check_hf_config(tmp, spec, run["tokenizer"])  # what the logits cannot see
 
         train = run["train"]

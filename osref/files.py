@@ -24,6 +24,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, payload: Any, *, indent: int = 1, sort_keys: bool = False,
-                      allow_nan: bool = True) -> None:
+def write_json_atomic(
+    path: str | Path, payload: Any, *, indent: int = 1, sort_keys: bool = False, allow_nan: bool = True
+) -> None:
     write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")

@@ -119,8 +119,9 @@ class SourceCheck:
     hashed: int  # files read for their sha256 by this check
 
 
-def check_local_sources(name: str, dataset: dict[str, Any], repo_root: str | Path, listing_path: str | Path,
-                        cache_path: str | Path) -> SourceCheck:
+def check_local_sources(
+    name: str, dataset: dict[str, Any], repo_root: str | Path, listing_path: str | Path, cache_path: str | Path
+) -> SourceCheck:
     """Compare a local dataset's files now with its listing; see the module docstring."""
     listing_path = Path(listing_path)
     try:
@@ -150,7 +151,9 @@ def describe_changes(name: str, check: SourceCheck) -> str:
     """The message the workflow prints when a local dataset changed."""
     shown = check.changes[:MAX_CHANGES_SHOWN]
     more = f"; and {len(check.changes) - len(shown)} more" if len(check.changes) > len(shown) else ""
-    return (f"datasets.{name}: the local files changed since they were listed: {'; '.join(shown)}{more}. "
-            "Its listing, downloads and tokenization are redone, and every job after them "
-            "(training jobs resume from a run's latest checkpoint: delete that run's checkpoints "
-            "directory to train on the new data from the start).")
+    return (
+        f"datasets.{name}: the local files changed since they were listed: {'; '.join(shown)}{more}. "
+        "Its listing, downloads and tokenization are redone, and every job after them "
+        "(training jobs resume from a run's latest checkpoint: delete that run's checkpoints "
+        "directory to train on the new data from the start)."
+    )

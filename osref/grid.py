@@ -115,9 +115,14 @@ class Grid:
     @cached_property
     def _groups_per_run(self) -> dict[str, int]:
         # a cool-down branch reads its parent's groups: the same dataset, hence the same sample order
-        return {rid: run_group_count(self.config["datasets"][r.dataset], r.dataset,
-                                     tokens_read(self.runs[r.parent_run] if r.parent_run else r))
-                for rid, r in self.runs.items()}
+        return {
+            rid: run_group_count(
+                self.config["datasets"][r.dataset],
+                r.dataset,
+                tokens_read(self.runs[r.parent_run] if r.parent_run else r),
+            )
+            for rid, r in self.runs.items()
+        }
 
     def run_groups(self, run_id: str) -> list[int]:
         """The shard groups a run trains on: the first n of its dataset's fixed groups."""
@@ -134,6 +139,7 @@ class Grid:
 
 
 # ---- data: how many shard groups a run needs -------------------------------------------------------
+
 
 def train_share(split: str) -> float:
     """Share of the documents Megatron's GPTDataset trains on, from a ``"989,10,1"`` split."""
@@ -178,6 +184,7 @@ def run_group_count(block: dict[str, Any], dataset: str, needed_tokens: float) -
 
 
 # ---- derivations ----------------------------------------------------------------------------------
+
 
 def run_id_for(scale: str, dataset: str, budget: str | int, seq_length: int, suffix: str = "") -> str:
     run_id = f"{scale}-{dataset}-{budget}-{seq_length}"
@@ -248,6 +255,7 @@ def build_run(config: dict, experiment: dict, exp_index: int, dataset: str, scal
     tokens = budget_tokens(budget)
     train_iters = math.ceil(tokens / (gbs * seq))
     if recipe["warmup_iters"] >= train_iters:
+
         def source(key: str, fallback: str | None = None) -> str:
             if key in override:
                 return f"overrides.{base_id}.{key}"
@@ -334,8 +342,18 @@ def build_run(config: dict, experiment: dict, exp_index: int, dataset: str, scal
 # Recipe keys a cool-down branch must share with its parent: up to the branch point the two runs
 # are one trajectory (same data order, same optimizer, same constant learning rate).
 _BRANCH_SHARED_KEYS = (
-    "schedule", "lr", "min_lr", "warmup_iters", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay",
-    "clip_grad", "seed", "split", "precision",
+    "schedule",
+    "lr",
+    "min_lr",
+    "warmup_iters",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "weight_decay",
+    "clip_grad",
+    "seed",
+    "split",
+    "precision",
 )
 
 
@@ -426,7 +444,8 @@ def expand_grid(config: dict[str, Any]) -> Grid:
         if missing:
             raise ConfigError(f"select.runs: no run with id {', '.join(map(repr, missing))} in the grid")
         chosen = {
-            rid for rid, r in runs.items()
+            rid
+            for rid, r in runs.items()
             if (not select.get("runs") or rid in select["runs"])
             and (not select.get("datasets") or r.dataset in select["datasets"])
             and (not select.get("scales") or r.scale in select["scales"])
@@ -451,6 +470,7 @@ def load_grid(config: dict[str, Any] | str | Path) -> Grid:
 
 
 # ---- outputs --------------------------------------------------------------------------------------
+
 
 def run_document(grid: Grid, run: Run) -> dict[str, Any]:
     """The resolved run JSON that the training, export and evaluation scripts read."""
@@ -535,13 +555,45 @@ def _branch_block(grid: Grid, run: Run) -> dict[str, Any] | None:
 
 
 PLAN_COLUMNS = [
-    "run_id", "scale", "dataset", "tokens", "seq_length", "global_batch_size", "params", "train_iters",
-    "checkpoints", "flops", "gpu_hours", "nodes", "gpus_per_node", "jobs",
-    "budget", "warmup_iters", "cooldown_iters", "save_interval", "segments", "hours_per_segment",
-    "walltime", "evaluated_checkpoints", "data_groups", "dataset_groups", "shard_groups",
-    "dataset_tokens", "dataset_tokens_source", "epochs", "warning",
-    "branch_of", "branch_iteration", "trained_iters",
-    "source", "revisions", "download_bytes", "download_bytes_source", "eval_gpu_hours", "repo", "repo_status",
+    "run_id",
+    "scale",
+    "dataset",
+    "tokens",
+    "seq_length",
+    "global_batch_size",
+    "params",
+    "train_iters",
+    "checkpoints",
+    "flops",
+    "gpu_hours",
+    "nodes",
+    "gpus_per_node",
+    "jobs",
+    "budget",
+    "warmup_iters",
+    "cooldown_iters",
+    "save_interval",
+    "segments",
+    "hours_per_segment",
+    "walltime",
+    "evaluated_checkpoints",
+    "data_groups",
+    "dataset_groups",
+    "shard_groups",
+    "dataset_tokens",
+    "dataset_tokens_source",
+    "epochs",
+    "warning",
+    "branch_of",
+    "branch_iteration",
+    "trained_iters",
+    "source",
+    "revisions",
+    "download_bytes",
+    "download_bytes_source",
+    "eval_gpu_hours",
+    "repo",
+    "repo_status",
 ]
 
 
@@ -552,8 +604,11 @@ def _counted_group_tokens(grid: Grid, dataset: str) -> dict[int, int]:
         return {}
     import json  # noqa: PLC0415
 
-    return {int(g["group"]): int(g["tokens"]) for g in json.loads(manifest.read_text())["per_group"]
-            if g.get("group") is not None}
+    return {
+        int(g["group"]): int(g["tokens"])
+        for g in json.loads(manifest.read_text())["per_group"]
+        if g.get("group") is not None
+    }
 
 
 def listed_bytes(grid: Grid, dataset: str) -> int | None:
@@ -566,8 +621,9 @@ def listed_bytes(grid: Grid, dataset: str) -> int | None:
     return sum(f["size"] or 0 for f in json.loads(listing.read_text())["files"])
 
 
-def dataset_tokens(grid: Grid, dataset: str, groups: list[int] | None = None,
-                   counted: dict[int, int] | None = None) -> tuple[float | None, str]:
+def dataset_tokens(
+    grid: Grid, dataset: str, groups: list[int] | None = None, counted: dict[int, int] | None = None
+) -> tuple[float | None, str]:
     """Tokens in ``groups`` of a dataset (default: every group it is cut into): counted once
     tokenized, else the catalog's estimate x groups / shard_groups."""
     block = grid.config["datasets"][dataset]
@@ -595,8 +651,10 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
     for d in grid.datasets_in_use:
         listed, approx = listed_bytes(grid, d), grid.config["datasets"][d]["approx_bytes"]
         if listed and approx and not 1 / 1.5 <= listed / approx <= 1.5:
-            size_warnings[d] = (f"{d} lists {listed:.3g} bytes, datasets.{d}.approx_bytes says {approx:.3g}: "
-                                "correct it, the number of groups a run reads relies on it")
+            size_warnings[d] = (
+                f"{d} lists {listed:.3g} bytes, datasets.{d}.approx_bytes says {approx:.3g}: "
+                "correct it, the number of groups a run reads relies on it"
+            )
     rows = []
     for run in grid.runs.values():
         jobs = len(run.segment_ends) + len(run.eval_iters) * (1 + n_groups)
@@ -606,7 +664,9 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
         epochs = run.train_iters * run.tokens_per_iteration / size if size else None
         warnings = []
         if epochs is not None and epochs > warn_epochs:
-            warnings.append(f"needs {epochs:.1f} epochs of {run.dataset} (more than plan.warn_epochs = {warn_epochs:g})")
+            warnings.append(
+                f"needs {epochs:.1f} epochs of {run.dataset} (more than plan.warn_epochs = {warn_epochs:g})"
+            )
         elif epochs is not None and epochs > 1 and len(groups) < total_groups:
             warnings.append(
                 f"repeats data ({epochs:.2f} epochs of its {len(groups)} of {total_groups} shard groups) although "
@@ -616,47 +676,51 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
         if run.dataset in size_warnings and len(groups) < total_groups:
             warnings.append(size_warnings[run.dataset])
         warning = "; ".join(warnings)
-        rows.append({
-            "run_id": run.run_id,
-            "scale": run.scale,
-            "dataset": run.dataset,
-            "tokens": run.tokens,
-            "seq_length": run.seq_length,
-            "global_batch_size": run.global_batch_size,
-            "params": run.params,
-            "train_iters": run.train_iters,
-            "checkpoints": len(run.checkpoint_iters),
-            "flops": run.flops,
-            "gpu_hours": round(run.gpu_hours, 1),
-            "nodes": run.resources["nodes"],
-            "gpus_per_node": run.resources["gpus_per_node"],
-            "jobs": jobs,
-            "budget": run.budget,
-            "warmup_iters": run.recipe["warmup_iters"],
-            "cooldown_iters": run.cooldown_iters,
-            "save_interval": run.recipe["save_interval"],
-            "segments": len(run.segment_ends),
-            "hours_per_segment": round(run.hours_per_segment, 2),
-            "walltime": run.resources["walltime"],
-            "evaluated_checkpoints": len(run.eval_iters),
-            "data_groups": len(groups),
-            "dataset_groups": len(grid.shard_groups(run.dataset)),
-            "shard_groups": total_groups,
-            "dataset_tokens": size,
-            "dataset_tokens_source": size_source,
-            "epochs": round(epochs, 3) if epochs is not None else None,
-            "warning": warning,
-            "branch_of": run.parent_run or "",
-            "branch_iteration": run.branch_iteration or "",
-            "trained_iters": run.trained_iters,
-            "source": "train",
-            "revisions": "",
-            "download_bytes": "",
-            "download_bytes_source": "",
-            "eval_gpu_hours": round(evaluation_gpu_hours(grid.config, run.params, len(run.eval_iters), n_groups), 1),
-            "repo": "",
-            "repo_status": "",
-        })
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "scale": run.scale,
+                "dataset": run.dataset,
+                "tokens": run.tokens,
+                "seq_length": run.seq_length,
+                "global_batch_size": run.global_batch_size,
+                "params": run.params,
+                "train_iters": run.train_iters,
+                "checkpoints": len(run.checkpoint_iters),
+                "flops": run.flops,
+                "gpu_hours": round(run.gpu_hours, 1),
+                "nodes": run.resources["nodes"],
+                "gpus_per_node": run.resources["gpus_per_node"],
+                "jobs": jobs,
+                "budget": run.budget,
+                "warmup_iters": run.recipe["warmup_iters"],
+                "cooldown_iters": run.cooldown_iters,
+                "save_interval": run.recipe["save_interval"],
+                "segments": len(run.segment_ends),
+                "hours_per_segment": round(run.hours_per_segment, 2),
+                "walltime": run.resources["walltime"],
+                "evaluated_checkpoints": len(run.eval_iters),
+                "data_groups": len(groups),
+                "dataset_groups": len(grid.shard_groups(run.dataset)),
+                "shard_groups": total_groups,
+                "dataset_tokens": size,
+                "dataset_tokens_source": size_source,
+                "epochs": round(epochs, 3) if epochs is not None else None,
+                "warning": warning,
+                "branch_of": run.parent_run or "",
+                "branch_iteration": run.branch_iteration or "",
+                "trained_iters": run.trained_iters,
+                "source": "train",
+                "revisions": "",
+                "download_bytes": "",
+                "download_bytes_source": "",
+                "eval_gpu_hours": round(
+                    evaluation_gpu_hours(grid.config, run.params, len(run.eval_iters), n_groups), 1
+                ),
+                "repo": "",
+                "repo_status": "",
+            }
+        )
     from osref.released_models import released_plan_rows  # noqa: PLC0415
 
     return rows + released_plan_rows(grid)

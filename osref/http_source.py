@@ -78,6 +78,7 @@ class Remote:
 
 # ---- what the headers say ------------------------------------------------------------------------
 
+
 def published_digest(headers) -> tuple[str, str] | None:
     """A digest of the whole object the server publishes, as (algorithm, hex), or None."""
     for name in ("Repr-Digest", "Digest"):
@@ -109,8 +110,10 @@ def _media_type(headers) -> str | None:
 
 def _check_content_type(url: str, media_type: str | None, fmt: str | None) -> None:
     if media_type in _NEVER_DATA:
-        raise SourceFormatError(f"{url}: content type {media_type} (a web page, e.g. a login or error page) "
-                                f"cannot be {fmt or 'a data file'}; nothing was kept")
+        raise SourceFormatError(
+            f"{url}: content type {media_type} (a web page, e.g. a login or error page) "
+            f"cannot be {fmt or 'a data file'}; nothing was kept"
+        )
 
 
 def format_problem(path: Path, fmt: str | None) -> str | None:
@@ -137,6 +140,7 @@ def format_problem(path: Path, fmt: str | None) -> str | None:
 
 # ---- requests with retries -----------------------------------------------------------------------
 
+
 def retry_delay(url: str, error: BaseException, attempt: int) -> float:
     """Seconds to wait before the next attempt: the server's Retry-After (bounded) or the backoff."""
     headers = getattr(error, "headers", None)
@@ -154,9 +158,10 @@ def retry_delay(url: str, error: BaseException, attempt: int) -> float:
             if seconds > MAX_RETRY_AFTER_S:
                 raise RetryAfterTooLong(
                     f"{url}: HTTP {getattr(error, 'code', '?')}, Retry-After {seconds:.0f} s is more than the "
-                    f"{MAX_RETRY_AFTER_S} s a download job waits; run it again later") from None
+                    f"{MAX_RETRY_AFTER_S} s a download job waits; run it again later"
+                ) from None
             return seconds
-    return float(2 ** attempt - 2)  # 0, 2, 6, 14 s: retry a dropped connection at once, back off after
+    return float(2**attempt - 2)  # 0, 2, 6, 14 s: retry a dropped connection at once, back off after
 
 
 def _retryable(error: BaseException) -> bool:
@@ -193,8 +198,9 @@ def get_bytes(url: str) -> bytes:
 def head(url: str) -> Remote:
     with _open(urllib.request.Request(url, method="HEAD")) as response:
         length = response.headers.get("Content-Length")
-        return Remote(int(length) if length else None, published_digest(response.headers),
-                      _media_type(response.headers))
+        return Remote(
+            int(length) if length else None, published_digest(response.headers), _media_type(response.headers)
+        )
 
 
 def read_list(raw: bytes, where: str) -> list[str]:
@@ -213,6 +219,7 @@ def read_list(raw: bytes, where: str) -> list[str]:
 
 
 # ---- one file --------------------------------------------------------------------------------------
+
 
 def _transfer(url: str, partial: Path, fmt: str | None, progress: Progress) -> Remote:
     """Append the rest of ``url`` to ``partial`` (a Range request when it has bytes); raise if cut short."""
@@ -234,8 +241,10 @@ def _transfer(url: str, partial: Path, fmt: str | None, progress: Progress) -> R
         progress.advance(offset)
         content_range = response.headers.get("Content-Range")
         content_length = response.headers.get("Content-Length")
-        total = int(content_range.rsplit("/", 1)[1]) if content_range else (
-            offset + int(content_length) if content_length else None
+        total = (
+            int(content_range.rsplit("/", 1)[1])
+            if content_range
+            else (offset + int(content_length) if content_length else None)
         )
         remote = Remote(total, published_digest(response.headers), media_type)
         with open(partial, "ab" if offset else "wb") as fh:
@@ -275,8 +284,10 @@ def fetch(url: str, target: Path, fmt: str | None, progress: Progress) -> Remote
             _check_content_type(url, remote.content_type, fmt)
             if (remote.size is None or remote.size == size) and format_problem(target, fmt) is None:
                 return remote
-            print(f"{url}: the existing {target} has {size} B, the server says {remote.size} B; fetching it again",
-                  file=sys.stderr)
+            print(
+                f"{url}: the existing {target} has {size} B, the server says {remote.size} B; fetching it again",
+                file=sys.stderr,
+            )
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
@@ -289,8 +300,9 @@ def fetch(url: str, target: Path, fmt: str | None, progress: Progress) -> Remote
             if isinstance(error, SourceFormatError) or attempt == HTTP_ATTEMPTS or not _retryable(error):
                 raise
             delay = retry_delay(url, error, attempt)
-            print(f"{url}: {error!r}; resuming in {delay:.0f} s (attempt {attempt + 1}/{HTTP_ATTEMPTS})",
-                  file=sys.stderr)
+            print(
+                f"{url}: {error!r}; resuming in {delay:.0f} s (attempt {attempt + 1}/{HTTP_ATTEMPTS})", file=sys.stderr
+            )
             time.sleep(delay)
     problem = format_problem(partial, fmt)
     if problem is not None and not (remote.digest and not _digest_matches(partial, remote.digest)):

@@ -94,8 +94,8 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[dict]:
                 raise LockHeld(f"{path} is held by {describe_holder(path)}") from None
             raise LockUnsupported(
                 f"cannot lock {path}: {exc.strerror} (errno {exc.errno}); this filesystem does not support POSIX "
-                f"locks (Lustre needs the `flock` mount option, NFSv3 needs lockd). See the README, \"Locks on "
-                f"shared filesystems\"; {LOCKS_ENV}=off runs without them"
+                f'locks (Lustre needs the `flock` mount option, NFSv3 needs lockd). See the README, "Locks on '
+                f'shared filesystems"; {LOCKS_ENV}=off runs without them'
             ) from None
         info = holder_info(what)
         os.ftruncate(fd, 0)

@@ -14,8 +14,20 @@ import re
 from typing import Any
 
 OPEN_SCI_REF_TASKS = {
-    "copa", "lambada_openai", "openbookqa", "winogrande", "social_iqa", "mmlu", "commonsense_qa",
-    "piqa", "hellaswag", "arc_easy", "arc_challenge", "boolq", "mmlu_pro", "mmlu_continuation",
+    "copa",
+    "lambada_openai",
+    "openbookqa",
+    "winogrande",
+    "social_iqa",
+    "mmlu",
+    "commonsense_qa",
+    "piqa",
+    "hellaswag",
+    "arc_easy",
+    "arc_challenge",
+    "boolq",
+    "mmlu_pro",
+    "mmlu_continuation",
 }
 LOCAL_DEMO_TASKS = {"demo_lastword", "demo_continuation"}
 

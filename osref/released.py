@@ -68,20 +68,58 @@ DEFAULT_TOKENIZER_DIR = export.REPO_ROOT / "assets" / "gpt-neox-20b"
 
 # Every key a released config.json may carry. An unknown key may change the architecture, so it is
 # an error until someone has read what it means and added it here (and, if it matters, to the mapping).
-KNOWN_CONFIG_KEYS = frozenset({
-    "_name_or_path", "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
-    "rms_norm_eps", "layer_norm_eps", "qk_layernorm", "rope_theta", "rope_scaling", "attention_bias",
-    "attention_dropout", "mlp_bias", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-    "pretraining_tp", "use_cache",
-})
-REQUIRED_CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                        "num_attention_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+KNOWN_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "auto_map",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "max_position_embeddings",
+        "initializer_range",
+        "rms_norm_eps",
+        "layer_norm_eps",
+        "qk_layernorm",
+        "rope_theta",
+        "rope_scaling",
+        "attention_bias",
+        "attention_dropout",
+        "mlp_bias",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "pretraining_tp",
+        "use_cache",
+    }
+)
+REQUIRED_CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+)
 
 _RELEASED_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_RENAMED_LAYER_SUFFIXES = {"self_attn.q_layernorm.weight": "self_attn.q_norm.weight",
-                           "self_attn.k_layernorm.weight": "self_attn.k_norm.weight"}
+_RENAMED_LAYER_SUFFIXES = {
+    "self_attn.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attn.k_layernorm.weight": "self_attn.k_norm.weight",
+}
 _DROPPED_KEY_SUFFIX = "rotary_emb.inv_freq"
 _ITERATION_NAME = re.compile(r"iter_(\d{7})")
 REMOTE_CODE_DIR = "released_remote_code"  # where the export keeps the release's .py files (never loaded)
@@ -99,8 +137,10 @@ class ReleasedFormatError(ValueError):
 def _check_config_values(config: dict[str, Any]) -> None:
     unknown = sorted(set(config) - KNOWN_CONFIG_KEYS)
     if unknown:
-        raise ReleasedFormatError(f"released config has unknown key(s) {unknown}: check what they change "
-                                  "and add them to osref.released.KNOWN_CONFIG_KEYS")
+        raise ReleasedFormatError(
+            f"released config has unknown key(s) {unknown}: check what they change "
+            "and add them to osref.released.KNOWN_CONFIG_KEYS"
+        )
     missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
     if missing:
         raise ReleasedFormatError(f"released config lacks key(s) {missing}")
@@ -114,11 +154,17 @@ def _check_config_values(config: dict[str, Any]) -> None:
     require("qk_layernorm", config.get("qk_layernorm", True) is True, "true (the 0.01 block has QK-norm)")
     require("rope_scaling", config.get("rope_scaling") is None, "null (plain RoPE)")
     require("pretraining_tp", config.get("pretraining_tp", 1) == 1, "1")
-    require("mlp_bias", config.get("mlp_bias", False) == config.get("attention_bias", False),
-            f"equal to attention_bias = {config.get('attention_bias')!r} (biases on all linears or none)")
+    require(
+        "mlp_bias",
+        config.get("mlp_bias", False) == config.get("attention_bias", False),
+        f"equal to attention_bias = {config.get('attention_bias')!r} (biases on all linears or none)",
+    )
     # The released code gives the QK norms layer_norm_eps and the block norms rms_norm_eps; HYV3 has one eps.
-    require("layer_norm_eps", config.get("layer_norm_eps", config["rms_norm_eps"]) == config["rms_norm_eps"],
-            f"equal to rms_norm_eps = {config['rms_norm_eps']!r}")
+    require(
+        "layer_norm_eps",
+        config.get("layer_norm_eps", config["rms_norm_eps"]) == config["rms_norm_eps"],
+        f"equal to rms_norm_eps = {config['rms_norm_eps']!r}",
+    )
     heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
     require("num_attention_heads", hidden % heads == 0, f"a divisor of hidden_size {hidden}")
     # The released code sizes the QK norms hidden // heads, whatever head_dim says.
@@ -208,18 +254,30 @@ def expected_hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
         layer = {
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (q_rows, h), "self_attn.k_proj.weight": (kv_rows, h),
-            "self_attn.v_proj.weight": (kv_rows, h), "self_attn.o_proj.weight": (h, q_rows),
-            "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
-            "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q_rows, h),
+            "self_attn.k_proj.weight": (kv_rows, h),
+            "self_attn.v_proj.weight": (kv_rows, h),
+            "self_attn.o_proj.weight": (h, q_rows),
+            "self_attn.q_norm.weight": (hd,),
+            "self_attn.k_norm.weight": (hd,),
+            "mlp.gate_proj.weight": (f, h),
+            "mlp.up_proj.weight": (f, h),
+            "mlp.down_proj.weight": (h, f),
         }
         if spec.add_bias_linear:
-            layer.update({
-                "self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
-                "self_attn.v_proj.bias": (kv_rows,), "self_attn.o_proj.bias": (h,),
-                "mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (h,),
-            })
+            layer.update(
+                {
+                    "self_attn.q_proj.bias": (q_rows,),
+                    "self_attn.k_proj.bias": (kv_rows,),
+                    "self_attn.v_proj.bias": (kv_rows,),
+                    "self_attn.o_proj.bias": (h,),
+                    "mlp.gate_proj.bias": (f,),
+                    "mlp.up_proj.bias": (f,),
+                    "mlp.down_proj.bias": (h,),
+                }
+            )
         shapes.update({p + suffix: shape for suffix, shape in layer.items()})
     return shapes
 
@@ -242,12 +300,16 @@ def released_to_hf_state_dict(released: dict[str, torch.Tensor], spec: ModelSpec
     expected = expected_hf_shapes(spec)
     unknown, missing = sorted(set(hf) - set(expected)), sorted(set(expected) - set(hf))
     if unknown or missing:
-        raise ReleasedFormatError(f"released tensors do not match the {spec.family} layout of spec {spec.name}: "
-                                  f"unknown {unknown[:8]}{' …' if len(unknown) > 8 else ''}, "
-                                  f"missing {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        raise ReleasedFormatError(
+            f"released tensors do not match the {spec.family} layout of spec {spec.name}: "
+            f"unknown {unknown[:8]}{' …' if len(unknown) > 8 else ''}, "
+            f"missing {missing[:8]}{' …' if len(missing) > 8 else ''}"
+        )
     wrong = {k: (tuple(hf[k].shape), shape) for k, shape in expected.items() if tuple(hf[k].shape) != shape}
     if wrong:
-        raise ReleasedFormatError(f"tensor shapes (found, expected) disagree with the config: {dict(list(wrong.items())[:8])}")
+        raise ReleasedFormatError(
+            f"tensor shapes (found, expected) disagree with the config: {dict(list(wrong.items())[:8])}"
+        )
     return hf
 
 
@@ -264,11 +326,15 @@ def declared_qk_norm(src: Path, config: dict[str, Any], assume: str | None = Non
     if path is None:
         named = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
         if named:
-            raise ReleasedFormatError(f"{src}: config.json's auto_map names {named!r}, but its modelling file is not "
-                                      "there: the QK norm it declares cannot be read (fetch the .py files too)")
+            raise ReleasedFormatError(
+                f"{src}: config.json's auto_map names {named!r}, but its modelling file is not "
+                "there: the QK norm it declares cannot be read (fetch the .py files too)"
+            )
         if assume != "rmsnorm":
-            raise ReleasedFormatError(f"{src}: no remote code to read the QK norm from; pass assume_qk_norm='rmsnorm' "
-                                      "(--assume-qk-norm rmsnorm) to convert under that assumption")
+            raise ReleasedFormatError(
+                f"{src}: no remote code to read the QK norm from; pass assume_qk_norm='rmsnorm' "
+                "(--assume-qk-norm rmsnorm) to convert under that assumption"
+            )
         eps = float(config.get("layer_norm_eps", config["rms_norm_eps"]))
         return QKNorm(kind="rmsnorm", eps=eps, per_head=True, declared="assumed (no remote code)", attributes=())
     try:
@@ -277,14 +343,19 @@ def declared_qk_norm(src: Path, config: dict[str, Any], assume: str | None = Non
         raise ReleasedFormatError(str(error)) from None
     where = f"{path.name}: {' / '.join(norm.attributes)} = {norm.declared}"
     if norm.kind != "rmsnorm":
-        raise ReleasedFormatError(f"{where} is a {norm.kind}; the converter maps QK norms onto a per-head RMSNorm only "
-                                  "(a LayerNorm also subtracts the mean: converting would change the model)")
+        raise ReleasedFormatError(
+            f"{where} is a {norm.kind}; the converter maps QK norms onto a per-head RMSNorm only "
+            "(a LayerNorm also subtracts the mean: converting would change the model)"
+        )
     if not norm.per_head:
-        raise ReleasedFormatError(f"{where} normalises across all heads (size hidden_size); the converter needs a "
-                                  "per-head norm over head_dim")
+        raise ReleasedFormatError(
+            f"{where} normalises across all heads (size hidden_size); the converter needs a per-head norm over head_dim"
+        )
     if not math.isclose(norm.eps, float(config["rms_norm_eps"]), rel_tol=1e-9):
-        raise ReleasedFormatError(f"{where} has eps {norm.eps:g} but rms_norm_eps is {config['rms_norm_eps']!r}: "
-                                  "the export class has one eps for every norm")
+        raise ReleasedFormatError(
+            f"{where} has eps {norm.eps:g} but rms_norm_eps is {config['rms_norm_eps']!r}: "
+            "the export class has one eps for every norm"
+        )
     return norm
 
 
@@ -307,8 +378,9 @@ def _rotate_half_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def reference_logits(released: dict[str, torch.Tensor], config: dict[str, Any], ids: torch.Tensor, kv_heads: int,
-                     qk_norm: QKNorm) -> torch.Tensor:
+def reference_logits(
+    released: dict[str, torch.Tensor], config: dict[str, Any], ids: torch.Tensor, kv_heads: int, qk_norm: QKNorm
+) -> torch.Tensor:
     """Logits of the opensci block computed from the released tensors as named in the release (fp32).
 
     Written from the architecture, not from either model class: pre-norm RMSNorm, QK norm (as
@@ -317,8 +389,11 @@ def reference_logits(released: dict[str, torch.Tensor], config: dict[str, Any], 
     """
     heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
     head_dim, eps, theta = hidden // heads, float(config["rms_norm_eps"]), float(config["rope_theta"])
-    names = {"q": "q_layernorm", "k": "k_layernorm"} if "model.layers.0.self_attn.q_layernorm.weight" in released \
+    names = (
+        {"q": "q_layernorm", "k": "k_layernorm"}
+        if "model.layers.0.self_attn.q_layernorm.weight" in released
         else {"q": "q_norm", "k": "k_norm"}
+    )
 
     def w(name: str) -> torch.Tensor:
         return released[name].float()
@@ -345,7 +420,11 @@ def reference_logits(released: dict[str, torch.Tensor], config: dict[str, Any], 
         h = _norm(x, w(p + "post_attention_layernorm.weight"), eps)
         gate, up = linear(p + "mlp.gate_proj", h), linear(p + "mlp.up_proj", h)
         x = x + linear(p + "mlp.down_proj", torch.nn.functional.silu(gate) * up)
-    head = "lm_head.weight" if "lm_head.weight" in released and not config["tie_word_embeddings"] else "model.embed_tokens.weight"
+    head = (
+        "lm_head.weight"
+        if "lm_head.weight" in released and not config["tie_word_embeddings"]
+        else "model.embed_tokens.weight"
+    )
     return _norm(x, w("model.norm.weight"), eps) @ w(head).T
 
 
@@ -409,19 +488,25 @@ def convert_released(
     qk_norm = declared_qk_norm(src, config, assume_qk_norm)
     iteration = iteration_of(revision, config)
     if expected_iteration is not None and iteration is not None and iteration != expected_iteration:
-        raise ReleasedFormatError(f"{src}: revision {revision!r} is training iteration {iteration} "
-                                  f"(from its name / config.json _name_or_path), expected {expected_iteration}")
+        raise ReleasedFormatError(
+            f"{src}: revision {revision!r} is training iteration {iteration} "
+            f"(from its name / config.json _name_or_path), expected {expected_iteration}"
+        )
     if iteration is None:
         iteration = expected_iteration
     released = read_released_tensors(src)
     kv_heads_in_tensors = kv_heads_from_tensors(released, config)
     if kv_heads is not None and kv_heads != kv_heads_in_tensors:
-        raise ReleasedFormatError(f"--kv-heads {kv_heads} disagrees with the tensors, whose k_proj holds "
-                                  f"{kv_heads_in_tensors} heads")
+        raise ReleasedFormatError(
+            f"--kv-heads {kv_heads} disagrees with the tensors, whose k_proj holds {kv_heads_in_tensors} heads"
+        )
     config_kv_heads = config.get("num_key_value_heads")
     if config_kv_heads is not None and int(config_kv_heads) != kv_heads_in_tensors:
-        log.warning("config.json says num_key_value_heads=%s but the tensors hold %d KV heads; using the tensors",
-                    config_kv_heads, kv_heads_in_tensors)
+        log.warning(
+            "config.json says num_key_value_heads=%s but the tensors hold %d KV heads; using the tensors",
+            config_kv_heads,
+            kv_heads_in_tensors,
+        )
     spec = spec_from_released_config(config, kv_heads_in_tensors, name=source_repo or src.name)
     hf_state = released_to_hf_state_dict(released, spec)
     stored_dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values()})
@@ -435,14 +520,19 @@ def convert_released(
     if source_commit is None and fetched.is_file():
         manifest = json.loads(fetched.read_text())
         if revision is not None and manifest.get("revision") not in (None, revision):
-            raise ReleasedFormatError(f"{src}: fetched revision {manifest.get('revision')!r}, converting as {revision!r}")
+            raise ReleasedFormatError(
+                f"{src}: fetched revision {manifest.get('revision')!r}, converting as {revision!r}"
+            )
         source_commit = manifest.get("commit")
 
     eod = int(config.get("eos_token_id", 0))
     tokenizer_info = {"eod_id": eod}
     with export.atomic_directory(out) as tmp:
-        save_file({name: t.to(save_dtype).contiguous() for name, t in hf_state.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {name: t.to(save_dtype).contiguous() for name, t in hf_state.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         del hf_state
         hf_config = export.hf_config_for(spec, tokenizer_info)
         hf_config.dtype = dtype
@@ -468,9 +558,14 @@ def convert_released(
         del stored
         max_diff = float((logits - expected).abs().max())
         if not max_diff <= tolerance:
-            raise export.ParityError(f"converted model at {tmp} differs from the reference forward of the released "
-                                     f"tensors: max |Δlogit| {max_diff:.3g} > tolerance {tolerance:g}", max_diff)
-        log.info("reference-forward gate: max |Δlogit| %.3g (tolerance %g, %d tokens)", max_diff, tolerance, ids.numel())
+            raise export.ParityError(
+                f"converted model at {tmp} differs from the reference forward of the released "
+                f"tensors: max |Δlogit| {max_diff:.3g} > tolerance {tolerance:g}",
+                max_diff,
+            )
+        log.info(
+            "reference-forward gate: max |Δlogit| %.3g (tolerance %g, %d tokens)", max_diff, tolerance, ids.numel()
+        )
 
         provenance = {
             "converted_from": "released",
@@ -490,8 +585,12 @@ def convert_released(
             "qk_norm": qk_norm.as_dict(),
             "remote_code": {p.name: _sha256(p) for p in remote_code},
             "remote_code_dir": REMOTE_CODE_DIR if remote_code else None,
-            "reference_forward": {"max_abs_logit_diff": max_diff, "tolerance": tolerance, "tokens": ids.numel(),
-                                  "dtype": "float32"},
+            "reference_forward": {
+                "max_abs_logit_diff": max_diff,
+                "tolerance": tolerance,
+                "tokens": ids.numel(),
+                "dtype": "float32",
+            },
             "code_version": export._code_version(),
             "libraries": export._library_versions(),
         }

@@ -88,14 +88,24 @@ def _revision_files(api, repo: str, commit: str, patterns: list[str]) -> list[di
     from huggingface_hub.utils import filter_repo_objects  # noqa: PLC0415
 
     tree = api.list_repo_tree(repo, revision=commit, recursive=True)
-    selected = filter_repo_objects((e for e in tree if isinstance(e, RepoFile)), allow_patterns=patterns,
-                                   key=lambda e: e.path)
-    files = [{"path": e.path, "size": e.size, "sha256": e.lfs.sha256 if e.lfs else None,
-              **({} if e.lfs else {"git_sha1": e.blob_id})} for e in selected]
+    selected = filter_repo_objects(
+        (e for e in tree if isinstance(e, RepoFile)), allow_patterns=patterns, key=lambda e: e.path
+    )
+    files = [
+        {
+            "path": e.path,
+            "size": e.size,
+            "sha256": e.lfs.sha256 if e.lfs else None,
+            **({} if e.lfs else {"git_sha1": e.blob_id}),
+        }
+        for e in selected
+    ]
     names = {f["path"] for f in files}
     if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-        raise ReleasedHubError(f"{repo}@{commit[:12]}: no config.json and *.safetensors among {sorted(names)[:12]} "
-                               "(pytorch_model.bin checkpoints are not supported)")
+        raise ReleasedHubError(
+            f"{repo}@{commit[:12]}: no config.json and *.safetensors among {sorted(names)[:12]} "
+            "(pytorch_model.bin checkpoints are not supported)"
+        )
     return sorted(files, key=lambda f: f["path"])
 
 
@@ -118,19 +128,24 @@ def list_released(request: dict[str, Any], out_path: str | Path) -> dict[str, An
         hint = "; closest existing repos: " + ", ".join(close) if close else "; no similar repo of that owner was found"
         if alternatives:
             hint += "; other names seen for this run: " + ", ".join(alternatives)
-        raise ReleasedHubError(f"{repo}: no such model repo on {api.endpoint} ({where}{seen}){hint}. Correct the repo "
-                               "(the mapping's repo column, or released.models[].repo) and list again") from None
+        raise ReleasedHubError(
+            f"{repo}: no such model repo on {api.endpoint} ({where}{seen}){hint}. Correct the repo "
+            "(the mapping's repo column, or released.models[].repo) and list again"
+        ) from None
     branches = {b.name: b.target_commit for b in refs.branches}
     tags = {t.name: t.target_commit for t in refs.tags}
     wanted: dict[str, int] = request["revisions"]
     missing = [rev for rev in sorted(wanted, key=wanted.get) if rev not in branches]
     if missing:
-        shown = "; ".join(f"{rev} (closest existing: {', '.join(closest_refs(rev, list(branches))) or 'none'})"
-                          for rev in missing[:5])
+        shown = "; ".join(
+            f"{rev} (closest existing: {', '.join(closest_refs(rev, list(branches))) or 'none'})" for rev in missing[:5]
+        )
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ReleasedHubError(f"{repo} ({where}): no branch {shown}{more}. The repo has {_describe_refs(branches)}; "
-                               "select existing iterations (released.iterations / models[].iterations) or correct "
-                               "save_interval / train_iters")
+        raise ReleasedHubError(
+            f"{repo} ({where}): no branch {shown}{more}. The repo has {_describe_refs(branches)}; "
+            "select existing iterations (released.iterations / models[].iterations) or correct "
+            "save_interval / train_iters"
+        )
     main_iteration = None
     if "main" in branches:
         from osref.released import iteration_of  # noqa: PLC0415 (torch: only needed here)
@@ -138,19 +153,35 @@ def list_released(request: dict[str, Any], out_path: str | Path) -> dict[str, An
         main_iteration = iteration_of(None, _read_config(api, repo, branches["main"]))
         final = request["final_iteration"]
         if main_iteration is not None and main_iteration != final:
-            raise ReleasedHubError(f"{repo} ({where}): main is iteration {main_iteration} (config.json _name_or_path), "
-                                   f"but the run is planned with {final} iterations: is this the right repo, or are "
-                                   "train_iters / global_batch_size wrong?")
+            raise ReleasedHubError(
+                f"{repo} ({where}): main is iteration {main_iteration} (config.json _name_or_path), "
+                f"but the run is planned with {final} iterations: is this the right repo, or are "
+                "train_iters / global_batch_size wrong?"
+            )
         if main_iteration is None:
-            log.warning("%s: config.json of main names no iter_XXXXXXX in _name_or_path; main taken as iteration %d",
-                        repo, final)
+            log.warning(
+                "%s: config.json of main names no iter_XXXXXXX in _name_or_path; main taken as iteration %d",
+                repo,
+                final,
+            )
     revisions = {}
     for rev, iteration in sorted(wanted.items(), key=lambda item: item[1]):
         files = _revision_files(api, repo, branches[rev], request["patterns"])
-        revisions[rev] = {"iteration": iteration, "commit": branches[rev], "files": files,
-                          "bytes": sum(f["size"] or 0 for f in files)}
-        log.info("%s %s (iteration %d) at %s: %d files, %.3g GB", repo, rev, iteration, branches[rev][:12], len(files),
-                 revisions[rev]["bytes"] / 1e9)
+        revisions[rev] = {
+            "iteration": iteration,
+            "commit": branches[rev],
+            "files": files,
+            "bytes": sum(f["size"] or 0 for f in files),
+        }
+        log.info(
+            "%s %s (iteration %d) at %s: %d files, %.3g GB",
+            repo,
+            rev,
+            iteration,
+            branches[rev][:12],
+            len(files),
+            revisions[rev]["bytes"] / 1e9,
+        )
     listing = {
         "name": request["name"],
         "repo": repo,
@@ -170,20 +201,31 @@ def fetch_revision(listing_path: str | Path, revision: str, out_dir: str | Path)
     listing = json.loads(Path(listing_path).read_text())
     entry = listing["revisions"].get(revision)
     if entry is None:
-        raise ReleasedHubError(f"{listing_path}: revision {revision!r} was not listed (listed: "
-                               f"{', '.join(listing['revisions'])}); list again: snakemake --forcerun list_released")
+        raise ReleasedHubError(
+            f"{listing_path}: revision {revision!r} was not listed (listed: "
+            f"{', '.join(listing['revisions'])}); list again: snakemake --forcerun list_released"
+        )
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")  # a fixed name: a retried job reuses what it holds
     partial.mkdir(parents=True, exist_ok=True)
     files = entry["files"]
-    group_listing = {"source": "hub", "repo_id": listing["repo"], "repo_type": "model", "revision": entry["commit"],
-                     "files": files, "groups": [list(range(len(files)))]}
+    group_listing = {
+        "source": "hub",
+        "repo_id": listing["repo"],
+        "repo_type": "model",
+        "revision": entry["commit"],
+        "files": files,
+        "groups": [list(range(len(files)))],
+    }
     write_json_atomic(partial / ".osref-listing.json", group_listing)
     name = f"{listing['repo']}@{revision}"
     manifest = fetch_group(name, partial / ".osref-listing.json", 0, partial, partial / "manifest.json")
     (partial / ".osref-listing.json").unlink()
     manifest = {
-        "repo": listing["repo"], "revision": revision, "commit": entry["commit"], "iteration": entry["iteration"],
+        "repo": listing["repo"],
+        "revision": revision,
+        "commit": entry["commit"],
+        "iteration": entry["iteration"],
         "files": [{**record, "path": os.path.relpath(record["path"], partial)} for record in manifest["files"]],
     }
     write_json_atomic(partial / "manifest.json", manifest, indent=1)

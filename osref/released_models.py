@@ -35,8 +35,18 @@ MAPPING_COLUMNS = ("name", "slurm_job_id", "repo", "repo_status", "save_interval
 REPO_STATUSES = ("seen", "inferred")
 FINAL_REVISION = "main"
 EXTRA_GROUP_PREFIX = "extra-"
-_ENTRY_FIELDS = ("repo", "reference_run", "save_interval", "train_iters", "global_batch_size", "seq_length",
-                 "params", "scale", "dataset", "budget")
+_ENTRY_FIELDS = (
+    "repo",
+    "reference_run",
+    "save_interval",
+    "train_iters",
+    "global_batch_size",
+    "seq_length",
+    "params",
+    "scale",
+    "dataset",
+    "budget",
+)
 _REQUIRED = ("repo", "save_interval", "train_iters", "global_batch_size", "seq_length", "params")
 # what a fetched revision needs: weights, configs, tokenizer files, and the remote code (kept, never run)
 FETCH_PATTERNS = ("*.json", "*.safetensors", "*.py", "*.txt", "*.model")
@@ -156,8 +166,10 @@ def select_iterations(spec: Any, schedule: tuple[int, ...], where: str) -> tuple
     unknown = [i for i in wanted if i not in schedule]
     if unknown:
         near = sorted({min(schedule, key=lambda s, i=i: abs(s - i)) for i in unknown})
-        raise ConfigError(f"{where}: {unknown} are not saved iterations (every {schedule[0]} and the last, "
-                          f"{schedule[-1]}); closest saved: {near}")
+        raise ConfigError(
+            f"{where}: {unknown} are not saved iterations (every {schedule[0]} and the last, "
+            f"{schedule[-1]}); closest saved: {near}"
+        )
     return tuple(wanted)
 
 
@@ -165,8 +177,10 @@ def _entries(section: dict[str, Any], mapping_path: str) -> list[tuple[str, dict
     models = section["models"]
     if models == "all":
         return [(f"{mapping_path}:{line}", {"name": name}) for name, (line, _) in read_mapping(mapping_path).items()]
-    return [(f"released.models[{i}]", {"name": entry} if isinstance(entry, str) else dict(entry))
-            for i, entry in enumerate(models)]
+    return [
+        (f"released.models[{i}]", {"name": entry} if isinstance(entry, str) else dict(entry))
+        for i, entry in enumerate(models)
+    ]
 
 
 def _resolve(where: str, entry: dict[str, Any], section: dict[str, Any], mapping_path: str) -> ReleasedModel:
@@ -186,9 +200,11 @@ def _resolve(where: str, entry: dict[str, Any], section: dict[str, Any], mapping
             where = f"{where} ({mapping_path}:{line})"
     elif "repo" not in entry:
         close = difflib.get_close_matches(name, list(mapping), n=3, cutoff=0.5)
-        raise ConfigError(f"{where}: {name!r} is not a name in {mapping_path}"
-                          f"{' (closest: ' + ', '.join(close) + ')' if close else ''}; for another repo give repo, "
-                          "save_interval and reference_run (or train_iters, global_batch_size, seq_length, params)")
+        raise ConfigError(
+            f"{where}: {name!r} is not a name in {mapping_path}"
+            f"{' (closest: ' + ', '.join(close) + ')' if close else ''}; for another repo give repo, "
+            "save_interval and reference_run (or train_iters, global_batch_size, seq_length, params)"
+        )
     if entry.get("reference_run") is not None:
         fields.update(reference_fields(entry["reference_run"], f"{where}.reference_run"))
     overrides = {key: entry[key] for key in _ENTRY_FIELDS if key in entry and key != "reference_run"}
@@ -197,19 +213,30 @@ def _resolve(where: str, entry: dict[str, Any], section: dict[str, Any], mapping
     fields.update(overrides)
     missing = [key for key in _REQUIRED if fields.get(key) is None]
     if missing:
-        raise ConfigError(f"{where}: released model {name!r} lacks {', '.join(missing)} "
-                          "(give them, or a reference_run in config/reference/runs.csv)")
+        raise ConfigError(
+            f"{where}: released model {name!r} lacks {', '.join(missing)} "
+            "(give them, or a reference_run in config/reference/runs.csv)"
+        )
     from osref.grid import checkpoint_schedule  # noqa: PLC0415
 
     schedule = checkpoint_schedule(int(fields["train_iters"]), int(fields["save_interval"]))
     iterations_where = f"{where}.iterations" if "iterations" in entry else "released.iterations"
     iterations = select_iterations(entry.get("iterations", section["iterations"]), schedule, iterations_where)
     return ReleasedModel(
-        name=name, repo=str(fields["repo"]), repo_status=status, where=where,
-        reference_run=fields.get("reference_run"), scale=fields.get("scale"), dataset=fields.get("dataset"),
-        budget=fields.get("budget"), seq_length=int(fields["seq_length"]),
-        global_batch_size=int(fields["global_batch_size"]), train_iters=int(fields["train_iters"]),
-        save_interval=int(fields["save_interval"]), params=int(fields["params"]), iterations=iterations,
+        name=name,
+        repo=str(fields["repo"]),
+        repo_status=status,
+        where=where,
+        reference_run=fields.get("reference_run"),
+        scale=fields.get("scale"),
+        dataset=fields.get("dataset"),
+        budget=fields.get("budget"),
+        seq_length=int(fields["seq_length"]),
+        global_batch_size=int(fields["global_batch_size"]),
+        train_iters=int(fields["train_iters"]),
+        save_interval=int(fields["save_interval"]),
+        params=int(fields["params"]),
+        iterations=iterations,
         alternatives=alternatives,
     )
 
@@ -259,8 +286,10 @@ def check_extra_tasks(config: dict[str, Any]) -> None:
 
 def extra_groups(config: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """``extra-{task}-{k}shot`` -> [that task] for every extra task (never in an average)."""
-    return {extra_group_name(t["task"], int(t["shots"])): [{**t, "in_average": False}]
-            for t in (config.get("released") or {}).get("extra_tasks", [])}
+    return {
+        extra_group_name(t["task"], int(t["shots"])): [{**t, "in_average": False}]
+        for t in (config.get("released") or {}).get("extra_tasks", [])
+    }
 
 
 def evaluation_groups(config: dict[str, Any], protocol: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -278,8 +307,12 @@ def run_document(model: ReleasedModel) -> dict[str, Any]:
         "source": "released",
         "repo": model.repo,
         "reference_run": model.reference_run,
-        "train": {"global_batch_size": model.global_batch_size, "seq_length": model.seq_length,
-                  "train_iters": model.train_iters, "save_interval": model.save_interval},
+        "train": {
+            "global_batch_size": model.global_batch_size,
+            "seq_length": model.seq_length,
+            "train_iters": model.train_iters,
+            "save_interval": model.save_interval,
+        },
     }
 
 
@@ -300,8 +333,9 @@ def listing_request(model: ReleasedModel) -> dict[str, Any]:
 # ---- cost --------------------------------------------------------------------------------------------
 
 
-def evaluation_gpu_hours(config: dict[str, Any], params: int, checkpoints: int, jobs_per_checkpoint: int,
-                         extra_tasks: int = 0) -> float:
+def evaluation_gpu_hours(
+    config: dict[str, Any], params: int, checkpoints: int, jobs_per_checkpoint: int, extra_tasks: int = 0
+) -> float:
     """GPU-hours to evaluate ``checkpoints`` checkpoints of a ``params`` model (``evaluation.cost``).
 
     2·N FLOPs per forward token, ``tokens_per_checkpoint`` (+ ``tokens_per_extra_task`` per extra
@@ -355,19 +389,49 @@ def released_plan_rows(grid: Any) -> list[dict[str, Any]]:
         else:
             source = f"estimate (params x {section['bytes_per_param']:g} B + 2.2 MB)"
         tokens = model.train_iters * model.tokens_per_iteration
-        rows.append({
-            "run_id": model.run_id, "scale": model.scale or "", "dataset": model.dataset or "", "tokens": tokens,
-            "seq_length": model.seq_length, "global_batch_size": model.global_batch_size, "params": model.params,
-            "train_iters": model.train_iters, "checkpoints": len(model.schedule), "flops": 6.0 * model.params * tokens,
-            "gpu_hours": 0.0, "nodes": 0, "gpus_per_node": 0,
-            "jobs": 2 + len(model.iterations) * (2 + len(groups)),  # listing, run.json; fetch, convert, evaluations
-            "budget": model.budget or "", "warmup_iters": "", "cooldown_iters": "", "save_interval": model.save_interval,
-            "segments": 0, "hours_per_segment": "", "walltime": "", "evaluated_checkpoints": len(model.iterations),
-            "data_groups": "", "dataset_groups": "", "shard_groups": "", "dataset_tokens": "",
-            "dataset_tokens_source": "", "epochs": "", "warning": "", "branch_of": "", "branch_iteration": "",
-            "trained_iters": 0, "source": "released", "revisions": len(model.iterations), "download_bytes": total,
-            "download_bytes_source": source,
-            "eval_gpu_hours": round(evaluation_gpu_hours(config, model.params, len(model.iterations), len(groups), n_extra), 1),
-            "repo": model.repo, "repo_status": model.repo_status,
-        })
+        rows.append(
+            {
+                "run_id": model.run_id,
+                "scale": model.scale or "",
+                "dataset": model.dataset or "",
+                "tokens": tokens,
+                "seq_length": model.seq_length,
+                "global_batch_size": model.global_batch_size,
+                "params": model.params,
+                "train_iters": model.train_iters,
+                "checkpoints": len(model.schedule),
+                "flops": 6.0 * model.params * tokens,
+                "gpu_hours": 0.0,
+                "nodes": 0,
+                "gpus_per_node": 0,
+                "jobs": 2 + len(model.iterations) * (2 + len(groups)),  # listing, run.json; fetch, convert, evaluations
+                "budget": model.budget or "",
+                "warmup_iters": "",
+                "cooldown_iters": "",
+                "save_interval": model.save_interval,
+                "segments": 0,
+                "hours_per_segment": "",
+                "walltime": "",
+                "evaluated_checkpoints": len(model.iterations),
+                "data_groups": "",
+                "dataset_groups": "",
+                "shard_groups": "",
+                "dataset_tokens": "",
+                "dataset_tokens_source": "",
+                "epochs": "",
+                "warning": "",
+                "branch_of": "",
+                "branch_iteration": "",
+                "trained_iters": 0,
+                "source": "released",
+                "revisions": len(model.iterations),
+                "download_bytes": total,
+                "download_bytes_source": source,
+                "eval_gpu_hours": round(
+                    evaluation_gpu_hours(config, model.params, len(model.iterations), len(groups), n_extra), 1
+                ),
+                "repo": model.repo,
+                "repo_status": model.repo_status,
+            }
+        )
     return rows

@@ -52,14 +52,27 @@ def _records(manifest: dict[str, Any]) -> list[dict[str, Any]]:
                 if key in seen:
                     raise ValueError(f"{path}: {task!r} {key[3]}-shot at iteration {key[1]} is also in {seen[key]}")
                 seen[key] = path
-                records.append({
-                    "source": "released", "run_id": model["name"], "reference_run": model.get("reference_run"),
-                    "dataset": model.get("dataset"), "scale": model.get("scale"), "budget": model.get("budget"),
-                    "iteration": int(payload["iteration"]), "tokens_seen": int(payload["tokens_seen"]),
-                    "flops": 6.0 * float(model["params"]) * float(payload["tokens_seen"]) if model.get("params") else math.nan,
-                    "task": task, "shots": int(payload["num_fewshot"]), "metric": score.get("metric"),
-                    "value": score.get("value"), "stderr": score.get("stderr"), "n": score.get("n_samples"),
-                })
+                records.append(
+                    {
+                        "source": "released",
+                        "run_id": model["name"],
+                        "reference_run": model.get("reference_run"),
+                        "dataset": model.get("dataset"),
+                        "scale": model.get("scale"),
+                        "budget": model.get("budget"),
+                        "iteration": int(payload["iteration"]),
+                        "tokens_seen": int(payload["tokens_seen"]),
+                        "flops": 6.0 * float(model["params"]) * float(payload["tokens_seen"])
+                        if model.get("params")
+                        else math.nan,
+                        "task": task,
+                        "shots": int(payload["num_fewshot"]),
+                        "metric": score.get("metric"),
+                        "value": score.get("value"),
+                        "stderr": score.get("stderr"),
+                        "n": score.get("n_samples"),
+                    }
+                )
     return records
 
 
@@ -75,7 +88,8 @@ def released_rows(manifest: dict[str, Any]) -> pd.DataFrame:
     protocol = normalise_protocol(manifest["protocol"])
     frame = pd.DataFrame(_records(manifest), columns=[*RESULT_COLUMNS, "n"])[RESULT_COLUMNS]
     in_protocol = pd.Series(list(zip(frame["task"], frame["shots"])), index=frame.index, dtype=object).isin(
-        {(t["task"], t["shots"]) for t in protocol})
+        {(t["task"], t["shots"]) for t in protocol}
+    )
     # averages over the protocol's cells only: an extra task may repeat a protocol task at other shots
     parts = [tidy_table([frame[in_protocol]], protocol)]
     if (~in_protocol).any():
@@ -87,11 +101,16 @@ def published_values(reference: ReferenceData, reference_runs: list[str]) -> pd.
     """(reference_run, iteration, task, shots, metric, published) from curves.csv.gz for those runs."""
     curves = reference.curves
     curves = curves[curves["run_id"].isin(set(reference_runs))]
-    return pd.DataFrame({
-        "reference_run": curves["run_id"].astype(object), "iteration": curves["iteration"].astype("int64"),
-        "task": curves["task"].astype(object), "shots": curves["num_fewshot"].astype("int64"),
-        "metric": curves["metric"].astype(object), "published": curves["value"].astype("float64"),
-    })
+    return pd.DataFrame(
+        {
+            "reference_run": curves["run_id"].astype(object),
+            "iteration": curves["iteration"].astype("int64"),
+            "task": curves["task"].astype(object),
+            "shots": curves["num_fewshot"].astype("int64"),
+            "metric": curves["metric"].astype(object),
+            "published": curves["value"].astype("float64"),
+        }
+    )
 
 
 def _published_stderr(p_pub: float, p_ours: float, se_ours: float, n: float, metric: str) -> float:
@@ -124,7 +143,8 @@ def protocol_reproduction(ours: pd.DataFrame, published: pd.DataFrame, z: float 
     stderr = pd.to_numeric(cells["stderr"], errors="coerce").astype("float64")
     n = pd.to_numeric(cells["n"], errors="coerce").astype("float64")
     cells["published_stderr"] = [
-        _published_stderr(p, o, s, k, m) for p, o, s, k, m in zip(cells["published"], values, stderr, n, cells["metric"])
+        _published_stderr(p, o, s, k, m)
+        for p, o, s, k, m in zip(cells["published"], values, stderr, n, cells["metric"])
     ]
     cells["difference"] = values - cells["published"]
     cells["combined_stderr"] = (stderr**2 + cells["published_stderr"] ** 2) ** 0.5
@@ -133,8 +153,11 @@ def protocol_reproduction(ours: pd.DataFrame, published: pd.DataFrame, z: float 
     within = cells["difference"].abs() <= z * cells["combined_stderr"]
     cells["within"] = within.astype(object).where(known, None)
     cells["n"] = n.astype("Int64")
-    return cells[REPRODUCTION_COLUMNS].sort_values(["run_id", "iteration", "shots", "task"], kind="mergesort") \
+    return (
+        cells[REPRODUCTION_COLUMNS]
+        .sort_values(["run_id", "iteration", "shots", "task"], kind="mergesort")
         .reset_index(drop=True)
+    )
 
 
 def write_results(manifest: dict[str, Any], reference_dir: Path, out_dir: Path) -> dict[str, Path]:
@@ -145,8 +168,11 @@ def write_results(manifest: dict[str, Any], reference_dir: Path, out_dir: Path) 
     out_dir.mkdir(parents=True, exist_ok=True)
     records = pd.DataFrame(_records(manifest), columns=[*RESULT_COLUMNS, "n"])
     reference_runs = sorted({m["reference_run"] for m in manifest["models"] if m.get("reference_run")})
-    published = published_values(ReferenceData(reference_dir), reference_runs) if reference_runs else \
-        pd.DataFrame(columns=["reference_run", "iteration", "task", "shots", "metric", "published"])
+    published = (
+        published_values(ReferenceData(reference_dir), reference_runs)
+        if reference_runs
+        else pd.DataFrame(columns=["reference_run", "iteration", "task", "shots", "metric", "published"])
+    )
     reproduction = protocol_reproduction(records, published)
     return {
         "results": _write_frame(released_rows(manifest), out_dir / "results.csv"),

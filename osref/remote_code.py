@@ -103,13 +103,20 @@ def _is_rms_forward(cls: ast.ClassDef) -> bool:
         for n in ast.walk(forward)
     )
     mean_assigned = {  # mu = x.mean(...); x - mu (a mean of squares is the RMS statistic, not a centre)
-        t.id for n in ast.walk(forward) if isinstance(n, ast.Assign)
-        for t in n.targets if isinstance(t, ast.Name)
-        and _method(n.value) == "mean" and not any(_method(m) == "pow" for m in ast.walk(n.value))
+        t.id
+        for n in ast.walk(forward)
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+        and _method(n.value) == "mean"
+        and not any(_method(m) == "pow" for m in ast.walk(n.value))
         and not any(isinstance(m, ast.BinOp) and isinstance(m.op, ast.Pow) for m in ast.walk(n.value))
     }
     subtracts_named_mean = any(
-        isinstance(n, ast.BinOp) and isinstance(n.op, ast.Sub) and isinstance(n.right, ast.Name) and n.right.id in mean_assigned
+        isinstance(n, ast.BinOp)
+        and isinstance(n.op, ast.Sub)
+        and isinstance(n.right, ast.Name)
+        and n.right.id in mean_assigned
         for n in ast.walk(forward)
     )
     return "rsqrt" in calls and "mean" in calls and squares and not subtracts_mean and not subtracts_named_mean
@@ -119,7 +126,7 @@ def _eps_default(cls: ast.ClassDef) -> float | None:
     init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
     if init is None:
         return None
-    args = init.args.args[len(init.args.args) - len(init.args.defaults):]
+    args = init.args.args[len(init.args.args) - len(init.args.defaults) :]
     for arg, default in [*zip(args, init.args.defaults), *zip(init.args.kwonlyargs, init.args.kw_defaults)]:
         if arg.arg in ("eps", "epsilon", "variance_epsilon") and default is not None:
             return _number(default)
@@ -137,8 +144,10 @@ class _Module:
         if func in _TORCH_LAYERNORM:
             return "layernorm", 1e-5
         if func in _TORCH_RMSNORM:
-            raise RemoteCodeError(f"{self.name}: QK norm {func} without an explicit eps (torch's default depends on "
-                                  "the dtype); the converter does not know it")
+            raise RemoteCodeError(
+                f"{self.name}: QK norm {func} without an explicit eps (torch's default depends on "
+                "the dtype); the converter does not know it"
+            )
         if short in self.classes and short not in seen:
             cls = self.classes[short]
             if _is_rms_forward(cls):
@@ -149,12 +158,16 @@ class _Module:
                     kind, eps = self.classify(base_name, seen | {short})
                     own = _eps_default(cls)
                     return kind, own if own is not None else eps
-            raise RemoteCodeError(f"{self.name}: QK norm class {short} (defined in the file) is neither an RMSNorm "
-                                  "(x * rsqrt(mean(x^2) + eps)) nor a subclass of a known norm; the converter does not know it")
+            raise RemoteCodeError(
+                f"{self.name}: QK norm class {short} (defined in the file) is neither an RMSNorm "
+                "(x * rsqrt(mean(x^2) + eps)) nor a subclass of a known norm; the converter does not know it"
+            )
         if short in _TRANSFORMERS_RMSNORM:
             return "rmsnorm", _TRANSFORMERS_RMSNORM_EPS
-        raise RemoteCodeError(f"{self.name}: QK norm class {func!r} is unknown to the converter "
-                              "(known: nn.LayerNorm, transformers' *RMSNorm, an RMSNorm defined in the file)")
+        raise RemoteCodeError(
+            f"{self.name}: QK norm class {func!r} is unknown to the converter "
+            "(known: nn.LayerNorm, transformers' *RMSNorm, an RMSNorm defined in the file)"
+        )
 
 
 def _norm_assignments(tree: ast.Module) -> list[tuple[str, str, ast.expr]]:
@@ -162,10 +175,21 @@ def _norm_assignments(tree: ast.Module) -> list[tuple[str, str, ast.expr]]:
     found = []
     for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
         for node in ast.walk(cls):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
             for target in targets:
-                if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"
-                        and target.attr in QK_NORM_ATTRIBUTES and node.value is not None):
+                if (
+                    isinstance(target, ast.Attribute)
+                    and isinstance(target.value, ast.Name)
+                    and target.value.id == "self"
+                    and target.attr in QK_NORM_ATTRIBUTES
+                    and node.value is not None
+                ):
                     found.append((cls.name, target.attr, node.value))
     return found
 
@@ -185,17 +209,25 @@ def _norm_calls(value: ast.expr, where: str) -> list[ast.Call]:
 
 def _size(call: ast.Call, where: str) -> bool:
     """True for a per-head norm (size head_dim), False across heads; raise otherwise."""
-    arg = call.args[0] if call.args else next(
-        (k.value for k in call.keywords if k.arg in ("hidden_size", "normalized_shape", "dim", "size")), None)
+    arg = (
+        call.args[0]
+        if call.args
+        else next((k.value for k in call.keywords if k.arg in ("hidden_size", "normalized_shape", "dim", "size")), None)
+    )
     if arg is None:
         raise RemoteCodeError(f"{where}: {ast.unparse(call)} gives no size")
     text = ast.unparse(arg).replace(" ", "")
-    if text in _PER_HEAD_SIZES or text in ("config.hidden_size//config.num_attention_heads",
-                                           "self.hidden_size//self.num_heads", "(self.head_dim,)"):
+    if text in _PER_HEAD_SIZES or text in (
+        "config.hidden_size//config.num_attention_heads",
+        "self.hidden_size//self.num_heads",
+        "(self.head_dim,)",
+    ):
         return True
     if text in _ACROSS_HEAD_SIZES:
         return False
-    raise RemoteCodeError(f"{where}: {ast.unparse(call)}: size {ast.unparse(arg)!r} is neither head_dim nor hidden_size")
+    raise RemoteCodeError(
+        f"{where}: {ast.unparse(call)}: size {ast.unparse(arg)!r} is neither head_dim nor hidden_size"
+    )
 
 
 def _eps(call: ast.Call, default: float | None, config: dict[str, Any], where: str) -> float:
@@ -204,18 +236,22 @@ def _eps(call: ast.Call, default: float | None, config: dict[str, Any], where: s
         keyword = call.args[1]
     if keyword is None:
         if default is None:
-            raise RemoteCodeError(f"{where}: {ast.unparse(call)} sets no eps and its class has no default the converter can read")
+            raise RemoteCodeError(
+                f"{where}: {ast.unparse(call)} sets no eps and its class has no default the converter can read"
+            )
         return default
     if (value := _number(keyword)) is not None:
         return value
     name = _dotted(keyword) or ""
     for prefix in ("self.config.", "config."):
         if name.startswith(prefix):
-            key = name[len(prefix):]
+            key = name[len(prefix) :]
             if key not in config:
                 raise RemoteCodeError(f"{where}: eps comes from config.{key}, which the checkpoint's config.json lacks")
             return float(config[key])
-    raise RemoteCodeError(f"{where}: {ast.unparse(call)}: eps {ast.unparse(keyword)!r} is neither a number nor config.<key>")
+    raise RemoteCodeError(
+        f"{where}: {ast.unparse(call)}: eps {ast.unparse(keyword)!r} is neither a number nor config.<key>"
+    )
 
 
 def read_qk_norm(source: str, config: dict[str, Any], name: str = "modeling_opensci.py") -> QKNorm:
@@ -227,24 +263,33 @@ def read_qk_norm(source: str, config: dict[str, Any], name: str = "modeling_open
     module = _Module(tree, name)
     assignments = _norm_assignments(tree)
     if not assignments:
-        raise RemoteCodeError(f"{name}: no assignment to self.{{{', '.join(QK_NORM_ATTRIBUTES)}}}: "
-                              "the file declares no QK norm the converter can read")
+        raise RemoteCodeError(
+            f"{name}: no assignment to self.{{{', '.join(QK_NORM_ATTRIBUTES)}}}: "
+            "the file declares no QK norm the converter can read"
+        )
     declared: list[tuple[str, QKNorm]] = []
     for cls, attribute, value in assignments:
         where = f"{name}: {cls}.{attribute}"
         for call in _norm_calls(value, where):
             func = _dotted(call.func) or "?"
             kind, default_eps = module.classify(func)
-            norm = QKNorm(kind=kind, eps=_eps(call, default_eps, config, where), per_head=_size(call, where),
-                          declared=ast.unparse(call), attributes=(attribute,))
+            norm = QKNorm(
+                kind=kind,
+                eps=_eps(call, default_eps, config, where),
+                per_head=_size(call, where),
+                declared=ast.unparse(call),
+                attributes=(attribute,),
+            )
             declared.append((where, norm))
     if not declared:
         raise RemoteCodeError(f"{name}: the QK norm attributes are only ever Identity/None")
     first_where, first = declared[0]
     for where, norm in declared[1:]:
         if (norm.kind, norm.eps, norm.per_head) != (first.kind, first.eps, first.per_head):
-            raise RemoteCodeError(f"{name}: QK norms disagree: {first_where} = {first.declared} "
-                                  f"({first.kind}, eps {first.eps:g}) but {where} = {norm.declared} ({norm.kind}, eps {norm.eps:g})")
+            raise RemoteCodeError(
+                f"{name}: QK norms disagree: {first_where} = {first.declared} "
+                f"({first.kind}, eps {first.eps:g}) but {where} = {norm.declared} ({norm.kind}, eps {norm.eps:g})"
+            )
     attributes = tuple(dict.fromkeys(norm.attributes[0] for _, norm in declared))
     return dataclasses.replace(first, attributes=attributes)
 

@@ -463,7 +463,9 @@ def average_rows(rows: pd.DataFrame, protocol: list[dict]) -> pd.DataFrame:
     return averages[list(rows.columns)]
 
 
-def missing_cells(manifest: dict, protocol: list[dict], ours: pd.DataFrame, files_found: dict[str, int]) -> pd.DataFrame:
+def missing_cells(
+    manifest: dict, protocol: list[dict], ours: pd.DataFrame, files_found: dict[str, int]
+) -> pd.DataFrame:
     """Every (run, scheduled checkpoint, protocol task) with no value of ours."""
     present = set()
     if not ours.empty:
@@ -557,12 +559,16 @@ def _last_checkpoints(rows: pd.DataFrame) -> tuple[dict[tuple, int], dict[tuple,
     at_last = rows[(rows["iteration"] == rows.groupby(["source", "run_id"], sort=False)["iteration"].transform("max"))
                    & rows["value"].notna()]  # fmt: skip
     values: dict[tuple, dict[str, float]] = {}
-    for source, run_id, task, value in zip(*(at_last[c].to_numpy(dtype=object) for c in ("source", "run_id", "task", "value"))):
+    for source, run_id, task, value in zip(
+        *(at_last[c].to_numpy(dtype=object) for c in ("source", "run_id", "task", "value"))
+    ):
         values.setdefault((source, run_id), {})[task] = float(value)
     return iterations, values
 
 
-def read_metrics(path: str | Path | None, value_keys: tuple[str, ...], tokens_per_iteration: int | None) -> pd.DataFrame:
+def read_metrics(
+    path: str | Path | None, value_keys: tuple[str, ...], tokens_per_iteration: int | None
+) -> pd.DataFrame:
     """A training/validation metrics JSONL as (tokens_seen, loss); empty when the file is absent."""
     empty = pd.DataFrame(columns=["tokens_seen", "loss"])
     if not path or not Path(path).is_file():
@@ -605,14 +611,16 @@ def training_summary(manifest: dict, log: pd.DataFrame) -> pd.DataFrame:
     for run in manifest["runs"]:
         own = log[log["run_id"] == run["run_id"]]
         valid = read_metrics(run.get("valid_metrics"), ("valid_loss", "loss"), _tokens_per_iteration(run))
-        rows.append({
-            "run_id": run["run_id"],
-            "trained_iterations": int(own["iteration"].max()) if not own.empty else 0,
-            "train_loss_last5": float(own["loss"].tail(5).mean()) if not own.empty else None,
-            "valid_loss": float(valid["loss"].iloc[-1]) if not valid.empty else None,
-            "peak_lr": float(own["lr"].max()) if not own.empty else None,
-            "median_tokens_per_s": float(own["tokens_per_s"].median()) if not own.empty else None,
-        })
+        rows.append(
+            {
+                "run_id": run["run_id"],
+                "trained_iterations": int(own["iteration"].max()) if not own.empty else 0,
+                "train_loss_last5": float(own["loss"].tail(5).mean()) if not own.empty else None,
+                "valid_loss": float(valid["loss"].iloc[-1]) if not valid.empty else None,
+                "peak_lr": float(own["lr"].max()) if not own.empty else None,
+                "median_tokens_per_s": float(own["tokens_per_s"].median()) if not own.empty else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -826,7 +834,9 @@ def draw_datasets_at_scale(averages: pd.DataFrame, title: str, colours: dict[str
         style = "-o" if source == "ours" else "--"
         ax.plot(series["tokens_seen"].astype(float), series["value"], style, markersize=3, linewidth=1.2,
                 color=colours.get(str(dataset), "black"))  # fmt: skip
-    handles = [Line2D([], [], color=colours.get(str(d), "black"), label=str(d)) for d in sorted(set(map(str, datasets)))]
+    handles = [
+        Line2D([], [], color=colours.get(str(d), "black"), label=str(d)) for d in sorted(set(map(str, datasets)))
+    ]
     handles += [
         Line2D([], [], color="grey", linestyle="-", marker="o", markersize=3, label="ours"),
         Line2D([], [], color="grey", linestyle="--", label="reference (0.01)"),
@@ -852,7 +862,10 @@ def draw_average_vs_flops(averages: pd.DataFrame, colours: dict[str, str], path:
         style = "-o" if source == "ours" else "--"
         ax.plot(series["flops"], series["value"], style, markersize=2, linewidth=1,
                 color=colours.get(str(series["dataset"].iloc[0]), "black"))  # fmt: skip
-    handles = [Line2D([], [], color=colours.get(str(d), "black"), label=str(d)) for d in sorted(set(map(str, runs["dataset"].dropna())))]
+    handles = [
+        Line2D([], [], color=colours.get(str(d), "black"), label=str(d))
+        for d in sorted(set(map(str, runs["dataset"].dropna())))
+    ]
     handles += [
         Line2D([], [], color="grey", linestyle="-", marker="o", markersize=3, label="ours"),
         Line2D([], [], color="grey", linestyle="--", label="reference (0.01)"),
@@ -898,7 +911,9 @@ def draw_plots(table: pd.DataFrame, manifest: dict, protocol: list[dict], plots:
             name = f"datasets_{safe_name(scale)}_{safe_name(budget)}"
             digest = inputs_digest(group_averages, title, colours)
             sections["overview"].append(
-                plots.plot(name, digest, lambda path, a=group_averages, t=title: draw_datasets_at_scale(a, t, colours, path))
+                plots.plot(
+                    name, digest, lambda path, a=group_averages, t=title: draw_datasets_at_scale(a, t, colours, path)
+                )
             )
         loss_keys = [loss_inputs(run) for run in runs]
         if any(key is not None for key in loss_keys):
@@ -926,7 +941,9 @@ def draw_plots(table: pd.DataFrame, manifest: dict, protocol: list[dict], plots:
         loss_key = loss_inputs(run)
         if loss_key is not None:
             sections["runs"].append(
-                plots.plot(f"loss_{safe_name(run_id)}", inputs_digest(loss_key), lambda path, r=run: draw_losses(r, path))
+                plots.plot(
+                    f"loss_{safe_name(run_id)}", inputs_digest(loss_key), lambda path, r=run: draw_losses(r, path)
+                )
             )
     plots.finish()
     return sections
@@ -1050,7 +1067,10 @@ def build_report(manifest: dict, reference_dir: Path, out_dir: Path) -> dict:
     final = final_scores(table, manifest, protocol)
     overview = pd.DataFrame(
         [
-            {key: run.get(key) for key in ("run_id", "dataset", "scale", "budget", "params", "train_iters", "reference_run")}
+            {
+                key: run.get(key)
+                for key in ("run_id", "dataset", "scale", "budget", "params", "train_iters", "reference_run")
+            }
             | {
                 "checkpoints_scheduled": len(run["checkpoint_iters"]),
                 "eval_files_found": files_found[run["run_id"]],

@@ -57,8 +57,11 @@ def check_or_record(run: dict[str, Any], checkpoint_root: str | Path) -> None:
     if recorded == current:
         return
     old, new = _flatten(recorded), _flatten(current)
-    changes = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
-               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changes = [
+        f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
     raise RunIdentityError(
         f"run {run['run_id']}: the config changed since its checkpoints in {Path(checkpoint_root)} were written:\n  "
         + "\n  ".join(changes)

@@ -58,7 +58,16 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
-_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
+_DTYPE_CODES = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -73,6 +82,7 @@ class OutputError(OSError):
 
 
 # ---- readers -------------------------------------------------------------------------------------
+
 
 def _open_text_stream(path: Path) -> io.BufferedIOBase:
     raw = open(path, "rb")
@@ -101,8 +111,10 @@ def _surrogate_problem(text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        return (f"a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start} "
-                "(a \\u escape or CESU-8 bytes of half a UTF-16 pair; not text)")
+        return (
+            f"a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start} "
+            "(a \\u escape or CESU-8 bytes of half a UTF-16 pair; not text)"
+        )
     return None
 
 
@@ -149,8 +161,12 @@ def _is_text_type(arrow_type) -> bool:
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     is_view = getattr(pa.types, "is_string_view", lambda _t: False)
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or is_view(arrow_type) \
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or is_view(arrow_type)
         or pa.types.is_null(arrow_type)
+    )
 
 
 _BAD = object()
@@ -169,8 +185,10 @@ def iter_parquet(path: Path, text_field: str, batch_rows: int = 1024, on_bad: On
         raise InputError(f"{path}: no text column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
     column_type = parquet.schema_arrow.field(text_field).type
     if not _is_text_type(column_type):
-        raise InputError(f"{path}: column {text_field!r} is {column_type}, not a string column "
-                         "(a schema problem of the file, not one bad row; check the dataset's text_field)")
+        raise InputError(
+            f"{path}: column {text_field!r} is {column_type}, not a string column "
+            "(a schema problem of the file, not one bad row; check the dataset's text_field)"
+        )
     row = 0
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_field]):
@@ -202,6 +220,7 @@ def iter_documents(path: str | Path, fmt: str, text_field: str = "text", on_bad:
 
 # ---- the Megatron writer -------------------------------------------------------------------------
 
+
 class MegatronWriter:
     """Streams token arrays into ``<prefix>.bin`` and writes ``<prefix>.idx`` on :meth:`finish`."""
 
@@ -216,8 +235,10 @@ class MegatronWriter:
     def _write_error(self, target: str, exc: OSError) -> OutputError:
         """Removes every temporary file and returns the error to raise, naming the shard's file."""
         self.abort()
-        return OutputError(exc.errno, f"cannot write {target} ({exc.strerror or exc}); "
-                                      f"no partial {self.prefix.name}.bin/.idx left behind")
+        return OutputError(
+            exc.errno,
+            f"cannot write {target} ({exc.strerror or exc}); no partial {self.prefix.name}.bin/.idx left behind",
+        )
 
     def add_batch(self, token_lists: list[list[int]]) -> None:
         lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int32, count=len(token_lists))
@@ -353,7 +374,8 @@ class GigatokenEncoder:
         except ImportError as exc:
             raise BackendUnavailable(
                 f"tokenizer backend 'gigatoken' needs the gigatoken package ({exc}); "
-                "pip install gigatoken, or use backend 'hf'") from None
+                "pip install gigatoken, or use backend 'hf'"
+            ) from None
         return gigatoken.Tokenizer.from_json(tokenizer_json)
 
     def __getstate__(self) -> dict:
@@ -404,7 +426,9 @@ class SampleCheck:
         count = min(self.remaining, len(texts))
         expected = self.reference.encode(texts[:count], eod_id, batch.tokens.dtype)
         got_tokens = batch.tokens[: int(batch.lengths[:count].sum(dtype=np.int64))]
-        if not (np.array_equal(expected.lengths, batch.lengths[:count]) and np.array_equal(expected.tokens, got_tokens)):
+        if not (
+            np.array_equal(expected.lengths, batch.lengths[:count]) and np.array_equal(expected.tokens, got_tokens)
+        ):
             raise BackendMismatch(self._describe(expected, batch, count))
         self.remaining -= count
         self.checked += count
@@ -417,10 +441,11 @@ class SampleCheck:
         pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         return (
             f"{self.shard}: backend {self.backend_name!r} differs from HF tokenizers on non-empty document "
-            f"{self.checked + doc} of the shard (0-based), token {pos}: HF gives {a[pos:pos + 5]}, "
-            f"{self.backend_name} gives {b[pos:pos + 5]} ({len(a)} vs {len(b)} tokens with EOD). Shard refused; "
+            f"{self.checked + doc} of the shard (0-based), token {pos}: HF gives {a[pos : pos + 5]}, "
+            f"{self.backend_name} gives {b[pos : pos + 5]} ({len(a)} vs {len(b)} tokens with EOD). Shard refused; "
             "known cause: NFC order of rare combining marks (Unicode data versions differ). "
-            "Tokenize this shard with backend 'hf'.")
+            "Tokenize this shard with backend 'hf'."
+        )
 
 
 # ---- worker processes ----------------------------------------------------------------------------
@@ -530,12 +555,24 @@ def tokenize_files(
     encoder = make_encoder(backend, tokenizer)
     writer = MegatronWriter(out_prefix)
     dtype = writer.dtype.name
-    check = None if encoder.is_reference else SampleCheck(HFEncoder(tokenizer), verify_documents, encoder.name,
-                                                          str(out_prefix))
+    check = (
+        None
+        if encoder.is_reference
+        else SampleCheck(HFEncoder(tokenizer), verify_documents, encoder.name, str(out_prefix))
+    )
     stats: dict[str, Any] = {
-        "files": [str(f) for f in files], "documents": 0, "tokens": 0, "text_bytes": 0, "empty_documents": 0,
-        "empty_files": [], "bad_documents": 0, "bad_examples": [], "bad_policy": bad_documents,
-        "backend": encoder.name, "workers": workers}
+        "files": [str(f) for f in files],
+        "documents": 0,
+        "tokens": 0,
+        "text_bytes": 0,
+        "empty_documents": 0,
+        "empty_files": [],
+        "bad_documents": 0,
+        "bad_examples": [],
+        "bad_policy": bad_documents,
+        "backend": encoder.name,
+        "workers": workers,
+    }
 
     def on_bad(message: str) -> None:
         if bad_documents == "fail":
@@ -558,8 +595,12 @@ def tokenize_files(
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method or _worker_start_method()),
-                                   initializer=_start_worker, initargs=(encoder,))
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context(start_method or _worker_start_method()),
+            initializer=_start_worker,
+            initargs=(encoder,),
+        )
     max_in_flight = (2 if parallelism == "threads" else 2 * workers) if pool else 1
     try:
         seen = 0  # documents read (empty ones included); rows = these + the bad ones
@@ -619,7 +660,8 @@ def tokenize_files(
             raise InputError(
                 f"{stats['bad_documents']} of {rows} rows ({100 * stats['bad_documents'] / rows:.1f} %) were bad, more "
                 f"than max_bad_fraction {max_bad_fraction} (config tokenizer.max_bad_fraction); a wrong text field "
-                f"or a broken file? First: {stats['bad_examples'][0]}")
+                f"or a broken file? First: {stats['bad_examples'][0]}"
+            )
         if not writer.has_data():
             raise InputError(f"no documents in {', '.join(map(str, files))}")
     except BaseException:
@@ -639,6 +681,7 @@ def tokenize_files(
 
 # ---- per-dataset manifest ------------------------------------------------------------------------
 
+
 def dataset_manifest(stats_paths: list[str | Path], out_path: str | Path) -> dict:
     """Sums the groups' ``.stats.json`` of one dataset into ``out_path``; returns the manifest."""
     from osref.files import write_json_atomic
@@ -652,12 +695,23 @@ def dataset_manifest(stats_paths: list[str | Path], out_path: str | Path) -> dic
         empty_files += stats.get("empty_files", [])
         datasets.add(stats.get("dataset"))
         backends.add(stats.get("backend", "hf"))
-        groups.append({"group": stats.get("group"), "stats": str(path),
-                       **{key: int(stats[key]) for key in ("documents", "tokens", "text_bytes")}})
+        groups.append(
+            {
+                "group": stats.get("group"),
+                "stats": str(path),
+                **{key: int(stats[key]) for key in ("documents", "tokens", "text_bytes")},
+            }
+        )
     datasets.discard(None)
     if len(datasets) > 1:
         raise ValueError(f"stats of several datasets in one manifest: {', '.join(sorted(datasets))}")
-    manifest = {"dataset": datasets.pop() if datasets else None, "groups": len(groups), **totals,
-                "empty_files": empty_files, "backends": sorted(backends), "per_group": groups}
+    manifest = {
+        "dataset": datasets.pop() if datasets else None,
+        "groups": len(groups),
+        **totals,
+        "empty_files": empty_files,
+        "backends": sorted(backends),
+        "per_group": groups,
+    }
     write_json_atomic(out_path, manifest)
     return manifest

@@ -134,8 +134,10 @@ def segment_lock(run: dict, until_iteration: int):
         if refusal[0]:
             kind, _, message = refusal[0].partition(": ")
             if kind == "LockHeld":
-                raise LockHeld(f"run {run.get('run_id')}: another job trains this run: {message}; this job changes "
-                               "nothing (it resumes when started again after that job has ended)")
+                raise LockHeld(
+                    f"run {run.get('run_id')}: another job trains this run: {message}; this job changes "
+                    "nothing (it resumes when started again after that job has ended)"
+                )
             raise LockUnsupported(message) if kind == "LockUnsupported" else RuntimeError(message)
         yield
 
@@ -450,8 +452,12 @@ class Trainer:
         grad_norm = float(grad_norm)
         if not (update_ok and math.isfinite(loss) and math.isfinite(grad_norm)):
             skipped = "" if update_ok else ", the optimizer skipped the step"
-            raise NonFiniteLoss(iteration, f"the loss or the gradient norm is not finite (loss {loss:.6g}, "
-                                           f"gradient norm {grad_norm:.6g}{skipped})", lr)
+            raise NonFiniteLoss(
+                iteration,
+                f"the loss or the gradient norm is not finite (loss {loss:.6g}, "
+                f"gradient norm {grad_norm:.6g}{skipped})",
+                lr,
+            )
         self.scheduler.step(increment=1)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
@@ -572,8 +578,9 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
     if not 0 < until_iteration <= cfg["train_iters"]:
         raise ValueError(f"until_iteration={until_iteration} outside 1..train.train_iters={cfg['train_iters']}")
     run_dir = Path(run["paths"]["run_dir"])
-    complete = [i for i in checkpointing.complete_iterations(checkpointing.checkpoint_root(run_dir))
-                if i <= until_iteration]
+    complete = [
+        i for i in checkpointing.complete_iterations(checkpointing.checkpoint_root(run_dir)) if i <= until_iteration
+    ]
     if complete and complete[-1] == until_iteration and _checked_finite(run_dir, until_iteration):
         log.info("checkpoint for iteration %d is already complete: nothing to train", until_iteration)
         return _summary(cfg, run_dir, until_iteration, until_iteration, valid_loss=None), None
@@ -655,13 +662,21 @@ def _resume_from_latest_finite(trainer: Trainer, run_dir: Path, complete: list[i
     one tried. Returns its iteration, or None when there is none."""
     for iteration in reversed(complete):
         ckpt = checkpointing.checkpoint_dir(run_dir, iteration)
-        checkpointing.load_checkpoint(ckpt, trainer.model.module, trainer.optimizer, trainer.scheduler,
-                                      dist_optimizer=use_distributed_optimizer(trainer.cfg))
+        checkpointing.load_checkpoint(
+            ckpt,
+            trainer.model.module,
+            trainer.optimizer,
+            trainer.scheduler,
+            dist_optimizer=use_distributed_optimizer(trainer.cfg),
+        )
         if checkpointing.model_is_finite(trainer.model.module):
             log.info("resumed from %s", ckpt)
             return iteration
-        log.error("%s holds NaN/inf weights although marked complete: skipped (now %s), trying an older one",
-                  ckpt, checkpointing.NON_FINITE_MARKER)
+        log.error(
+            "%s holds NaN/inf weights although marked complete: skipped (now %s), trying an older one",
+            ckpt,
+            checkpointing.NON_FINITE_MARKER,
+        )
         checkpointing.mark_non_finite(ckpt, "NaN/inf weights found when resuming")
     return None
 

@@ -28,8 +28,20 @@ from osref.protocol import parse_group
 # exists, so they are left out of the plan rule's params (else every first run after a complete one
 # would re-schedule `plan`).
 PLAN_DATA_COLUMNS = ("dataset_tokens", "dataset_tokens_source", "epochs", "warning")
-LISTING_KEYS = ("source", "repo_id", "revision", "allow_patterns", "ignore_patterns", "paths", "urls_file",
-                "list_url", "list_sha256", "base_url", "format", "shard_groups")
+LISTING_KEYS = (
+    "source",
+    "repo_id",
+    "revision",
+    "allow_patterns",
+    "ignore_patterns",
+    "paths",
+    "urls_file",
+    "list_url",
+    "list_sha256",
+    "base_url",
+    "format",
+    "shard_groups",
+)
 
 WILDCARD_CONSTRAINTS = {
     "run_id": r"[^/]+",
@@ -80,7 +92,9 @@ class WorkflowIndex:
 
     @cached_property
     def download_manifests(self) -> list[str]:
-        return [self.layout.download_manifest(d, g) for d in self.grid.datasets_in_use for g in self.grid.shard_groups(d)]
+        return [
+            self.layout.download_manifest(d, g) for d in self.grid.datasets_in_use for g in self.grid.shard_groups(d)
+        ]
 
     @cached_property
     def tokenized(self) -> list[str]:
@@ -132,8 +146,13 @@ class WorkflowIndex:
         """The local dataset's files checked against its listing, once per workflow run; prints what
         changed, since that reruns the dataset's listing and everything after it."""
         if dataset not in self._source_checks:
-            check = check_local_sources(dataset, self.config["datasets"][dataset], REPO_ROOT,
-                                        self.layout.listing(dataset), self.layout.local_hash_cache(dataset))
+            check = check_local_sources(
+                dataset,
+                self.config["datasets"][dataset],
+                REPO_ROOT,
+                self.layout.listing(dataset),
+                self.layout.local_hash_cache(dataset),
+            )
             if check.changes:
                 print(describe_changes(dataset, check), file=sys.stderr)
             self._source_checks[dataset] = check
@@ -144,8 +163,10 @@ class WorkflowIndex:
         """The tokenize command's bad-row policy. Not a rule parameter on purpose: changing it must not
         rerun finished groups, whose bytes are the same under either policy."""
         tokenizer = self.config["tokenizer"]
-        return (f"--bad-documents {shlex.quote(tokenizer['bad_documents'])} "
-                f"--max-bad-fraction {shlex.quote(str(tokenizer['max_bad_fraction']))}")
+        return (
+            f"--bad-documents {shlex.quote(tokenizer['bad_documents'])} "
+            f"--max-bad-fraction {shlex.quote(str(tokenizer['max_bad_fraction']))}"
+        )
 
     def tokenized_inputs(self, run_id: str) -> list[str]:
         """The .bin/.idx of the shard groups this run trains on (not every group of its dataset)."""
@@ -341,10 +362,20 @@ class WorkflowIndex:
             "protocol": self.grid.protocol,
             "groups": self.released_groups,
             "models": [
-                {"name": m.name, "run_id": m.run_id, "repo": m.repo, "reference_run": m.reference_run,
-                 "dataset": m.dataset, "scale": m.scale, "budget": m.budget, "params": m.params,
-                 "iterations": list(m.iterations),
-                 "eval_files": [self.layout.eval_json(m.run_id, i, g) for i in m.iterations for g in self.released_groups]}
+                {
+                    "name": m.name,
+                    "run_id": m.run_id,
+                    "repo": m.repo,
+                    "reference_run": m.reference_run,
+                    "dataset": m.dataset,
+                    "scale": m.scale,
+                    "budget": m.budget,
+                    "params": m.params,
+                    "iterations": list(m.iterations),
+                    "eval_files": [
+                        self.layout.eval_json(m.run_id, i, g) for i in m.iterations for g in self.released_groups
+                    ],
+                }
                 for m in self.grid.released.values()
             ],
         }
@@ -380,22 +411,26 @@ class WorkflowIndex:
     def report_manifest(self) -> dict[str, Any]:
         runs = []
         for run in self.runs.values():
-            runs.append({
-                "run_id": run.run_id,
-                "dataset": run.dataset,
-                "scale": run.scale,
-                "budget": run.budget,
-                "tokens": run.tokens,
-                "seq_length": run.seq_length,
-                "global_batch_size": run.global_batch_size,
-                "params": run.params,
-                "train_iters": run.train_iters,
-                "checkpoint_iters": list(run.eval_iters),
-                "reference_run": self.reference_run_for(run),
-                "eval_files": [self.layout.eval_json(run.run_id, i, g) for i in run.eval_iters for g in self.grid.groups],
-                "train_metrics": self.layout.train_metrics(run.run_id),
-                "valid_metrics": self.layout.valid_metrics(run.run_id),
-            })
+            runs.append(
+                {
+                    "run_id": run.run_id,
+                    "dataset": run.dataset,
+                    "scale": run.scale,
+                    "budget": run.budget,
+                    "tokens": run.tokens,
+                    "seq_length": run.seq_length,
+                    "global_batch_size": run.global_batch_size,
+                    "params": run.params,
+                    "train_iters": run.train_iters,
+                    "checkpoint_iters": list(run.eval_iters),
+                    "reference_run": self.reference_run_for(run),
+                    "eval_files": [
+                        self.layout.eval_json(run.run_id, i, g) for i in run.eval_iters for g in self.grid.groups
+                    ],
+                    "train_metrics": self.layout.train_metrics(run.run_id),
+                    "valid_metrics": self.layout.valid_metrics(run.run_id),
+                }
+            )
         return {"protocol": self.grid.protocol, "runs": runs}
 
 

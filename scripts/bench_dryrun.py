@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TOY = r'''
+TOY = r"""
 RUNS = {runs!r}          # run -> (segments, checkpoints)
 DATA = {data!r}          # dataset -> groups
 GROUPS = ["0shot", "5shot", "10shot"]
@@ -75,13 +75,14 @@ rule report:
     output: "report.txt"
     log: "logs/report.log"
     shell: "touch {{output}}"
-'''
+"""
 
 
 def dry_run(args: list[str], cwd: Path) -> tuple[float, int]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-q", "rules", *args], cwd=cwd,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-q", "rules", *args], cwd=cwd, capture_output=True, text=True
+    )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"snakemake failed in {cwd}:\n{proc.stderr[-2000:]}")

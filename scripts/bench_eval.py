@@ -36,18 +36,29 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "assets" / "demo-corpus" / "pydocs311_rst_corpus.jsonl.zst"
 TOKENIZER = REPO / "assets" / "gpt-neox-20b"
 SHOT_GROUPS = {0: ["demo_lastword"], 2: ["demo_continuation"]}  # the demo protocol (config/demo.yaml)
-TINY_SHAPE = {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 192, "num_attention_heads": 4,
-              "kv_channels": 16, "seq_length": 512}  # config/demo.yaml scales.tiny
+TINY_SHAPE = {
+    "num_layers": 4,
+    "hidden_size": 64,
+    "ffn_hidden_size": 192,
+    "num_attention_heads": 4,
+    "kv_channels": 16,
+    "seq_length": 512,
+}  # config/demo.yaml scales.tiny
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n-items", type=int, default=40, help="test items per task")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--bootstrap-iters", type=int, default=0,
-                        help="lm-eval stderr bootstrap (its default, 100000, used by the pipeline, is slow on CPU)")
+    parser.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=0,
+        help="lm-eval stderr bootstrap (its default, 100000, used by the pipeline, is slow on CPU)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     return parser.parse_args(argv)
 
@@ -70,8 +81,9 @@ def write_tiny_model(directory: Path) -> Path:
     return directory
 
 
-def run_group(model, tokenizer, batch_size: int, shots: int, task_names: list[str], include_path: Path,
-              bootstrap_iters: int) -> dict:
+def run_group(
+    model, tokenizer, batch_size: int, shots: int, task_names: list[str], include_path: Path, bootstrap_iters: int
+) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -91,19 +103,38 @@ def run_group(model, tokenizer, batch_size: int, shots: int, task_names: list[st
             finally:
                 model_seconds += time.perf_counter() - started
                 model_cpu_seconds += time.process_time() - cpu_started
+
         return call
 
     lm.loglikelihood, lm.loglikelihood_rolling = timed(lm.loglikelihood), timed(lm.loglikelihood_rolling)
     started = time.perf_counter()
-    raw = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, task_manager=manager,
-                                  log_samples=True, bootstrap_iters=bootstrap_iters, random_seed=1234,
-                                  numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+    raw = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=shots,
+        task_manager=manager,
+        log_samples=True,
+        bootstrap_iters=bootstrap_iters,
+        random_seed=1234,
+        numpy_random_seed=1234,
+        torch_random_seed=1234,
+        fewshot_random_seed=1234,
+    )
     seconds = time.perf_counter() - started
     requests = sum(len(sample["arguments"]) for samples in raw["samples"].values() for sample in samples)
-    scores = {f"{task}/{metric}": value for task, metrics in raw["results"].items()
-              for metric, value in metrics.items() if isinstance(value, float) and "stderr" not in metric}
-    return {"seconds": seconds, "model_seconds": model_seconds, "model_cpu_seconds": model_cpu_seconds,
-            "requests": requests, "scores": scores}
+    scores = {
+        f"{task}/{metric}": value
+        for task, metrics in raw["results"].items()
+        for metric, value in metrics.items()
+        if isinstance(value, float) and "stderr" not in metric
+    }
+    return {
+        "seconds": seconds,
+        "model_seconds": model_seconds,
+        "model_cpu_seconds": model_cpu_seconds,
+        "requests": requests,
+        "scores": scores,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,34 +158,60 @@ def main(argv: list[str] | None = None) -> int:
 
         results = {}
         for batch_size in args.batch_sizes:
-            groups = [run_group(model, tokenizer, batch_size, shots, names, include_path, args.bootstrap_iters)
-                      for shots, names in SHOT_GROUPS.items()]
+            groups = [
+                run_group(model, tokenizer, batch_size, shots, names, include_path, args.bootstrap_iters)
+                for shots, names in SHOT_GROUPS.items()
+            ]
             seconds, requests = sum(g["seconds"] for g in groups), sum(g["requests"] for g in groups)
             model_seconds = sum(g["model_seconds"] for g in groups)
             model_cpu_seconds = sum(g["model_cpu_seconds"] for g in groups)
-            results[batch_size] = {"seconds": seconds, "model_seconds": model_seconds,
-                                   "model_cpu_seconds": model_cpu_seconds, "requests": requests,
-                                   "requests_per_s": requests / seconds, "model_requests_per_s": requests / model_seconds,
-                                   "scores": {k: v for g in groups for k, v in g["scores"].items()}}
+            results[batch_size] = {
+                "seconds": seconds,
+                "model_seconds": model_seconds,
+                "model_cpu_seconds": model_cpu_seconds,
+                "requests": requests,
+                "requests_per_s": requests / seconds,
+                "model_requests_per_s": requests / model_seconds,
+                "scores": {k: v for g in groups for k, v in g["scores"].items()},
+            }
 
     sizes = args.batch_sizes
-    print(f"model: demo tiny shape, {parameters / 1e6:.2f} M parameters, fp32, {args.threads} threads, "
-          f"bootstrap_iters {args.bootstrap_iters}; tasks: demo_lastword (0-shot) + demo_continuation (2-shot), {args.n_items} items each")
+    print(
+        f"model: demo tiny shape, {parameters / 1e6:.2f} M parameters, fp32, {args.threads} threads, "
+        f"bootstrap_iters {args.bootstrap_iters}; tasks: demo_lastword (0-shot) + demo_continuation (2-shot), {args.n_items} items each"
+    )
     for batch_size in sizes:
         r = results[batch_size]
-        print(f"batch {batch_size:>3}: {r['requests']} requests in {r['seconds']:.2f} s = {r['requests_per_s']:.1f} requests/s "
-              f"end to end; model calls {r['model_seconds']:.2f} s = {r['model_requests_per_s']:.1f} requests/s "
-              f"({r['model_cpu_seconds']:.2f} CPU s, all threads)")
+        print(
+            f"batch {batch_size:>3}: {r['requests']} requests in {r['seconds']:.2f} s = {r['requests_per_s']:.1f} requests/s "
+            f"end to end; model calls {r['model_seconds']:.2f} s = {r['model_requests_per_s']:.1f} requests/s "
+            f"({r['model_cpu_seconds']:.2f} CPU s, all threads)"
+        )
     if len(sizes) >= 2:
         first, last = results[sizes[0]], results[sizes[-1]]
-        print(f"ratio batch {sizes[-1]} / batch {sizes[0]}: {last['requests_per_s'] / first['requests_per_s']:.2f}x end to end, "
-              f"{last['model_requests_per_s'] / first['model_requests_per_s']:.2f}x model calls")
-        worst = max(abs(last["scores"][k] - first["scores"][k]) / max(1.0, abs(first["scores"][k]))
-                    for k in first["scores"] if not math.isnan(first["scores"][k]))
+        print(
+            f"ratio batch {sizes[-1]} / batch {sizes[0]}: {last['requests_per_s'] / first['requests_per_s']:.2f}x end to end, "
+            f"{last['model_requests_per_s'] / first['model_requests_per_s']:.2f}x model calls"
+        )
+        worst = max(
+            abs(last["scores"][k] - first["scores"][k]) / max(1.0, abs(first["scores"][k]))
+            for k in first["scores"]
+            if not math.isnan(first["scores"][k])
+        )
         print(f"largest relative score difference between batch sizes: {worst:.2e}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"threads": args.threads, "n_items": args.n_items, "parameters": parameters,
-                                         "results": {str(k): v for k, v in results.items()}}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "threads": args.threads,
+                    "n_items": args.n_items,
+                    "parameters": parameters,
+                    "results": {str(k): v for k, v in results.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

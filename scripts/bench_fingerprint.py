@@ -41,8 +41,13 @@ def main() -> None:
             path = root / "src" / f"dump-{i % 10}" / f"part-{i:05d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(block * args.mib)
-        dataset = {"source": "local", "paths": [str(root / "src" / "*" / "*.jsonl")], "format": "jsonl",
-                   "shard_groups": 1, "sources_token": "new"}
+        dataset = {
+            "source": "local",
+            "paths": [str(root / "src" / "*" / "*.jsonl")],
+            "format": "jsonl",
+            "shard_groups": 1,
+            "sources_token": "new",
+        }
         listing, cache = root / "raw" / "listing.json", root / "raw" / "local_hashes.json"
 
         def timed(label: str, action) -> None:

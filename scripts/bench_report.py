@@ -39,18 +39,23 @@ def release_protocol() -> list[dict]:
 
     evaluation = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["evaluation"]
     return [
-        {**spec, "in_average": spec.get("in_average", True)}
-        for spec in evaluation["protocols"][evaluation["protocol"]]
+        {**spec, "in_average": spec.get("in_average", True)} for spec in evaluation["protocols"][evaluation["protocol"]]
     ]
 
 
-def _eval_payload(run: dict, iteration: int, shots: int, tasks: list[dict], rng: random.Random, progress: float) -> dict:
+def _eval_payload(
+    run: dict, iteration: int, shots: int, tasks: list[dict], rng: random.Random, progress: float
+) -> dict:
     scores, raw_results, raw_configs = {}, {}, {}
     for spec in tasks:
         value = round(min(0.95, 0.25 + 0.35 * progress + rng.uniform(-0.02, 0.02)), 6)
         stderr = round(rng.uniform(0.004, 0.02), 6)
         scores[spec["task"]] = {"metric": spec["metric"], "value": value, "stderr": stderr, "n_samples": 1000}
-        raw_results[spec["task"]] = {f"{spec['metric']},none": value, f"{spec['metric']}_stderr,none": stderr, "alias": spec["task"]}
+        raw_results[spec["task"]] = {
+            f"{spec['metric']},none": value,
+            f"{spec['metric']}_stderr,none": stderr,
+            "alias": spec["task"],
+        }
         raw_configs[spec["task"]] = {"task": spec["task"], "num_fewshot": shots, "doc_to_text": "x" * 1500}
     return {
         "run_id": run["run_id"],
@@ -67,7 +72,9 @@ def _eval_payload(run: dict, iteration: int, shots: int, tasks: list[dict], rng:
     }
 
 
-def write_synthetic_grid(base: Path, n_runs: int = 36, n_checkpoints: int = 37, seed: int = 0) -> tuple[dict, list[tuple[Path, dict]]]:
+def write_synthetic_grid(
+    base: Path, n_runs: int = 36, n_checkpoints: int = 37, seed: int = 0
+) -> tuple[dict, list[tuple[Path, dict]]]:
     """Write the grid's evaluation JSONs and loss logs under ``base`` except the first run's last checkpoint.
 
     Returns (manifest, pending): ``pending`` holds the (path, payload) of the held-back JSONs.
@@ -155,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cold build:        {cold_s:7.2f} s  {cold['n_results']} rows, cache {cold['cache']}")
         write_pending(pending)
         incremental_s, incremental = timed_build(manifest, out_dir)
-        print(f"incremental build: {incremental_s:7.2f} s  {incremental['n_results']} rows, cache {incremental['cache']}")
+        print(
+            f"incremental build: {incremental_s:7.2f} s  {incremental['n_results']} rows, cache {incremental['cache']}"
+        )
         print(f"ratio cold / incremental: {cold_s / incremental_s:.1f}x")
         if args.keep:
             (base / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -48,7 +48,9 @@ TOKENIZER = ROOT / "assets" / "gpt-neox-20b"
 
 
 def cpu_seconds(who=None) -> float:
-    usages = [resource.getrusage(w) for w in ([who] if who is not None else [resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN])]
+    usages = [
+        resource.getrusage(w) for w in ([who] if who is not None else [resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN])
+    ]
     return sum(usage.ru_utime + usage.ru_stime for usage in usages)
 
 
@@ -67,8 +69,10 @@ def measure_raw(args) -> dict:
         def encode_and_count(batch: list[str]) -> int:
             return int(awkward.sum(awkward.num(fast.encode_batch(batch), axis=1)))
     else:
+
         def encode_and_count(batch: list[str]) -> int:
             return sum(len(encoding) for encoding in tokenizer.encode_batch_fast(batch, add_special_tokens=False))
+
     tokens, cpu, started = 0, cpu_seconds(), time.perf_counter()
     for batch in batches:
         tokens += encode_and_count(batch) + len(batch)  # + EOD per document, as the job counts them
@@ -81,24 +85,57 @@ def measure_job(args) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         main_cpu, started = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
-        stats = tokenize_files([args.input] * args.repeat, Path(tmp) / "bench", tokenizer, fmt=args.format,
-                               batch_size=args.batch_size, workers=args.cores, backend=args.backend, progress=False,
-                               start_method=args.start_method,
-                               parallelism="threads" if args.start_method == "threads" else "processes")
+        stats = tokenize_files(
+            [args.input] * args.repeat,
+            Path(tmp) / "bench",
+            tokenizer,
+            fmt=args.format,
+            batch_size=args.batch_size,
+            workers=args.cores,
+            backend=args.backend,
+            progress=False,
+            start_method=args.start_method,
+            parallelism="threads" if args.start_method == "threads" else "processes",
+        )
         seconds, main_cpu = time.perf_counter() - started, cpu_seconds(resource.RUSAGE_SELF) - main_cpu
     workers_cpu = cpu_seconds(resource.RUSAGE_CHILDREN)  # the workers are the only children
-    return {"tokens": stats["tokens"], "seconds": seconds, "cpu_seconds": main_cpu + workers_cpu,
-            "main_cpu_seconds": main_cpu, "workers_cpu_seconds": workers_cpu,
-            "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if args.cores > 1 else 0.0}
+    return {
+        "tokens": stats["tokens"],
+        "seconds": seconds,
+        "cpu_seconds": main_cpu + workers_cpu,
+        "main_cpu_seconds": main_cpu,
+        "workers_cpu_seconds": workers_cpu,
+        "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if args.cores > 1 else 0.0,
+    }
 
 
 def run_child(args, kind: str, cores: int, start_method: str | None = None) -> dict:
-    env = dict(os.environ, RAYON_NUM_THREADS=str(cores if kind == "raw" or start_method == "threads" else 1),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, __file__, "--child", kind, "--cores", str(cores), "--input", str(args.input),
-               "--format", args.format, "--repeat", str(args.repeat), "--batch-size", str(args.batch_size),
-               "--backend", args.backend, "--tokenizer", str(args.tokenizer)]
+    env = dict(
+        os.environ,
+        RAYON_NUM_THREADS=str(cores if kind == "raw" or start_method == "threads" else 1),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--cores",
+        str(cores),
+        "--input",
+        str(args.input),
+        "--format",
+        args.format,
+        "--repeat",
+        str(args.repeat),
+        "--batch-size",
+        str(args.batch_size),
+        "--backend",
+        args.backend,
+        "--tokenizer",
+        str(args.tokenizer),
+    ]
     if start_method:
         command += ["--start-method", start_method]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -118,8 +155,11 @@ def main() -> None:
     parser.add_argument("--backend", choices=("hf", "gigatoken"), default="hf")
     parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     parser.add_argument("--compare-spawn", action="store_true", help="also run the N-worker job with spawned workers")
-    parser.add_argument("--compare-threads", action="store_true",
-                        help="also run the job in one process: a background encode thread, the tokenizer's own N threads")
+    parser.add_argument(
+        "--compare-threads",
+        action="store_true",
+        help="also run the job in one process: a background encode thread, the tokenizer's own N threads",
+    )
     parser.add_argument("--child", choices=("raw", "job"), help=argparse.SUPPRESS)
     parser.add_argument("--start-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cores", type=int, default=1, help=argparse.SUPPRESS)
@@ -131,8 +171,10 @@ def main() -> None:
         return
 
     load = os.getloadavg()
-    print(f"input {args.input} x{args.repeat}, backend {args.backend}, batch {args.batch_size}, "
-          f"{args.rounds} rounds, {os.cpu_count()} cores, load average at start {load[0]:.2f} {load[1]:.2f}")
+    print(
+        f"input {args.input} x{args.repeat}, backend {args.backend}, batch {args.batch_size}, "
+        f"{args.rounds} rounds, {os.cpu_count()} cores, load average at start {load[0]:.2f} {load[1]:.2f}"
+    )
     cases = [("raw", 1, None), ("job", 1, None), ("raw", args.workers, None), ("job", args.workers, None)]
     if args.compare_spawn:
         cases.append(("job", args.workers, "spawn"))
@@ -146,32 +188,49 @@ def main() -> None:
             result = run_child(args, *case)
             result["tok_s"] = result["tokens"] / result["seconds"]
             result["tok_cpu_s"] = result["tokens"] / result["cpu_seconds"]
-            print(f"  round {round_no} {label_of(case, args.backend)}: {result['tok_s'] / 1e6:.3f} M tok/s "
-                  f"({result['seconds']:.1f} s, {result['tok_cpu_s'] / 1e6:.3f} M tok/CPU-s"
-                  + (f"; CPU s main {result['main_cpu_seconds']:.1f}, workers {result['workers_cpu_seconds']:.1f}"
-                     if case[0] == "job" else "") + f"; load {os.getloadavg()[0]:.2f})", flush=True)
+            print(
+                f"  round {round_no} {label_of(case, args.backend)}: {result['tok_s'] / 1e6:.3f} M tok/s "
+                f"({result['seconds']:.1f} s, {result['tok_cpu_s'] / 1e6:.3f} M tok/CPU-s"
+                + (
+                    f"; CPU s main {result['main_cpu_seconds']:.1f}, workers {result['workers_cpu_seconds']:.1f}"
+                    if case[0] == "job"
+                    else ""
+                )
+                + f"; load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
             this_round[case] = result
             results[case].append(result)
         for cores in ratios:
             job, raw = this_round[("job", cores, None)], this_round[("raw", cores, None)]
             ratios[cores].append(job["tok_s"] / raw["tok_s"])
-            print(f"  round {round_no} job / raw at {cores} core(s), back to back: {ratios[cores][-1]:.3f} (wall), "
-                  f"{job['tok_cpu_s'] / raw['tok_cpu_s']:.3f} (per CPU-second)", flush=True)
+            print(
+                f"  round {round_no} job / raw at {cores} core(s), back to back: {ratios[cores][-1]:.3f} (wall), "
+                f"{job['tok_cpu_s'] / raw['tok_cpu_s']:.3f} (per CPU-second)",
+                flush=True,
+            )
     print(f"load average at end {os.getloadavg()[0]:.2f}; over {args.rounds} rounds:")
     print(f"{'measurement':<28}{'best M tok/s':>13}{'median':>9}{'M tok/CPU-s':>13}{'peak RSS main/worker MB':>26}")
     for case in cases:
         runs = results[case]
         best = max(runs, key=lambda r: r["tok_s"])
-        rss = f"{max(r['rss_main_mb'] for r in runs):.0f} / {max(r['rss_worker_mb'] for r in runs):.0f}" \
-            if case[0] == "job" else ""
-        print(f"{label_of(case, args.backend):<28}{best['tok_s'] / 1e6:>13.3f}"
-              f"{statistics.median(r['tok_s'] for r in runs) / 1e6:>9.3f}"
-              f"{max(r['tok_cpu_s'] for r in runs) / 1e6:>13.3f}{rss:>26}")
+        rss = (
+            f"{max(r['rss_main_mb'] for r in runs):.0f} / {max(r['rss_worker_mb'] for r in runs):.0f}"
+            if case[0] == "job"
+            else ""
+        )
+        print(
+            f"{label_of(case, args.backend):<28}{best['tok_s'] / 1e6:>13.3f}"
+            f"{statistics.median(r['tok_s'] for r in runs) / 1e6:>9.3f}"
+            f"{max(r['tok_cpu_s'] for r in runs) / 1e6:>13.3f}{rss:>26}"
+        )
     for cores, values in ratios.items():
         best_job = max(r["tok_s"] for r in results[("job", cores, None)])
         best_raw = max(r["tok_s"] for r in results[("raw", cores, None)])
-        print(f"job / raw at {cores} core(s): best job / best raw {best_job / best_raw:.3f}, "
-              f"median of the back-to-back ratios {statistics.median(values):.3f} (wall)")
+        print(
+            f"job / raw at {cores} core(s): best job / best raw {best_job / best_raw:.3f}, "
+            f"median of the back-to-back ratios {statistics.median(values):.3f} (wall)"
+        )
 
 
 def label_of(case: tuple, backend: str) -> str:

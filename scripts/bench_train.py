@@ -71,9 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument("--scale", help="a scale of the config's `scales` block, e.g. 1.7b")
     which.add_argument("--tiny", action="store_true", help="the 2-layer test model of tests/data/tiny_run.json")
     parser.add_argument("--config", type=Path, default=REPO / "config/config.yaml", help="config with the scale")
-    parser.add_argument("--variants", default="plain,all", help="comma-separated variants (see above); default plain,all")
+    parser.add_argument(
+        "--variants", default="plain,all", help="comma-separated variants (see above); default plain,all"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per variant")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (compilation, allocation, autotuning)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=2, help="untimed steps first (compilation, allocation, autotuning)"
+    )
     parser.add_argument("--micro-batch-size", type=int, help="default: the scale's resources.micro_batch_size")
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches per step")
     parser.add_argument("--seq-length", type=int, help="default: the scale's sequence length")
@@ -84,10 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="core attention (default: TE when installed, else SDPA on a GPU, else megatron's local)",
     )
     parser.add_argument("--data", choices=["random", "demo"], default="random", help="random tokens or the demo corpus")
-    parser.add_argument("--no-dropout", action="store_true", help="dropout 0 (for loss comparisons across variants on a GPU)")
-    parser.add_argument("--fit", action="store_true", help="after an out-of-memory failure retry at half the micro-batch")
+    parser.add_argument(
+        "--no-dropout", action="store_true", help="dropout 0 (for loss comparisons across variants on a GPU)"
+    )
+    parser.add_argument(
+        "--fit", action="store_true", help="after an out-of-memory failure retry at half the micro-batch"
+    )
     parser.add_argument("--profile", action="store_true", help="profile one extra step: which attention kernels ran")
-    parser.add_argument("--cluster-dp", type=int, help="data-parallel ranks of the scale's cluster layout (default: from the config)")
+    parser.add_argument(
+        "--cluster-dp", type=int, help="data-parallel ranks of the scale's cluster layout (default: from the config)"
+    )
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: by GPU name)")
     parser.add_argument("--out", type=Path, help="append each variant's JSON line here as soon as it is measured")
     parser.add_argument("--json", action="store_true", help="also print one JSON line per variant")
@@ -99,13 +109,17 @@ def variant_request(name: str) -> dict:
     parts = PRESETS.get(name, tuple(name.split("+")))
     unknown = [p for p in parts if p not in ALL_KEYS and p != "sdpa"]
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown} in {name!r} (presets {sorted(PRESETS)}; keys {ALL_KEYS}, sdpa)")
+        raise SystemExit(
+            f"--variants: unknown {unknown} in {name!r} (presets {sorted(PRESETS)}; keys {ALL_KEYS}, sdpa)"
+        )
     request = {key: key in parts for key in ALL_KEYS}
     request["sdpa_backends"] = ["cudnn", "flash", "efficient", "math"] if "sdpa" in parts else None
     return request
 
 
-def bench_run(args, on_gpu: bool, world_size: int, kernels: dict | None = None, micro_batch_size: int | None = None) -> dict:
+def bench_run(
+    args, on_gpu: bool, world_size: int, kernels: dict | None = None, micro_batch_size: int | None = None
+) -> dict:
     """A run document (model + train blocks) for the benchmark: the scale's architecture and
     training settings, with the batch, schedule, precision and kernels set for a short benchmark."""
     if args.tiny:
@@ -383,8 +397,10 @@ def format_table(rows: list[dict]) -> str:
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
-    header = (f"{'variant':14} {'model':6} {'mbs':>3} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'causal':>7} "
-              f"{'MFU':>6} {'causal':>6} {'mem GB':>7} {'opt GB':>7} {'shard GB':>8} {'loss':>15} {'Δloss':>8}")
+    header = (
+        f"{'variant':14} {'model':6} {'mbs':>3} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'causal':>7} "
+        f"{'MFU':>6} {'causal':>6} {'mem GB':>7} {'opt GB':>7} {'shard GB':>8} {'loss':>15} {'Δloss':>8}"
+    )
     lines = [header]
     for r in rows:
         if "error" in r:

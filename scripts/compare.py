@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("results", nargs="?", default=None, help="a report's results.csv (omit: the references alone)")
     parser.add_argument("--reference-dir", default=str(REPO / "config" / "reference"), help="published reference data")
     parser.add_argument("--all-tasks", action="store_true", help="print every task, not only the 11-task average")

@@ -44,22 +44,41 @@ from osref.released import DEFAULT_TOKENIZER_DIR, DEFAULT_TOLERANCE, ReleasedFor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, required=True, help="downloaded release directory (config.json + safetensors)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--src", type=Path, required=True, help="downloaded release directory (config.json + safetensors)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory (replaced if it exists)")
     parser.add_argument("--repo", default=None, help="source hub repo id, recorded in provenance.json")
-    parser.add_argument("--revision", default=None, help="source revision (main or iter_XXXXXXX), recorded in provenance.json")
+    parser.add_argument(
+        "--revision", default=None, help="source revision (main or iter_XXXXXXX), recorded in provenance.json"
+    )
     parser.add_argument("--kv-heads", type=int, default=None, help="expected KV heads; must match the tensors")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                        help="weight dtype of the output (default: as stored)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="weight dtype of the output (default: as stored)",
+    )
     parser.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR)
     parser.add_argument("--iteration", type=int, default=None, help="expected training iteration of the revision")
-    parser.add_argument("--commit", default=None, help="resolved commit sha of the revision, recorded in provenance.json")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="reference-forward gate: max |logit difference| in fp32 (default %(default)g)")
-    parser.add_argument("--assume-qk-norm", choices=("rmsnorm",), default=None,
-                        help="only for a directory without the release's remote code: assume per-head RMSNorm")
+    parser.add_argument(
+        "--commit", default=None, help="resolved commit sha of the revision, recorded in provenance.json"
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="reference-forward gate: max |logit difference| in fp32 (default %(default)g)",
+    )
+    parser.add_argument(
+        "--assume-qk-norm",
+        choices=("rmsnorm",),
+        default=None,
+        help="only for a directory without the release's remote code: assume per-head RMSNorm",
+    )
     return parser.parse_args(argv)
 
 
@@ -67,15 +86,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        provenance = convert_released(args.src, args.out, source_repo=args.repo, revision=args.revision,
-                                      kv_heads=args.kv_heads, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-                                      expected_iteration=args.iteration, tolerance=args.tolerance,
-                                      assume_qk_norm=args.assume_qk_norm, source_commit=args.commit)
+        provenance = convert_released(
+            args.src,
+            args.out,
+            source_repo=args.repo,
+            revision=args.revision,
+            kv_heads=args.kv_heads,
+            dtype=args.dtype,
+            tokenizer_dir=args.tokenizer_dir,
+            expected_iteration=args.iteration,
+            tolerance=args.tolerance,
+            assume_qk_norm=args.assume_qk_norm,
+            source_commit=args.commit,
+        )
     except (ReleasedFormatError, ParityError) as error:
         print(f"convert_released: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({k: provenance[k] for k in ("source_repo", "revision", "iteration", "hf_class", "dtype", "kv_heads")}
-                     | {"max_abs_logit_diff": provenance["reference_forward"]["max_abs_logit_diff"]}))
+    print(
+        json.dumps(
+            {k: provenance[k] for k in ("source_repo", "revision", "iteration", "hf_class", "dtype", "kv_heads")}
+            | {"max_abs_logit_diff": provenance["reference_forward"]["max_abs_logit_diff"]}
+        )
+    )
     return 0
 
 

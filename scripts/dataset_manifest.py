@@ -18,5 +18,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     manifest = dataset_manifest(args.stats, args.out)
-    logging.info("%s: %d documents, %d tokens in %d groups", args.out, manifest["documents"], manifest["tokens"],
-                 len(args.stats))
+    logging.info(
+        "%s: %d documents, %d tokens in %d groups", args.out, manifest["documents"], manifest["tokens"], len(args.stats)
+    )

@@ -54,12 +54,24 @@ def main() -> None:
         dataset.setdefault("revision", "main")
         listing = list_dataset(args.name, dataset, args.out, REPO_ROOT)
         sizes = [sum(listing["files"][i]["size"] or 0 for i in g) for g in listing["groups"]]
-        logging.info("%s: %d files, %d bytes in all (compare datasets.%s.approx_bytes), in %d groups, bytes per "
-                     "group %s", args.name, len(listing["files"]), sum(sizes), args.name, len(sizes), sizes)
+        logging.info(
+            "%s: %d files, %d bytes in all (compare datasets.%s.approx_bytes), in %d groups, bytes per group %s",
+            args.name,
+            len(listing["files"]),
+            sum(sizes),
+            args.name,
+            len(sizes),
+            sizes,
+        )
     else:
         manifest = fetch_group(args.name, args.listing, args.group, args.out_dir, args.manifest)
-        logging.info("%s group %d: %d files, %d bytes", args.name, args.group, len(manifest["files"]),
-                     sum(f["size"] for f in manifest["files"]))
+        logging.info(
+            "%s group %d: %d files, %d bytes",
+            args.name,
+            args.group,
+            len(manifest["files"]),
+            sum(f["size"] for f in manifest["files"]),
+        )
 
 
 if __name__ == "__main__":

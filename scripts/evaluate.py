@@ -82,7 +82,9 @@ def batch_size_arg(text: str) -> int | str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json, weights, tokenizer)")
-    parser.add_argument("--run-json", required=True, help="resolved run JSON (run_id, train.global_batch_size, train.seq_length)")
+    parser.add_argument(
+        "--run-json", required=True, help="resolved run JSON (run_id, train.global_batch_size, train.seq_length)"
+    )
     parser.add_argument("--iteration", type=int, required=True, help="training iteration of the checkpoint")
     parser.add_argument("--group", required=True, help="shot group to evaluate, '<k>shot' (e.g. 0shot, 10shot)")
     parser.add_argument("--tasks-json", required=True, help="protocol task list: a file or inline JSON")
@@ -133,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         hf_home=Path(args.hf_home).resolve() if args.hf_home else None,
     )
     for task, score in result["tasks"].items():
-        logging.info("%s %s = %s (stderr %s, n=%s)", task, score["metric"], score["value"], score["stderr"], score["n_samples"])
+        logging.info(
+            "%s %s = %s (stderr %s, n=%s)", task, score["metric"], score["value"], score["stderr"], score["n_samples"]
+        )
     for task, metrics in result["likelihood"].items():
-        logging.info("%s per-item likelihood: %s", task, ", ".join(
-            f"{name} = {value['value']:.4g}" for name, value in metrics.items() if isinstance(value, dict)))
+        logging.info(
+            "%s per-item likelihood: %s",
+            task,
+            ", ".join(f"{name} = {value['value']:.4g}" for name, value in metrics.items() if isinstance(value, dict)),
+        )
     logging.info("wrote %s in %.1f s", args.out, result["duration_s"])
     return 0
 

@@ -42,17 +42,30 @@ from osref.locks import LockHeld  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-json", required=True, type=Path, help="resolved run JSON (model/train/tokenizer/paths)")
     parser.add_argument("--iteration", required=True, type=int, help="checkpoint iteration (iter_%%07d)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created atomically)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="dtype of model.safetensors (parity is always computed in fp32)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="max allowed |Δlogit| between megatron and the export (default %(default)g)")
-    parser.add_argument("--parity-tokens", type=int, default=DEFAULT_PARITY_TOKENS,
-                        help="tokens per parity sequence (clipped to seq_length)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of model.safetensors (parity is always computed in fp32)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="max allowed |Δlogit| between megatron and the export (default %(default)g)",
+    )
+    parser.add_argument(
+        "--parity-tokens",
+        type=int,
+        default=DEFAULT_PARITY_TOKENS,
+        help="tokens per parity sequence (clipped to seq_length)",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,21 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (math.isfinite(args.tolerance) and args.tolerance > 0):
-        print(f"--tolerance {args.tolerance!r} (config parity_tolerance): must be a finite positive number",
-              file=sys.stderr)
+        print(
+            f"--tolerance {args.tolerance!r} (config parity_tolerance): must be a finite positive number",
+            file=sys.stderr,
+        )
         return 1
     run = json.loads(args.run_json.read_text())
     try:
-        provenance = export_checkpoint(run, args.iteration, args.out, dtype=args.dtype,
-                                       tolerance=args.tolerance, parity_tokens=args.parity_tokens)
+        provenance = export_checkpoint(
+            run, args.iteration, args.out, dtype=args.dtype, tolerance=args.tolerance, parity_tokens=args.parity_tokens
+        )
     except ParityError as error:
         print(f"PARITY FAILURE, nothing written to {args.out}: {error}", file=sys.stderr)
         return 2
     except LockHeld as error:
         print(f"another export of {args.out} is running, nothing done: {error}", file=sys.stderr)
         return 3
-    print(f"exported {run.get('run_id')} iter {args.iteration} to {args.out} "
-          f"({provenance['hf_class']}, {args.dtype}, max |Δlogit| {provenance['parity']['max_abs_logit_diff']:.3g})")
+    print(
+        f"exported {run.get('run_id')} iter {args.iteration} to {args.out} "
+        f"({provenance['hf_class']}, {args.dtype}, max |Δlogit| {provenance['parity']['max_abs_logit_diff']:.3g})"
+    )
     return 0
 
 

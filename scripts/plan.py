@@ -18,6 +18,7 @@ from pathlib import Path
 
 from osref.grid import PLAN_COLUMNS, load_grid, plan_rows
 
+
 def write_plan(rows: list[dict], out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
@@ -27,8 +28,11 @@ def write_plan(rows: list[dict], out: str) -> None:
         writer.writerows(rows)
     os.replace(tmp, out)
 
+
 def summary(rows: list[dict]) -> str:
-    lines = [f"{'run_id':40s} {'params':>8s} {'iters':>8s} {'ckpts':>5s} {'FLOPs':>9s} {'GPU-h':>9s} {'nodes':>5s} {'jobs':>5s}"]
+    lines = [
+        f"{'run_id':40s} {'params':>8s} {'iters':>8s} {'ckpts':>5s} {'FLOPs':>9s} {'GPU-h':>9s} {'nodes':>5s} {'jobs':>5s}"
+    ]
     for r in rows:
         lines.append(
             f"{r['run_id']:40s} {r['params'] / 1e6:7.1f}M {r['train_iters']:8d} {r['checkpoints']:5d} "
@@ -41,16 +45,20 @@ def summary(rows: list[dict]) -> str:
     released = [r for r in rows if r.get("source") == "released"]
     total_h = sum(r["gpu_hours"] for r in trained)
     if trained or not released:
-        lines.append(f"{len(trained)} runs, {sum(r['flops'] for r in trained):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
-                     f"{sum(r['jobs'] for r in trained)} training/export/eval jobs")
+        lines.append(
+            f"{len(trained)} runs, {sum(r['flops'] for r in trained):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
+            f"{sum(r['jobs'] for r in trained)} training/export/eval jobs"
+        )
     if released:
         inferred = sum(r["repo_status"] == "inferred" for r in released)
         lines.append(
             f"{len(released)} released models ({inferred} repo names inferred, not seen), "
             f"{sum(r['revisions'] for r in released)} checkpoints, {sum(r['download_bytes'] for r in released) / 1e12:.2f} TB "
             f"to download, {sum(r['eval_gpu_hours'] for r in released):,.0f} GPU-hours of evaluation (evaluation.cost), "
-            f"{sum(r['jobs'] for r in released)} list/fetch/convert/eval jobs")
+            f"{sum(r['jobs'] for r in released)} list/fetch/convert/eval jobs"
+        )
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     if "snakemake" in globals():

@@ -44,8 +44,9 @@ class NoNetwork(RuntimeError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks-json", required=True, help="protocol task list as JSON, or a path to a JSON file")
     parser.add_argument("--hf-home", type=Path, required=True, help="HF_HOME to fill (shared by evaluation jobs)")
     parser.add_argument("--out", type=Path, default=None, help="marker JSON listing tasks and dataset ids")
@@ -66,17 +67,23 @@ def read_tasks(tasks_json: str) -> list[dict]:
 def check_network(first_task: str, all_tasks: list[str], timeout: float) -> None:
     """Fail at once, naming the task, when the environment switches the hub off or it does not answer."""
     where = f"cannot prefetch task {first_task!r} (and {len(all_tasks) - 1} more: {all_tasks[1:]})"
-    switched_off = [name for name in OFFLINE_SWITCHES if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
+    switched_off = [
+        name for name in OFFLINE_SWITCHES if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    ]
     if switched_off:
-        raise NoNetwork(f"{where}: the hub is switched off ({', '.join(f'{n}=1' for n in switched_off)}). "
-                        "Run this on a node with network access and without the offline variables.")
+        raise NoNetwork(
+            f"{where}: the hub is switched off ({', '.join(f'{n}=1' for n in switched_off)}). "
+            "Run this on a node with network access and without the offline variables."
+        )
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT))
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError as error:
-        raise NoNetwork(f"{where}: {endpoint.hostname}:{port} is not reachable ({error}). "
-                        "Run this on a login node with network access.") from error
+        raise NoNetwork(
+            f"{where}: {endpoint.hostname}:{port} is not reachable ({error}). "
+            "Run this on a login node with network access."
+        ) from error
 
 
 def dataset_entry(task) -> dict:
@@ -85,8 +92,13 @@ def dataset_entry(task) -> dict:
     dataset = getattr(task, "dataset", None)
     if dataset is not None and hasattr(dataset, "items"):
         splits = {split: len(rows) for split, rows in dataset.items()}
-    return {"task": task.task_name, "dataset_path": config.dataset_path, "dataset_name": config.dataset_name,
-            "revision": (config.dataset_kwargs or {}).get("revision"), "splits": splits}
+    return {
+        "task": task.task_name,
+        "dataset_path": config.dataset_path,
+        "dataset_name": config.dataset_name,
+        "revision": (config.dataset_kwargs or {}).get("revision"),
+        "splits": splits,
+    }
 
 
 def prefetch(task_names: list[str], include_path: Path | None) -> dict[str, list[dict]]:
@@ -135,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         "hf_home": str(hf_home),
         "tasks": {name: {"local": True, "datasets": []} for name in local}
         | {name: {"local": False, "datasets": entries} for name, entries in fetched.items()},
-        "dataset_ids": sorted({f"{d['dataset_path']}" + (f":{d['dataset_name']}" if d["dataset_name"] else "")
-                               for entries in fetched.values() for d in entries}),
+        "dataset_ids": sorted(
+            {
+                f"{d['dataset_path']}" + (f":{d['dataset_name']}" if d["dataset_name"] else "")
+                for entries in fetched.values()
+                for d in entries
+            }
+        ),
         "libraries": {package: metadata.version(package) for package in ("lm_eval", "datasets", "huggingface_hub")},
     }
     if args.out is not None:

@@ -22,7 +22,6 @@ Exit status: 0 done; 2 the hub does not hold what was asked (wrong repo or branc
 iteration; the message names the closest existing ones); 1 any other error.
 """
 
-
 import argparse
 import json
 import logging
@@ -33,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list a repo's refs and the selected revisions' files")
     p_list.add_argument("--request-json", required=True, help="name, repo, where, final_iteration, revisions, patterns")
@@ -54,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             listing = list_released(json.loads(args.request_json), args.out)
-            logging.info("%s: %d branches; %d revisions listed, %.3g GB", listing["repo"], len(listing["branches"]),
-                         len(listing["revisions"]), sum(r["bytes"] for r in listing["revisions"].values()) / 1e9)
+            logging.info(
+                "%s: %d branches; %d revisions listed, %.3g GB",
+                listing["repo"],
+                len(listing["branches"]),
+                len(listing["revisions"]),
+                sum(r["bytes"] for r in listing["revisions"].values()) / 1e9,
+            )
         elif args.command == "fetch":
             manifest = fetch_revision(args.listing, args.revision, args.out)
             logging.info("%s %s: %d files", manifest["repo"], manifest["revision"], len(manifest["files"]))
@@ -73,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def snakemake_main(smk) -> None:
     """The released_results rule (script: directive): params manifest, reference_dir; outputs results, reproduction."""
-    logging.basicConfig(filename=smk.log[0], level=logging.INFO, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        filename=smk.log[0], level=logging.INFO, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from osref.released_results import write_results
 
     written = write_results(smk.params.manifest, Path(smk.params.reference_dir), Path(smk.output.results).parent)

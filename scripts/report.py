@@ -17,7 +17,6 @@ Examples (from the repository root):
     xdg-open /tmp/report/index.html   # a static file, no server needed
 """
 
-
 import argparse
 import json
 import logging
@@ -42,7 +41,9 @@ def run(manifest: dict, reference_dir: Path, out_dir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True, help="manifest JSON: protocol + runs with their eval files")
-    parser.add_argument("--reference-dir", default="config/reference", help="folder with runs.csv, curves.csv.gz, baselines.csv")
+    parser.add_argument(
+        "--reference-dir", default="config/reference", help="folder with runs.csv, curves.csv.gz, baselines.csv"
+    )
     parser.add_argument("--out-dir", required=True, help="report folder (created)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

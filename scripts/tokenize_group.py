@@ -58,12 +58,24 @@ def main() -> None:
     parser.add_argument("--max-documents", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1, help="worker processes (the job's cores)")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
-    parser.add_argument("--verify-documents", type=int, default=1000,
-                        help="non-HF backend: documents compared with HF tokenizers before the shard is accepted")
-    parser.add_argument("--bad-documents", choices=("skip", "fail"), default="skip",
-                        help="a row that is not a document: skip and count it, or fail the group (file and line)")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
-                        help="skip: fail anyway when more than this share of the rows is bad")
+    parser.add_argument(
+        "--verify-documents",
+        type=int,
+        default=1000,
+        help="non-HF backend: documents compared with HF tokenizers before the shard is accepted",
+    )
+    parser.add_argument(
+        "--bad-documents",
+        choices=("skip", "fail"),
+        default="skip",
+        help="a row that is not a document: skip and count it, or fail the group (file and line)",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="skip: fail anyway when more than this share of the rows is bad",
+    )
     parser.add_argument("--out-prefix", required=True)
     parser.add_argument("--stats", required=True)
     args = parser.parse_args()
@@ -74,21 +86,39 @@ def main() -> None:
     for record in manifest["files"]:  # a stat each: a copy truncated or edited since its download is not used
         size = Path(record["path"]).stat().st_size
         if record.get("size") is not None and size != record["size"]:
-            sys.exit(f"tokenize: {record['path']} has {size} bytes, its download manifest {args.manifest} says "
-                     f"{record['size']}: it changed after the download; delete the manifest and rerun")
+            sys.exit(
+                f"tokenize: {record['path']} has {size} bytes, its download manifest {args.manifest} says "
+                f"{record['size']}: it changed after the download; delete the manifest and rerun"
+            )
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_sha256)
     try:
-        stats = tokenize_files(files, args.out_prefix, tokenizer, fmt=args.format, text_field=args.text_field,
-                               eod_id=args.eod_id, max_documents=args.max_documents, workers=args.workers,
-                               backend=args.backend, verify_documents=args.verify_documents,
-                               bad_documents=args.bad_documents, max_bad_fraction=args.max_bad_fraction)
+        stats = tokenize_files(
+            files,
+            args.out_prefix,
+            tokenizer,
+            fmt=args.format,
+            text_field=args.text_field,
+            eod_id=args.eod_id,
+            max_documents=args.max_documents,
+            workers=args.workers,
+            backend=args.backend,
+            verify_documents=args.verify_documents,
+            bad_documents=args.bad_documents,
+            max_bad_fraction=args.max_bad_fraction,
+        )
     except (InputError, OutputError, BackendUnavailable, BackendMismatch) as exc:
         sys.exit(f"tokenize: {exc}")
     stats.update({"dataset": manifest["dataset"], "group": manifest["group"], "tokenizer": args.tokenizer})
     write_json_atomic(args.stats, stats)
-    logging.info("%s: %d documents, %d tokens, %.0f tokens/s; %d empty, %d bad rows skipped", args.out_prefix,
-                 stats["documents"], stats["tokens"], stats["tokens_per_second"], stats["empty_documents"],
-                 stats["bad_documents"])
+    logging.info(
+        "%s: %d documents, %d tokens, %.0f tokens/s; %d empty, %d bad rows skipped",
+        args.out_prefix,
+        stats["documents"],
+        stats["tokens"],
+        stats["tokens_per_second"],
+        stats["empty_documents"],
+        stats["bad_documents"],
+    )
 
 
 if __name__ == "__main__":

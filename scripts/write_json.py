@@ -8,7 +8,6 @@ Used by the rules that materialise config-derived documents, e.g. a run's resolv
 From a shell it is `python scripts/write_json.py OUT.json '{"key": 1}'`.
 """
 
-
 import json
 import sys
 

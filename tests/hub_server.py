@@ -237,8 +237,9 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", url.path):
             return self._dataset_info(unquote(match[1]), unquote(match[2] or "main"), kind="models")
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", url.path):
-            return self._tree(unquote(match[1]), unquote(match[2]), unquote((match[3] or "/")[1:]), parse_qs(url.query),
-                              kind="models")
+            return self._tree(
+                unquote(match[1]), unquote(match[2]), unquote((match[3] or "/")[1:]), parse_qs(url.query), kind="models"
+            )
         if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", url.path):
             return self._resolve(unquote(match[1]), unquote(match[2]), unquote(match[3]), send_body, kind="models")
         return self._error(404, None, f"no route for {url.path}")
@@ -281,28 +282,51 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
 
         def entries(refs: dict[str, str], prefix: str) -> list[dict]:
-            return [{"name": name, "ref": f"refs/{prefix}/{name}", "targetCommit": sha} for name, sha in sorted(refs.items())]
+            return [
+                {"name": name, "ref": f"refs/{prefix}/{name}", "targetCommit": sha}
+                for name, sha in sorted(refs.items())
+            ]
 
         self._json({"branches": entries(repo.refs, "heads"), "converts": [], "tags": entries(repo.tags, "tags")})
 
     def _list_models(self, query: dict[str, list[str]]) -> None:
         author, search = query.get("author", [""])[0], query.get("search", [""])[0]
-        found = [repo_id for repo_id in sorted(self.hub.models)
-                 if (not author or repo_id.split("/")[0] == author) and search.lower() in repo_id.lower()]
-        self._json([{"_id": hashlib.sha1(r.encode()).hexdigest()[:24], "id": r, "modelId": r}  # noqa: S324
-                    for r in found])
+        found = [
+            repo_id
+            for repo_id in sorted(self.hub.models)
+            if (not author or repo_id.split("/")[0] == author) and search.lower() in repo_id.lower()
+        ]
+        self._json(
+            [
+                {"_id": hashlib.sha1(r.encode()).hexdigest()[:24], "id": r, "modelId": r}  # noqa: S324
+                for r in found
+            ]
+        )
 
     def _dataset_info(self, repo_id: str, revision: str, kind: str = "datasets") -> None:
         if (found := self._repo_and_commit(repo_id, revision, kind)) is None:
             return
         repo, commit = found
         siblings = [{"rfilename": path} for path in sorted(repo.commits[commit])]
-        self._json({"_id": commit[:24], "id": repo_id, "author": repo_id.split("/")[0], "sha": commit,
-                    "private": False, "gated": False, "disabled": False, "tags": [], "siblings": siblings,
-                    "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z"})
+        self._json(
+            {
+                "_id": commit[:24],
+                "id": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit,
+                "private": False,
+                "gated": False,
+                "disabled": False,
+                "tags": [],
+                "siblings": siblings,
+                "lastModified": "2024-01-01T00:00:00.000Z",
+                "createdAt": "2024-01-01T00:00:00.000Z",
+            }
+        )
 
-    def _tree(self, repo_id: str, revision: str, folder: str, query: dict[str, list[str]],
-              kind: str = "datasets") -> None:
+    def _tree(
+        self, repo_id: str, revision: str, folder: str, query: dict[str, list[str]], kind: str = "datasets"
+    ) -> None:
         if (found := self._repo_and_commit(repo_id, revision, kind)) is None:
             return
         repo, commit = found
@@ -312,9 +336,11 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         page = entries[start : start + self.hub.page_size]
         headers = {}
         if start + self.hub.page_size < len(entries):
-            next_url = (f"{self.hub.endpoint}/api/{kind}/{repo_id}/tree/{quote(revision, safe='')}"
-                        f"{'/' + quote(folder) if folder else ''}?recursive={str(recursive).lower()}"
-                        f"&cursor={start + self.hub.page_size}")
+            next_url = (
+                f"{self.hub.endpoint}/api/{kind}/{repo_id}/tree/{quote(revision, safe='')}"
+                f"{'/' + quote(folder) if folder else ''}?recursive={str(recursive).lower()}"
+                f"&cursor={start + self.hub.page_size}"
+            )
             headers["Link"] = f'<{next_url}>; rel="next"'
         self._json(page, headers)
 
@@ -328,9 +354,16 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", f"{path} does not exist at {revision}", commit_header)
         if repo.is_lfs(path):
             sha256 = lfs_sha256(data)
-            return self._send(302, {**commit_header, "ETag": f'"{git_blob_sha1(data)}"',
-                                    "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)),
-                                    "Location": f"{self.hub.cdn_url}/cdn/{sha256}?X-Amz-Signature=mock"})
+            return self._send(
+                302,
+                {
+                    **commit_header,
+                    "ETag": f'"{git_blob_sha1(data)}"',
+                    "X-Linked-Etag": f'"{sha256}"',
+                    "X-Linked-Size": str(len(data)),
+                    "Location": f"{self.hub.cdn_url}/cdn/{sha256}?X-Amz-Signature=mock",
+                },
+            )
         self._body(path, data, {**commit_header, "ETag": f'"{git_blob_sha1(data)}"'}, send_body)
 
     # ---- CDN / file host --------------------------------------------------------------------------
@@ -346,11 +379,15 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         if path.startswith("/files/") and (data := self.hub.files.get(file_path)) is not None:
             if throttled := self.hub._take_fault(self.hub.throttle, file_path):
                 status, retry_after, _ = throttled
-                return self._error(status, None, "slow down",
-                                   {"Retry-After": str(retry_after)} if retry_after is not None else None)
+                return self._error(
+                    status, None, "slow down", {"Retry-After": str(retry_after)} if retry_after is not None else None
+                )
             digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
-            headers = {"ETag": f'"{lfs_sha256(data)}"', "Repr-Digest": f"sha-256=:{digest}:",
-                       **self.hub.file_headers.get(file_path, {})}
+            headers = {
+                "ETag": f'"{lfs_sha256(data)}"',
+                "Repr-Digest": f"sha-256=:{digest}:",
+                **self.hub.file_headers.get(file_path, {}),
+            }
             return self._body(file_path, data, headers, send_body)
         return self._error(404, None, f"no such file {path}")
 
@@ -392,7 +429,7 @@ def _tree_entries(repo: Repo, commit: str, folder: str, recursive: bool) -> list
     for path, data in repo.commits[commit].items():
         if not path.startswith(prefix):
             continue
-        rest = path[len(prefix):].split("/")
+        rest = path[len(prefix) :].split("/")
         depth = len(rest) if recursive else 1
         for level in range(1, min(depth, len(rest) - 1) + 1):
             directory = prefix + "/".join(rest[:level])
@@ -403,7 +440,6 @@ def _tree_entries(repo: Repo, commit: str, folder: str, recursive: bool) -> list
             if repo.is_lfs(path):
                 # as on the hub: the tree's oid of an LFS file is the git blob id of its pointer file
                 entry["oid"] = git_blob_sha1(lfs_pointer(data))
-                entry["lfs"] = {"oid": lfs_sha256(data), "size": len(data),
-                                "pointerSize": len(lfs_pointer(data))}
+                entry["lfs"] = {"oid": lfs_sha256(data), "size": len(data), "pointerSize": len(lfs_pointer(data))}
             entries[path] = entry
     return [entries[key] for key in sorted(entries)]

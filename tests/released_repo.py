@@ -30,22 +30,44 @@ def released_config(hidden: int, heads: int, layers: int, ffn: int, vocab: int, 
     """A released config.json (keys and values as in the release; num_key_value_heads = 1 as megatron stores it)."""
     config = {
         "_name_or_path": f"/leonardo_work/opensci/checkpoints/hf/iter_{iteration:07d}",
-        "architectures": ["OpensciForCausalLM"], "model_type": "opensci",
-        "auto_map": {"AutoConfig": "configuration_opensci.OpensciConfig",
-                     "AutoModelForCausalLM": "modeling_opensci.OpensciForCausalLM"},
-        "attention_bias": True, "mlp_bias": True, "attention_dropout": 0.1, "bos_token_id": 0, "eos_token_id": 0,
-        "hidden_act": "silu", "hidden_size": hidden, "intermediate_size": ffn, "initializer_range": 0.02,
-        "layer_norm_eps": 1e-5, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "num_attention_heads": heads,
-        "num_hidden_layers": layers, "num_key_value_heads": 1, "pretraining_tp": 1, "qk_layernorm": True,
-        "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-        "transformers_version": "4.49.0", "use_cache": True, "vocab_size": vocab,
+        "architectures": ["OpensciForCausalLM"],
+        "model_type": "opensci",
+        "auto_map": {
+            "AutoConfig": "configuration_opensci.OpensciConfig",
+            "AutoModelForCausalLM": "modeling_opensci.OpensciForCausalLM",
+        },
+        "attention_bias": True,
+        "mlp_bias": True,
+        "attention_dropout": 0.1,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-5,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": 1,
+        "pretraining_tp": 1,
+        "qk_layernorm": True,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.49.0",
+        "use_cache": True,
+        "vocab_size": vocab,
     }
     config.update(overrides)
     return config
 
 
-def released_tensors(hidden: int, heads: int, layers: int, ffn: int, vocab: int, kv_heads: int | None = None,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
+def released_tensors(
+    hidden: int, heads: int, layers: int, ffn: int, vocab: int, kv_heads: int | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random weights under the released tensor names (biases on every linear, per-head QK norm weights)."""
     g = torch.Generator().manual_seed(seed)
     head_dim, kv = hidden // heads, (kv_heads or heads) * (hidden // heads)
@@ -59,10 +81,15 @@ def released_tensors(hidden: int, heads: int, layers: int, ffn: int, vocab: int,
     t = {"model.embed_tokens.weight": rand(vocab, hidden, scale=1.0), "model.norm.weight": norm(hidden)}
     for n in range(layers):
         p = f"model.layers.{n}."
-        for name, rows, cols in (("self_attn.q_proj", hidden, hidden), ("self_attn.k_proj", kv, hidden),
-                                 ("self_attn.v_proj", kv, hidden), ("self_attn.o_proj", hidden, hidden),
-                                 ("mlp.gate_proj", ffn, hidden), ("mlp.up_proj", ffn, hidden),
-                                 ("mlp.down_proj", hidden, ffn)):
+        for name, rows, cols in (
+            ("self_attn.q_proj", hidden, hidden),
+            ("self_attn.k_proj", kv, hidden),
+            ("self_attn.v_proj", kv, hidden),
+            ("self_attn.o_proj", hidden, hidden),
+            ("mlp.gate_proj", ffn, hidden),
+            ("mlp.up_proj", ffn, hidden),
+            ("mlp.down_proj", hidden, ffn),
+        ):
             t[p + name + ".weight"] = rand(rows, cols)
             t[p + name + ".bias"] = rand(rows)
         t[p + "input_layernorm.weight"] = norm(hidden)

@@ -175,7 +175,9 @@ def test_branch_trains_the_cooldown_from_the_parents_checkpoint(data_root, tmp_p
     assert [r["iteration"] for r in branch_log] == [17, 18, 19, 20]
     first = branch_log[0]
     assert (first["loss"], first["lr"], first["grad_norm"]) == (
-        parent_log[17]["loss"], parent_log[17]["lr"], parent_log[17]["grad_norm"]
+        parent_log[17]["loss"],
+        parent_log[17]["lr"],
+        parent_log[17]["grad_norm"],
     )
     for record in branch_log:
         assert record["lr"] == pytest.approx(scheduled_lr(branch["train"], record["iteration"] - 1), abs=1e-12)
@@ -217,13 +219,28 @@ def test_dry_run_chains_the_branch_after_its_parent(tmp_path):
     branch = next(r for r in grid.runs.values() if r.parent_run)
     parent = grid.runs[branch.parent_run]
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "train", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
-         "--configfile", str(config_file)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "train",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "-n",
+            "--configfile",
+            str(config_file),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    job = next(block for block in proc.stdout.split("rule train_segment:")[1:]
-               if f"run_id={branch.run_id}, end={branch.train_iters:07d}" in block)
+    job = next(
+        block
+        for block in proc.stdout.split("rule train_segment:")[1:]
+        if f"run_id={branch.run_id}, end={branch.train_iters:07d}" in block
+    )
     parent_marker = f"{parent.run_id}/train/segment_{parent.segment_for(branch.branch_iteration):07d}.json"
     assert parent_marker in job.split("output:")[0]
     assert proc.stdout.count(f"run_id={branch.run_id}, end=") == len(branch.segment_ends)

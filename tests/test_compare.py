@@ -121,7 +121,10 @@ def test_scaling_fit_recovers_a_known_slope_and_the_multiplier():
     assert exact["multiplier"] == pytest.approx(4.0) and not exact["extrapolated"]
     assert exact["multiplier_lo"] < 4.0 < exact["multiplier_hi"]
     tight = compute_multiplier(fit_scaling(points, run_sd=1e-6), score, user_flops, score_sd=1e-6)
-    assert (tight["multiplier_lo"], tight["multiplier_hi"]) == (pytest.approx(4.0, rel=1e-3), pytest.approx(4.0, rel=1e-3))
+    assert (tight["multiplier_lo"], tight["multiplier_hi"]) == (
+        pytest.approx(4.0, rel=1e-3),
+        pytest.approx(4.0, rel=1e-3),
+    )
     assert compute_multiplier(fit, score, user_flops, score_sd=0.0) == exact  # a fixed seed: deterministic
     with pytest.raises(ValueError, match="3 or more points"):
         fit_scaling(points.head(2), run_sd=0.01, dataset="synthetic")
@@ -182,8 +185,13 @@ def _user_results(run_id: str, dataset: str, source_job: int, stderr_factor: flo
 def test_a_user_run_against_the_references(tmp_path):
     """A user run equal to the 0.4B DCLM reference (full evaluation), and the same scores from a
     run evaluated on 1/25 of the items (stderr × 5)."""
-    results = pd.concat([_user_results("mine-0.4b", "mine", 14270775, 1.0),
-                         _user_results("mine-limited", "mine-limited", 14270775, 5.0)], ignore_index=True)
+    results = pd.concat(
+        [
+            _user_results("mine-0.4b", "mine", 14270775, 1.0),
+            _user_results("mine-limited", "mine-limited", 14270775, 5.0),
+        ],
+        ignore_index=True,
+    )
     result = compare(results, REFERENCE)
     avg = result.equal_tokens[result.equal_tokens["task"] == "avg"].set_index(["run_id", "reference_dataset"])
     full = avg.loc["mine-0.4b"]
@@ -259,8 +267,13 @@ def test_cli_user_results_tables_and_bad_inputs(tmp_path, capsys):
     written = pd.read_csv(tmp_path / "tables" / "equal_tokens.csv")
     assert set(written["reference_dataset"]) >= {"c4", "dclm", "commoncorpus"}
     assert {p.name for p in (tmp_path / "tables").iterdir()} == {
-        "noise_floor.csv", "repeat_groups.csv", "decision_accuracy.csv", "reference_fits.csv", "equal_tokens.csv",
-        "equal_flops.csv", "compute_multiplier.csv",
+        "noise_floor.csv",
+        "repeat_groups.csv",
+        "decision_accuracy.csv",
+        "reference_fits.csv",
+        "equal_tokens.csv",
+        "equal_flops.csv",
+        "compute_multiplier.csv",
     }  # fmt: skip (no temporary file left)
 
     assert _cli()([str(tmp_path / "absent.csv")]) == 2

@@ -38,6 +38,7 @@ def bad(raw: dict, mutate) -> str:
 
 # ---- the release grid ------------------------------------------------------------------------------
 
+
 def test_release_grid_is_the_36_reference_runs(release_grid):
     with open(ROOT / "config" / "reference" / "runs.csv", newline="") as fh:
         refs = [r for r in csv.DictReader(fh) if r["reference"] == "True"]
@@ -57,7 +58,11 @@ def test_parameter_counts_match_the_release(release_grid, scale, params_m):
 
 def test_iterations_checkpoints_and_schedule_match_reference_runs(release_grid):
     with open(ROOT / "config" / "reference" / "runs.csv", newline="") as fh:
-        refs = {f"{r['size']}-{r['dataset']}-{r['tokens']}-{r['seq_length']}": r for r in csv.DictReader(fh) if r["reference"] == "True"}
+        refs = {
+            f"{r['size']}-{r['dataset']}-{r['tokens']}-{r['seq_length']}": r
+            for r in csv.DictReader(fh)
+            if r["reference"] == "True"
+        }
     for run_id, run in release_grid.runs.items():
         ref = refs[run_id]
         assert run.train_iters == int(ref["train_iters"]), run_id
@@ -92,8 +97,22 @@ def test_0_4b_batch_and_override(release_grid):
 def test_plan_rows_have_the_contract_columns(release_grid):
     rows = plan_rows(release_grid)
     assert len(rows) == 36
-    required = ["run_id", "scale", "dataset", "tokens", "seq_length", "global_batch_size", "params", "train_iters",
-                "checkpoints", "flops", "gpu_hours", "nodes", "gpus_per_node", "jobs"]
+    required = [
+        "run_id",
+        "scale",
+        "dataset",
+        "tokens",
+        "seq_length",
+        "global_batch_size",
+        "params",
+        "train_iters",
+        "checkpoints",
+        "flops",
+        "gpu_hours",
+        "nodes",
+        "gpus_per_node",
+        "jobs",
+    ]
     assert list(rows[0])[: len(required)] == required
     row = next(r for r in rows if r["run_id"] == "1.7b-nemotron-cc-hq-300B-4096")
     # 1.2 s/iteration on 252 A100s in the original → about 6 100 GPU-hours for 72 661 iterations.
@@ -106,7 +125,9 @@ def test_run_document_is_complete_and_stable(release_grid):
     assert doc["model"]["num_layers"] == 22 and doc["model"]["vocab_size"] == 50304
     assert doc["train"]["lr"] == 4e-3 and doc["train"]["warmup_iters"] == 25000
     assert doc["train"]["checkpoint_iters"][-1] == doc["train"]["train_iters"] == 72661
-    assert doc["data"]["prefixes"] == [f"results/data/tokenized/pile/group_{g:03d}" for g in range(30)]  # all 30 (one file each)
+    assert doc["data"]["prefixes"] == [
+        f"results/data/tokenized/pile/group_{g:03d}" for g in range(30)
+    ]  # all 30 (one file each)
     assert doc == run_document(load_grid(RELEASE), load_grid(RELEASE).runs["0.13b-pile-300B-4096"])
 
 
@@ -144,12 +165,22 @@ def test_budget_units():
 
 
 def test_model_spec_from_config_ignores_resources():
-    spec = ModelSpec.from_config("x", {"num_layers": 2, "hidden_size": 8, "ffn_hidden_size": 16,
-                                       "num_attention_heads": 2, "resources": {}, "global_batch_size": 4})
+    spec = ModelSpec.from_config(
+        "x",
+        {
+            "num_layers": 2,
+            "hidden_size": 8,
+            "ffn_hidden_size": 16,
+            "num_attention_heads": 2,
+            "resources": {},
+            "global_batch_size": 4,
+        },
+    )
     assert spec.num_layers == 2
 
 
 # ---- bad configs: each fails before anything runs, naming the key ------------------------------------
+
 
 def test_misspelled_key_is_named(release_raw):
     msg = bad(release_raw, lambda c: c["recipes"]["open-sci-ref-0.01"].update({"warmup_iter": 5}))
@@ -189,12 +220,17 @@ def test_malformed_budget(release_raw):
 def test_duplicate_run_id(release_raw):
     def dup(c):
         c["experiments"].append(copy.deepcopy(c["experiments"][1]))
+
     assert "duplicate run id '1.7b-dclm-1T-4096'" in bad(release_raw, dup)
 
 
 def test_unknown_eval_task(release_raw):
-    msg = bad(release_raw, lambda c: c["evaluation"]["protocols"]["open-sci-ref-0.01"].append(
-        {"task": "hellaswagg", "shots": 10, "metric": "acc"}))
+    msg = bad(
+        release_raw,
+        lambda c: c["evaluation"]["protocols"]["open-sci-ref-0.01"].append(
+            {"task": "hellaswagg", "shots": 10, "metric": "acc"}
+        ),
+    )
     assert "unknown eval task 'hellaswagg'" in msg and "evaluation.protocols.open-sci-ref-0.01[12].task" in msg
 
 
@@ -221,7 +257,8 @@ def test_parity_tolerance_per_run(release_raw):
     assert runs["0.4b-c4-300B-4096"].parity_tolerance == config["evaluation"]["parity_tolerance"] == 1e-3
     assert "lr" in runs["0.13b-c4-300B-4096"].recipe and "parity_tolerance" not in runs["0.13b-c4-300B-4096"].recipe
     assert "overrides.0.13b-c4-300B-4096.parity_tolerance" in bad(
-        release_raw, lambda c: c["overrides"].update({"0.13b-c4-300B-4096": {"parity_tolerance": 0}}))
+        release_raw, lambda c: c["overrides"].update({"0.13b-c4-300B-4096": {"parity_tolerance": 0}})
+    )
 
 
 def test_override_of_unknown_run(release_raw):
@@ -235,7 +272,9 @@ def test_eval_iterations_must_be_checkpoints(release_raw):
 
 
 def test_unknown_protocol(release_raw):
-    assert "evaluation.protocol: unknown protocol 'v2'" in bad(release_raw, lambda c: c["evaluation"].update({"protocol": "v2"}))
+    assert "evaluation.protocol: unknown protocol 'v2'" in bad(
+        release_raw, lambda c: c["evaluation"].update({"protocol": "v2"})
+    )
 
 
 def test_yaml_file_errors_name_the_file(tmp_path):
@@ -273,8 +312,13 @@ def test_kernel_variants_per_device_and_precision(release_raw):
     cross-entropy only with bf16 (its logit gradient is bf16)."""
     grid = load_grid(release_raw)
     gpu = run_document(grid, grid.runs["1.7b-c4-300B-4096"])["train"]["kernels"]
-    assert gpu == {"megatron_fusions": True, "fused_cross_entropy": True, "fused_adamw": True,
-                   "compile_layers": True, "sdpa_backends": ["cudnn", "flash", "efficient", "math"]}
+    assert gpu == {
+        "megatron_fusions": True,
+        "fused_cross_entropy": True,
+        "fused_adamw": True,
+        "compile_layers": True,
+        "sdpa_backends": ["cudnn", "flash", "efficient", "math"],
+    }
     fp32 = copy.deepcopy(release_raw)
     fp32["recipes"]["open-sci-ref-0.01"].update(precision="fp32", kernels={"compile_layers": False})
     grid = load_grid(fp32)
@@ -294,6 +338,7 @@ def test_unknown_kernel_key_is_named(release_raw):
 
 # ---- issue 11: what the schema alone let through -----------------------------------------------------
 
+
 @pytest.mark.parametrize("budget", [3.0e11, 250000.0])
 def test_float_budget_is_a_config_error_naming_the_key(release_raw, budget):
     """YAML reads `3.0e+11` and `250000.0` as floats; they used to reach the budget parser as a bare
@@ -309,10 +354,12 @@ def test_float_where_an_integer_belongs_is_named(release_raw):
 
 def test_patterns_match_the_whole_value(release_raw):
     """`$` also matches before a final newline: a dataset named "c4\\n" used to pass the schema."""
+
     def rename(c):
         c["datasets"]["c4\n"] = c["datasets"].pop("c4")
         for exp in c["experiments"]:
             exp["datasets"] = ["c4\n" if d == "c4" else d for d in exp["datasets"]]
+
     msg = bad(release_raw, rename)
     assert "datasets: bad name 'c4\\n'" in msg
     assert "experiments[0].suffix" in bad(release_raw, lambda c: c["experiments"][0].update({"suffix": "x\n"}))
@@ -347,7 +394,9 @@ def test_duplicate_yaml_keys_are_named_with_both_lines(tmp_path):
     text = DEMO.read_text()
     first = text.splitlines().index("scales:") + 1
     path = tmp_path / "twice.yaml"
-    path.write_text(text + "\nscales:\n  tiny: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 192, num_attention_heads: 4}\n")
+    path.write_text(
+        text + "\nscales:\n  tiny: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 192, num_attention_heads: 4}\n"
+    )
     second = path.read_text().splitlines().index("scales:", first) + 1
     with pytest.raises(ConfigError, match=f"twice.yaml: duplicate key 'scales' on lines {first} and {second}"):
         load_config(path)
@@ -378,7 +427,8 @@ def test_warmup_longer_than_the_run_names_the_conflicting_keys(release_raw):
 
 def test_shell_reaching_names_are_restricted(release_raw):
     assert "cluster.nccl_env: bad name 'X;touch /tmp/pwned'" in bad(
-        release_raw, lambda c: c["cluster"].update({"nccl_env": {"X;touch /tmp/pwned": "1"}}))
+        release_raw, lambda c: c["cluster"].update({"nccl_env": {"X;touch /tmp/pwned": "1"}})
+    )
     assert "paths.results" in bad(release_raw, lambda c: c["paths"].update({"results": "out/{run_id}"}))
 
 

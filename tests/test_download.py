@@ -78,11 +78,14 @@ def test_no_matching_files_names_the_dataset(tmp_path):
 
 # ---- local sources: relative paths kept, hashed like downloads, copies independent of the source -----
 
+
 def _list_and_fetch(tmp_path: Path, patterns: list[str], shard_groups: int = 1) -> tuple[dict, list[dict]]:
     dataset = {"source": "local", "paths": patterns, "format": "jsonl", "shard_groups": shard_groups}
     listing = list_dataset("toy", dataset, tmp_path / "listing.json", tmp_path)
-    manifests = [fetch_group("toy", tmp_path / "listing.json", g, tmp_path / f"g{g}", tmp_path / f"g{g}" / "manifest.json")
-                 for g in range(shard_groups)]
+    manifests = [
+        fetch_group("toy", tmp_path / "listing.json", g, tmp_path / f"g{g}", tmp_path / f"g{g}" / "manifest.json")
+        for g in range(shard_groups)
+    ]
     return listing, manifests
 
 
@@ -90,8 +93,10 @@ def test_local_files_with_equal_basenames_are_all_kept_with_their_own_bytes(tmp_
     # the usual dump layout: one train-00000 per dump directory
     make_files(tmp_path / "src", {"CC-MAIN-2024-10/train-00000.jsonl": 120, "CC-MAIN-2024-18/train-00000.jsonl": 80})
     listing, [manifest] = _list_and_fetch(tmp_path, [str(tmp_path / "src" / "*" / "train-00000.jsonl")])
-    assert [f["path"] for f in listing["files"]] == ["CC-MAIN-2024-10/train-00000.jsonl",
-                                                     "CC-MAIN-2024-18/train-00000.jsonl"]
+    assert [f["path"] for f in listing["files"]] == [
+        "CC-MAIN-2024-10/train-00000.jsonl",
+        "CC-MAIN-2024-18/train-00000.jsonl",
+    ]
     assert len(manifest["files"]) == 2
     for record in manifest["files"]:
         source = tmp_path / "src" / record["source_path"]
@@ -121,8 +126,12 @@ def test_an_in_place_edit_of_the_source_does_not_reach_the_downloaded_copy(tmp_p
 
 def test_a_listing_entry_outside_the_group_directory_is_refused_naming_it(tmp_path):
     make_files(tmp_path / "src", {"a.jsonl": 10})
-    list_dataset("toy", {"source": "local", "paths": [str(tmp_path / "src" / "a.jsonl")], "format": "jsonl",
-                         "shard_groups": 1}, tmp_path / "listing.json", tmp_path)
+    list_dataset(
+        "toy",
+        {"source": "local", "paths": [str(tmp_path / "src" / "a.jsonl")], "format": "jsonl", "shard_groups": 1},
+        tmp_path / "listing.json",
+        tmp_path,
+    )
     listing = json.loads((tmp_path / "listing.json").read_text())
     listing["files"][0]["path"] = "../../outside.jsonl"  # a tampered or hand-written listing
     (tmp_path / "listing.json").write_text(json.dumps(listing))

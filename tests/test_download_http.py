@@ -37,10 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 NEMO = "contrib/Nemotron/Nemotron-CC"
 PART = NEMO + "/data-jsonl/quality={q}/kind={kind}/kind2={kind2}/CC-MAIN-2024-10-part-{n:05d}.jsonl.zstd"
 # the release's layout: five quality buckets, real (kind2=actual) and synthetic (five kind2 variants)
-RELEASE_OBJECTS = [PART.format(q=q, kind=kind, kind2=kind2, n=n)
-                   for q in ("high", "medium-high", "medium", "low")
-                   for kind, kind2s in (("actual", ("actual",)), ("synthetic", ("diverse_qa_pairs", "distill")))
-                   for kind2 in kind2s for n in range(90)]  # 270 HQ objects: enough for the release's 256 groups
+RELEASE_OBJECTS = [
+    PART.format(q=q, kind=kind, kind2=kind2, n=n)
+    for q in ("high", "medium-high", "medium", "low")
+    for kind, kind2s in (("actual", ("actual",)), ("synthetic", ("diverse_qa_pairs", "distill")))
+    for kind2 in kind2s
+    for n in range(90)
+]  # 270 HQ objects: enough for the release's 256 groups
 HQ_OBJECTS = sorted(p for p in RELEASE_OBJECTS if "/quality=high/" in p)
 
 
@@ -90,8 +93,10 @@ def release_http_block(index: WorkflowIndex, name: str, hub: HubServer) -> dict:
 
 # ---- Nemotron-CC HQ: the list comes from the source ---------------------------------------------------
 
+
 def test_nemotron_listing_fetches_the_release_list_filters_the_real_synth_mix_and_records_its_sha256(
-        server, release_index, tmp_path):
+    server, release_index, tmp_path
+):
     paths_list = publish_nemotron(server)
     block = release_http_block(release_index, "nemotron-cc-hq", server)
     listing = list_dataset("nemotron-cc-hq", block, tmp_path / "listing.json", ROOT)
@@ -101,8 +106,13 @@ def test_nemotron_listing_fetches_the_release_list_filters_the_real_synth_mix_an
     assert (listing["list"]["entries"], listing["list"]["selected"]) == (len(RELEASE_OBJECTS), len(HQ_OBJECTS))
     assert sorted(i for g in listing["groups"] for i in g) == list(range(len(HQ_OBJECTS)))
     for group in (0, 1):
-        manifest = fetch_group("nemotron-cc-hq", tmp_path / "listing.json", group, tmp_path / f"g{group}",
-                               tmp_path / f"g{group}" / "manifest.json")
+        manifest = fetch_group(
+            "nemotron-cc-hq",
+            tmp_path / "listing.json",
+            group,
+            tmp_path / f"g{group}",
+            tmp_path / f"g{group}" / "manifest.json",
+        )
         for record in manifest["files"]:
             assert record["sha256"] == hashlib.sha256(server.files[record["source_path"]]).hexdigest()
 
@@ -110,8 +120,11 @@ def test_nemotron_listing_fetches_the_release_list_filters_the_real_synth_mix_an
 def test_a_pinned_list_sha256_refuses_a_different_list(server, release_index, tmp_path):
     publish_nemotron(server)
     block = {**release_http_block(release_index, "nemotron-cc-hq", server), "list_sha256": "0" * 64}
-    with pytest.raises(IOError, match=r"nemotron-cc-hq: .*data-jsonl\.paths\.gz has sha256 [0-9a-f]{64}, "
-                                      r"datasets\.nemotron-cc-hq\.list_sha256 says 0{64}"):
+    with pytest.raises(
+        IOError,
+        match=r"nemotron-cc-hq: .*data-jsonl\.paths\.gz has sha256 [0-9a-f]{64}, "
+        r"datasets\.nemotron-cc-hq\.list_sha256 says 0{64}",
+    ):
         list_dataset("nemotron-cc-hq", block, tmp_path / "listing.json", ROOT)
     assert not (tmp_path / "listing.json").exists()
 
@@ -119,12 +132,21 @@ def test_a_pinned_list_sha256_refuses_a_different_list(server, release_index, tm
 def test_a_shipped_or_user_supplied_list_still_works_and_its_sha256_is_recorded(server, tmp_path):
     publish_nemotron(server)
     (tmp_path / "mine.paths.gz").write_bytes(_gzip_lines(HQ_OBJECTS[:3]))
-    dataset = {"source": "http", "urls_file": str(tmp_path / "mine.paths.gz"), "base_url": f"{server.cdn_url}/files/",
-               "format": "jsonl.zstd", "shard_groups": 1}
+    dataset = {
+        "source": "http",
+        "urls_file": str(tmp_path / "mine.paths.gz"),
+        "base_url": f"{server.cdn_url}/files/",
+        "format": "jsonl.zstd",
+        "shard_groups": 1,
+    }
     listing = list_dataset("mine", dataset, tmp_path / "listing.json", ROOT)
     assert [f["path"] for f in listing["files"]] == HQ_OBJECTS[:3]
-    assert listing["list"] == {"file": str(tmp_path / "mine.paths.gz"), "entries": 3, "selected": 3,
-                               "sha256": hashlib.sha256((tmp_path / "mine.paths.gz").read_bytes()).hexdigest()}
+    assert listing["list"] == {
+        "file": str(tmp_path / "mine.paths.gz"),
+        "entries": 3,
+        "selected": 3,
+        "sha256": hashlib.sha256((tmp_path / "mine.paths.gz").read_bytes()).hexdigest(),
+    }
 
 
 def _fill_hub_repo(hub: HubServer, block: dict) -> int:
@@ -156,19 +178,33 @@ def test_every_dataset_of_the_release_grid_lists_through_the_code_a_cluster_runs
         listing = list_dataset(name, json.loads(json.dumps(block)), tmp_path / name / "listing.json", ROOT)
         listed[name] = len(listing["groups"])
         assert listed[name] == block["shard_groups"]
-    assert sorted(listed) == sorted(["c4", "pile", "slimpajama", "fineweb-edu-1.4t", "dclm", "nemotron-cc-hq",
-                                     "hplt-2.0", "commoncorpus"])
+    assert sorted(listed) == sorted(
+        ["c4", "pile", "slimpajama", "fineweb-edu-1.4t", "dclm", "nemotron-cc-hq", "hplt-2.0", "commoncorpus"]
+    )
 
 
 # ---- path containment ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("entry", ["../../../../tmp/osref-escape.jsonl.zstd", "/tmp/osref-escape.jsonl.zstd",
-                                   "data/../../osref-escape.jsonl.zstd", "URL/../../../osref-escape.jsonl.zstd"])
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "../../../../tmp/osref-escape.jsonl.zstd",
+        "/tmp/osref-escape.jsonl.zstd",
+        "data/../../osref-escape.jsonl.zstd",
+        "URL/../../../osref-escape.jsonl.zstd",
+    ],
+)
 def test_a_list_entry_that_would_land_outside_the_group_directory_fails_the_listing_naming_it(server, tmp_path, entry):
     entry = entry.replace("URL", f"{server.cdn_url}/files")
     (tmp_path / "list.txt").write_text(f"ok/part-0.jsonl.zstd\n{entry}\n")
-    dataset = {"source": "http", "urls_file": str(tmp_path / "list.txt"), "base_url": f"{server.cdn_url}/files/",
-               "format": "jsonl.zstd", "shard_groups": 1}
+    dataset = {
+        "source": "http",
+        "urls_file": str(tmp_path / "list.txt"),
+        "base_url": f"{server.cdn_url}/files/",
+        "format": "jsonl.zstd",
+        "shard_groups": 1,
+    }
     with pytest.raises(ValueError, match=re.escape(f"toy: listing entry {entry!r}") + ".*outside its group directory"):
         list_dataset("toy", dataset, tmp_path / "listing.json", ROOT)
     assert not (tmp_path / "listing.json").exists()
@@ -177,8 +213,13 @@ def test_a_list_entry_that_would_land_outside_the_group_directory_fails_the_list
 def test_a_tampered_http_listing_is_refused_at_fetch_and_an_existing_file_there_is_never_read(server, tmp_path):
     server.files["ok/part-0.jsonl.zstd"] = _jsonl_zst(0)
     (tmp_path / "list.txt").write_text("ok/part-0.jsonl.zstd\n")
-    dataset = {"source": "http", "urls_file": str(tmp_path / "list.txt"), "base_url": f"{server.cdn_url}/files/",
-               "format": "jsonl.zstd", "shard_groups": 1}
+    dataset = {
+        "source": "http",
+        "urls_file": str(tmp_path / "list.txt"),
+        "base_url": f"{server.cdn_url}/files/",
+        "format": "jsonl.zstd",
+        "shard_groups": 1,
+    }
     list_dataset("toy", dataset, tmp_path / "listing.json", ROOT)
     secret = tmp_path / "home" / ".netrc"
     secret.parent.mkdir()
@@ -195,21 +236,34 @@ def test_a_tampered_http_listing_is_refused_at_fetch_and_an_existing_file_there_
 
 def test_a_hub_tree_entry_outside_the_group_directory_fails_the_listing_naming_it(server, tmp_path):
     commit = "d" * 40
-    server.repos["org/evil"] = Repo(commits={commit: {"data/ok.parquet": b"x", "../escape.parquet": b"y"}},
-                                    refs={"main": commit})
-    dataset = {"source": "hub", "repo_id": "org/evil", "revision": "main", "allow_patterns": ["*.parquet"],
-               "format": "parquet", "shard_groups": 1}
+    server.repos["org/evil"] = Repo(
+        commits={commit: {"data/ok.parquet": b"x", "../escape.parquet": b"y"}}, refs={"main": commit}
+    )
+    dataset = {
+        "source": "hub",
+        "repo_id": "org/evil",
+        "revision": "main",
+        "allow_patterns": ["*.parquet"],
+        "format": "parquet",
+        "shard_groups": 1,
+    }
     with pytest.raises(ValueError, match=r"evil: listing entry '\.\./escape\.parquet'.*outside"):
         list_dataset("evil", dataset, tmp_path / "listing.json", ROOT)
 
 
 # ---- what the server says about a file is checked --------------------------------------------------------
 
+
 def _http_dataset(server: HubServer, tmp_path: Path, files: dict[str, bytes], fmt: str = "jsonl.zstd") -> dict:
     server.files.update(files)
     (tmp_path / "list.txt").write_text("".join(path + "\n" for path in files))
-    return {"source": "http", "urls_file": str(tmp_path / "list.txt"), "base_url": f"{server.cdn_url}/files/",
-            "format": fmt, "shard_groups": 1}
+    return {
+        "source": "http",
+        "urls_file": str(tmp_path / "list.txt"),
+        "base_url": f"{server.cdn_url}/files/",
+        "format": fmt,
+        "shard_groups": 1,
+    }
 
 
 def _fetch(tmp_path: Path, name: str = "toy") -> dict:
@@ -225,15 +279,22 @@ def test_a_200_html_login_page_is_refused_naming_the_url(server, tmp_path):
     url = f"{server.cdn_url}/files/a/part-0.jsonl.zstd"
     with pytest.raises(IOError, match=re.escape(url) + r": content type text/html.*cannot be jsonl\.zstd"):
         _fetch(tmp_path)
-    assert not list((tmp_path / "raw").rglob("part-0*")) and not (tmp_path / "raw" / "group_000" / "manifest.json").exists()
+    assert (
+        not list((tmp_path / "raw").rglob("part-0*"))
+        and not (tmp_path / "raw" / "group_000" / "manifest.json").exists()
+    )
 
 
-@pytest.mark.parametrize("fmt, body, seen", [
-    ("jsonl.zstd", b"<html>not data</html>", "3c68746d"),
-    ("parquet", b"PAR1 but cut short", "tail"),
-    ("json.gz", _jsonl_zst(1), "28b52ffd"),
-    ("jsonl", b"<?xml version='1.0'?><Error/>", "3c3f786d"),
-], ids=["html-as-zstd", "truncated-parquet", "zstd-as-gzip", "xml-as-jsonl"])
+@pytest.mark.parametrize(
+    "fmt, body, seen",
+    [
+        ("jsonl.zstd", b"<html>not data</html>", "3c68746d"),
+        ("parquet", b"PAR1 but cut short", "tail"),
+        ("json.gz", _jsonl_zst(1), "28b52ffd"),
+        ("jsonl", b"<?xml version='1.0'?><Error/>", "3c3f786d"),
+    ],
+    ids=["html-as-zstd", "truncated-parquet", "zstd-as-gzip", "xml-as-jsonl"],
+)
 def test_magic_bytes_that_cannot_be_the_declared_format_are_refused_naming_the_url(server, tmp_path, fmt, body, seen):
     path = f"a/part-0.{fmt}"
     dataset = _http_dataset(server, tmp_path, {path: body}, fmt=fmt)
@@ -246,8 +307,12 @@ def test_magic_bytes_that_cannot_be_the_declared_format_are_refused_naming_the_u
 def test_good_files_of_every_format_pass_the_magic_check(server, tmp_path):
     buffer = io.BytesIO()
     pq.write_table(pa.table({"text": ["a", "b"]}), buffer)
-    files = {"f/a.parquet": buffer.getvalue(), "f/b.jsonl.zstd": _jsonl_zst(2),
-             "f/c.jsonl": b'\n{"text": "plain"}\n', "f/d.jsonl.gz": gzip.compress(b'{"text": "gz"}\n')}
+    files = {
+        "f/a.parquet": buffer.getvalue(),
+        "f/b.jsonl.zstd": _jsonl_zst(2),
+        "f/c.jsonl": b'\n{"text": "plain"}\n',
+        "f/d.jsonl.gz": gzip.compress(b'{"text": "gz"}\n'),
+    }
     for path, data in files.items():
         fmt = path.split(".", 1)[1]
         sub = tmp_path / fmt
@@ -270,8 +335,11 @@ def test_the_published_digest_is_checked_and_wrong_bytes_are_fetched_again(serve
 def test_an_s3_md5_etag_is_checked_too(server, tmp_path):
     data = _jsonl_zst(4)
     list_dataset("toy", _http_dataset(server, tmp_path, {"a/p.jsonl.zstd": data}), tmp_path / "listing.json", ROOT)
-    server.file_headers["a/p.jsonl.zstd"] = {"Repr-Digest": None, "ETag": f'"{hashlib.md5(data).hexdigest()}"',
-                                             "x-amz-request-id": "T3ST"}
+    server.file_headers["a/p.jsonl.zstd"] = {
+        "Repr-Digest": None,
+        "ETag": f'"{hashlib.md5(data).hexdigest()}"',
+        "x-amz-request-id": "T3ST",
+    }
     server.corrupt["a/p.jsonl.zstd"] = 99
     with pytest.raises(IOError, match=r"toy: a/p\.jsonl\.zstd: .*md5"):
         _fetch(tmp_path)
@@ -307,9 +375,12 @@ def test_an_existing_file_is_fetched_again_when_head_is_refused(server, tmp_path
 
 # ---- Retry-After -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_retry_after_seconds_is_honoured(server, tmp_path, status):
-    list_dataset("toy", _http_dataset(server, tmp_path, {"a/p.jsonl.zstd": _jsonl_zst(6)}), tmp_path / "listing.json", ROOT)
+    list_dataset(
+        "toy", _http_dataset(server, tmp_path, {"a/p.jsonl.zstd": _jsonl_zst(6)}), tmp_path / "listing.json", ROOT
+    )
     server.throttle["a/p.jsonl.zstd"] = (status, "2", 1)
     _fetch(tmp_path)
     first, second = [r.at for r in server.requests if r.path.endswith("a/p.jsonl.zstd")][:2]
@@ -317,7 +388,9 @@ def test_retry_after_seconds_is_honoured(server, tmp_path, status):
 
 
 def test_retry_after_as_an_http_date_is_honoured(server, tmp_path):
-    list_dataset("toy", _http_dataset(server, tmp_path, {"a/p.jsonl.zstd": _jsonl_zst(7)}), tmp_path / "listing.json", ROOT)
+    list_dataset(
+        "toy", _http_dataset(server, tmp_path, {"a/p.jsonl.zstd": _jsonl_zst(7)}), tmp_path / "listing.json", ROOT
+    )
     server.throttle["a/p.jsonl.zstd"] = (503, email.utils.formatdate(time.time() + 3, usegmt=True), 1)
     _fetch(tmp_path)
     first, second = [r.at for r in server.requests if r.path.endswith("a/p.jsonl.zstd")][:2]
@@ -325,11 +398,16 @@ def test_retry_after_as_an_http_date_is_honoured(server, tmp_path):
 
 
 def test_a_retry_after_beyond_the_bound_fails_at_once_naming_the_url(server, tmp_path):
-    list_dataset("toy", _http_dataset(server, tmp_path, {"a/p.jsonl.zstd": _jsonl_zst(8)}), tmp_path / "listing.json", ROOT)
+    list_dataset(
+        "toy", _http_dataset(server, tmp_path, {"a/p.jsonl.zstd": _jsonl_zst(8)}), tmp_path / "listing.json", ROOT
+    )
     server.throttle["a/p.jsonl.zstd"] = (429, "86400", 99)
     started = time.monotonic()
-    with pytest.raises(IOError, match=re.escape(f"{server.cdn_url}/files/a/p.jsonl.zstd") +
-                       rf": HTTP 429, Retry-After 86400 s is more than the {http_source.MAX_RETRY_AFTER_S} s"):
+    with pytest.raises(
+        IOError,
+        match=re.escape(f"{server.cdn_url}/files/a/p.jsonl.zstd")
+        + rf": HTTP 429, Retry-After 86400 s is more than the {http_source.MAX_RETRY_AFTER_S} s",
+    ):
         _fetch(tmp_path)
     assert time.monotonic() - started < 5
     assert len([r for r in server.requests if r.path.endswith("a/p.jsonl.zstd")]) == 1
@@ -344,12 +422,18 @@ def test_the_list_download_honours_retry_after_too(server, release_index, tmp_pa
     assert second - first >= 1.9
 
 
-@pytest.mark.parametrize("change, message", [
-    ("neither", "datasets.nemotron-cc-hq: source 'http' needs exactly one of list_url"),
-    ("both", "datasets.nemotron-cc-hq: source 'http' needs exactly one of list_url"),
-    ("no base_url", "datasets.nemotron-cc-hq.base_url: required (an https:// URL) for the relative list_url "
-                    "'contrib/Nemotron/Nemotron-CC/data-jsonl.paths.gz'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("neither", "datasets.nemotron-cc-hq: source 'http' needs exactly one of list_url"),
+        ("both", "datasets.nemotron-cc-hq: source 'http' needs exactly one of list_url"),
+        (
+            "no base_url",
+            "datasets.nemotron-cc-hq.base_url: required (an https:// URL) for the relative list_url "
+            "'contrib/Nemotron/Nemotron-CC/data-jsonl.paths.gz'",
+        ),
+    ],
+)
 def test_an_http_dataset_needs_exactly_one_list_naming_the_dataset(change, message):
     from osref.config import ConfigError, validate
 
@@ -368,8 +452,15 @@ def test_an_http_dataset_needs_exactly_one_list_naming_the_dataset(change, messa
 def test_two_list_entries_on_one_target_fail_the_listing_naming_both(server, tmp_path):
     url = f"{server.cdn_url}/files/a/p.jsonl.zstd"
     (tmp_path / "list.txt").write_text(f"files/a/p.jsonl.zstd\n{url}\n")  # the same file, relative and absolute
-    dataset = {"source": "http", "urls_file": str(tmp_path / "list.txt"), "base_url": f"{server.cdn_url}/",
-               "format": "jsonl.zstd", "shard_groups": 1}
-    with pytest.raises(ValueError, match=re.escape(f"toy: listing entries {url!r} and {url!r} would both be written "
-                                                   "to 'files/a/p.jsonl.zstd'")):
+    dataset = {
+        "source": "http",
+        "urls_file": str(tmp_path / "list.txt"),
+        "base_url": f"{server.cdn_url}/",
+        "format": "jsonl.zstd",
+        "shard_groups": 1,
+    }
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"toy: listing entries {url!r} and {url!r} would both be written to 'files/a/p.jsonl.zstd'"),
+    ):
         list_dataset("toy", dataset, tmp_path / "listing.json", ROOT)

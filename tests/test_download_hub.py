@@ -103,8 +103,13 @@ CUT_FILE = SELECTED[1]
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A running mock hub and the environment a download job gets (no real token, no offline mode)."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE",
-                 "HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+    ):
         monkeypatch.delenv(name, raising=False)
     server = HubServer(repos={REPO_ID: _toy_repo()}, page_size=3)
     with server:
@@ -120,15 +125,32 @@ def download_cli(*args: str, log: Path) -> subprocess.CompletedProcess:
     """``scripts/download.py`` as the Snakemake rule runs it: stdout and stderr into one log file."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        return subprocess.run([sys.executable, "scripts/download.py", *args], cwd=REPO_ROOT, stdout=fh,
-                              stderr=subprocess.STDOUT, timeout=60, check=False)
+        return subprocess.run(
+            [sys.executable, "scripts/download.py", *args],
+            cwd=REPO_ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+            check=False,
+        )
 
 
 def fetch_cli(tmp_path: Path, group: int, log_name: str = "fetch") -> subprocess.CompletedProcess:
     group_dir = tmp_path / "raw" / f"group_{group:03d}"
-    return download_cli("fetch", "--name", "toy", "--listing", str(tmp_path / "raw" / "listing.json"),
-                        "--group", str(group), "--out-dir", str(group_dir),
-                        "--manifest", str(group_dir / "manifest.json"), log=tmp_path / "logs" / f"{log_name}_{group}.log")
+    return download_cli(
+        "fetch",
+        "--name",
+        "toy",
+        "--listing",
+        str(tmp_path / "raw" / "listing.json"),
+        "--group",
+        str(group),
+        "--out-dir",
+        str(group_dir),
+        "--manifest",
+        str(group_dir / "manifest.json"),
+        log=tmp_path / "logs" / f"{log_name}_{group}.log",
+    )
 
 
 def list_in_process(tmp_path: Path, shard_groups: int = 1) -> dict:
@@ -145,8 +167,16 @@ def group_of(listing: dict, path: str) -> int:
 
 
 def test_listing_pins_the_commit_filters_like_snapshot_download_and_pages_the_tree(hub, tmp_path):
-    done = download_cli("list", "--name", "toy", "--dataset-json", json.dumps(DATASET),
-                        "--out", str(tmp_path / "raw" / "listing.json"), log=tmp_path / "logs" / "list.log")
+    done = download_cli(
+        "list",
+        "--name",
+        "toy",
+        "--dataset-json",
+        json.dumps(DATASET),
+        "--out",
+        str(tmp_path / "raw" / "listing.json"),
+        log=tmp_path / "logs" / "list.log",
+    )
     assert done.returncode == 0, (tmp_path / "logs" / "list.log").read_text()
     listing = json.loads((tmp_path / "raw" / "listing.json").read_text())
     assert listing["revision"] == V1  # the tag resolved to its commit; main's extra dump is absent
@@ -208,10 +238,26 @@ def test_a_job_killed_mid_file_records_nothing_and_the_rerun_starts_that_file_ov
     list_in_process(tmp_path)
     hub.stall_after[CUT_FILE] = (11 << 20, 1)  # hangs after the first 10 MiB chunk is on disk
     group_dir = tmp_path / "raw" / "group_000"
-    job = subprocess.Popen([sys.executable, "scripts/download.py", "fetch", "--name", "toy",
-                            "--listing", str(tmp_path / "raw" / "listing.json"), "--group", "0",
-                            "--out-dir", str(group_dir), "--manifest", str(group_dir / "manifest.json")],
-                           cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "scripts/download.py",
+            "fetch",
+            "--name",
+            "toy",
+            "--listing",
+            str(tmp_path / "raw" / "listing.json"),
+            "--group",
+            "0",
+            "--out-dir",
+            str(group_dir),
+            "--manifest",
+            str(group_dir / "manifest.json"),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         partial = _wait_for_partial(group_dir)
     finally:
@@ -224,7 +270,8 @@ def test_a_job_killed_mid_file_records_nothing_and_the_rerun_starts_that_file_ov
     assert not list(group_dir.rglob("*.incomplete"))
     assert [r.headers.get("range") for r in hub.transfers(CUT_FILE)] == [None, None]  # no resume across restarts
     assert {r["source_path"]: r["sha256"] for r in _manifest(tmp_path, 0)["files"]}[CUT_FILE] == hashlib.sha256(
-        blob(hub, CUT_FILE)).hexdigest()
+        blob(hub, CUT_FILE)
+    ).hexdigest()
 
 
 def test_wrong_bytes_are_deleted_and_fetched_again(hub, tmp_path):
@@ -252,8 +299,16 @@ def test_hf_token_is_sent_to_the_hub_only_and_written_nowhere(hub, tmp_path, mon
         list_in_process(tmp_path)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     hub.requests.clear()
-    done = download_cli("list", "--name", "toy", "--dataset-json", json.dumps({**DATASET, "shard_groups": 1}),
-                        "--out", str(tmp_path / "raw" / "listing.json"), log=tmp_path / "logs" / "list.log")
+    done = download_cli(
+        "list",
+        "--name",
+        "toy",
+        "--dataset-json",
+        json.dumps({**DATASET, "shard_groups": 1}),
+        "--out",
+        str(tmp_path / "raw" / "listing.json"),
+        log=tmp_path / "logs" / "list.log",
+    )
     assert done.returncode == 0, (tmp_path / "logs" / "list.log").read_text()
     assert fetch_cli(tmp_path, 0).returncode == 0, (tmp_path / "logs" / "fetch_0.log").read_text()
     hub_requests = [r for r in hub.requests if r.origin == "hub"]
@@ -275,8 +330,13 @@ def test_http_source_resumes_partial_files_with_range_requests(hub, tmp_path):
     hub.files.update({path: _jsonl_zst(10 + i) for i, path in enumerate(paths)})
     with gzip.open(tmp_path / "data-jsonl.paths.gz", "wt") as fh:
         fh.write("".join(path + "\n" for path in paths))
-    dataset = {"source": "http", "urls_file": str(tmp_path / "data-jsonl.paths.gz"),
-               "base_url": f"{hub.cdn_url}/files/", "format": "jsonl.zstd", "shard_groups": 1}
+    dataset = {
+        "source": "http",
+        "urls_file": str(tmp_path / "data-jsonl.paths.gz"),
+        "base_url": f"{hub.cdn_url}/files/",
+        "format": "jsonl.zstd",
+        "shard_groups": 1,
+    }
     list_dataset("nemotron", dataset, tmp_path / "listing.json", REPO_ROOT)
     group_dir = tmp_path / "group_000"
     # a previous job died 3000 bytes into paths[0]; one left a bogus partial longer than paths[1]
@@ -316,8 +376,12 @@ def _wait_for_partial(group_dir: Path, timeout: float = 30.0) -> Path:
 # ---- files outside LFS: verified by git's blob sha1 ---------------------------------------------------
 
 PLAIN_FILE = "notes/part-0.jsonl"
-PLAIN_DATASET = {**DATASET, "allow_patterns": ["notes/*", "data/CC-MAIN-2024-10/train-00000-of-00002.parquet"],
-                 "format": "jsonl", "shard_groups": 1}
+PLAIN_DATASET = {
+    **DATASET,
+    "allow_patterns": ["notes/*", "data/CC-MAIN-2024-10/train-00000-of-00002.parquet"],
+    "format": "jsonl",
+    "shard_groups": 1,
+}
 
 
 def test_a_file_outside_lfs_is_listed_and_checked_by_its_git_blob_sha1(hub, tmp_path):
@@ -325,8 +389,11 @@ def test_a_file_outside_lfs_is_listed_and_checked_by_its_git_blob_sha1(hub, tmp_
     records = {f["path"]: f for f in listing["files"]}
     data = blob(hub, PLAIN_FILE)
     assert records[PLAIN_FILE]["sha256"] is None  # the hub gives no sha256 for it
-    assert records[PLAIN_FILE]["git_sha1"] == git_blob_sha1(data) == hashlib.sha1(
-        b"blob %d\0" % len(data) + data).hexdigest()
+    assert (
+        records[PLAIN_FILE]["git_sha1"]
+        == git_blob_sha1(data)
+        == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    )
     lfs = records["data/CC-MAIN-2024-10/train-00000-of-00002.parquet"]
     assert "git_sha1" not in lfs and lfs["sha256"]  # an LFS file's oid is its pointer's, not its content's
 
@@ -342,6 +409,9 @@ def test_a_file_outside_lfs_that_stays_wrong_fails_naming_it(hub, tmp_path):
     hub.corrupt[PLAIN_FILE] = 99
     assert fetch_cli(tmp_path, 0).returncode != 0
     log = (tmp_path / "logs" / "fetch_0.log").read_text()
-    assert f"toy: {PLAIN_FILE}: sha256" in log and f"expected sha256 None, git blob sha1 {git_blob_sha1(blob(hub, PLAIN_FILE))}" in log
+    assert (
+        f"toy: {PLAIN_FILE}: sha256" in log
+        and f"expected sha256 None, git blob sha1 {git_blob_sha1(blob(hub, PLAIN_FILE))}" in log
+    )
     assert not (tmp_path / "raw" / "group_000" / "manifest.json").exists()
     assert not (tmp_path / "raw" / "group_000" / PLAIN_FILE).exists()

@@ -41,7 +41,9 @@ def make_tiny_llama(out_dir: Path) -> Path:
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(out_dir)
     special = "<|endoftext|>"
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER), bos_token=special, eos_token=special, unk_token=special)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(TOKENIZER), bos_token=special, eos_token=special, unk_token=special
+    )
     tokenizer.save_pretrained(out_dir)
     config_path = out_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text())
@@ -111,7 +113,12 @@ def test_evaluate_demo_tasks_is_deterministic(tiny_model: Path, demo_tasks: Path
         "run_id", "iteration", "tokens_seen", "num_fewshot", "tasks", "likelihood", "lm_eval_version",
         "transformers_version", "torch_version", "model_dir", "duration_s", "raw",
     }  # fmt: skip
-    assert (first["run_id"], first["iteration"], first["tokens_seen"], first["num_fewshot"]) == ("tiny-demo", 40, 40960, 0)
+    assert (first["run_id"], first["iteration"], first["tokens_seen"], first["num_fewshot"]) == (
+        "tiny-demo",
+        40,
+        40960,
+        0,
+    )
     assert first["lm_eval_version"] == "0.4.13"
     assert set(first["tasks"]) == {"demo_lastword", "demo_continuation"}
     for name, spec in zip(["demo_lastword", "demo_continuation"], DEMO_PROTOCOL):

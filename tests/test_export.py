@@ -154,9 +154,17 @@ def test_bf16_export_loads_generates_and_has_provenance(biased_gqa_run, tmp_path
 
     out = tmp_path / "hf"
     provenance = export_checkpoint(biased_gqa_run, 10, out)  # bf16 by default
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        "config.json", "generation_config.json", "model.safetensors", "provenance.json",
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "provenance.json",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+    )
     MEASURED["parity hy_v3 bf16 export (reference rounded through bf16)"] = provenance["parity"]["max_abs_logit_diff"]
     MEASURED["max |logit| of that reference"] = provenance["parity"]["max_abs_logit"]
     assert provenance["parity"]["max_abs_logit_diff"] < 1e-4
@@ -211,8 +219,12 @@ NEGATIVE_CONTROLS = {
     "swapped-gate-up": lambda mp: mp.setattr(export, "_split_fc1", _swap_gate_up),
     "contiguous-qkv-split": lambda mp: mp.setattr(export, "_split_qkv", _contiguous_qkv),
     "rope-base-1e5-in-hf": _wrong_rope_base,
-    "biases-zeroed": lambda mp: _wrap_mapping(mp, lambda sd: {k: (v * 0 if k.endswith(".bias") else v) for k, v in sd.items()}),
-    "mlp-biases-zeroed": lambda mp: _wrap_mapping(mp, lambda sd: {k: (v * 0 if ".mlp." in k and k.endswith(".bias") else v) for k, v in sd.items()}),
+    "biases-zeroed": lambda mp: _wrap_mapping(
+        mp, lambda sd: {k: (v * 0 if k.endswith(".bias") else v) for k, v in sd.items()}
+    ),
+    "mlp-biases-zeroed": lambda mp: _wrap_mapping(
+        mp, lambda sd: {k: (v * 0 if ".mlp." in k and k.endswith(".bias") else v) for k, v in sd.items()}
+    ),
 }
 
 
@@ -273,7 +285,9 @@ def _config_field(monkeypatch, field: str, value) -> None:
     monkeypatch.setattr(export, "hf_config_for", with_wrong_field)
 
 
-@pytest.mark.parametrize("field, value, spec_value", [("rms_norm_eps", 1e-6, 1e-5), ("max_position_embeddings", 4096, 32)])
+@pytest.mark.parametrize(
+    "field, value, spec_value", [("rms_norm_eps", 1e-6, 1e-5), ("max_position_embeddings", 4096, 32)]
+)
 def test_config_json_must_match_the_spec(biased_gqa_run, tmp_path, monkeypatch, field, value, spec_value):
     """A config.json field that barely moves the logits, or not at all on the parity tokens:
     refused by the field check, although the logit gate alone lets it through."""
@@ -296,9 +310,23 @@ def test_parity_tolerance_must_be_finite_and_positive(biased_gqa_run, tmp_path, 
     assert not (tmp_path / "hf").exists()
     run_json = tmp_path / "run.json"
     run_json.write_text(json.dumps(biased_gqa_run))
-    proc = subprocess.run([sys.executable, str(EXPORT_CLI), "--run-json", str(run_json), "--iteration", "10",
-                           "--out", str(tmp_path / "hf"), "--tolerance", str(tolerance)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EXPORT_CLI),
+            "--run-json",
+            str(run_json),
+            "--iteration",
+            "10",
+            "--out",
+            str(tmp_path / "hf"),
+            "--tolerance",
+            str(tolerance),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "must be a finite positive number" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -308,10 +336,25 @@ EXPORT_CLI = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
 def _start_export(run: dict, tmp_path: Path, out: Path) -> subprocess.Popen:
     run_json = tmp_path / "run.json"
     run_json.write_text(json.dumps(run))
-    return subprocess.Popen([sys.executable, str(EXPORT_CLI), "--run-json", str(run_json), "--iteration", "10",
-                             "--out", str(out), "--dtype", "float32"], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(EXPORT_CLI),
+            "--run-json",
+            str(run_json),
+            "--iteration",
+            "10",
+            "--out",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -390,8 +433,9 @@ def _reshard_to_tp2(rank: int, world_size: int, port: int, run: dict, source: st
     enable_cpu_guards()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    model = build_gpt_model(ModelSpec(**run["model"]), tensor_parallel=2, seed=run["train"]["seed"],
-                            attention="local", device="cpu")
+    model = build_gpt_model(
+        ModelSpec(**run["model"]), tensor_parallel=2, seed=run["train"]["seed"], attention="local", device="cpu"
+    )
     with torch.no_grad():
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, source)
         model.load_state_dict(loaded["model"])

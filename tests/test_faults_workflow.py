@@ -31,15 +31,30 @@ TIMEOUT_S = 1500
 
 
 def snakemake_cmd(work: Path, config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "-d", str(work),
-            "--profile", str(ROOT / "profiles" / "local"), "--cores", "2", "--configfile", str(config)]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(work),
+        "--profile",
+        str(ROOT / "profiles" / "local"),
+        "--cores",
+        "2",
+        "--configfile",
+        str(config),
+    ]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    print(f"snakemake {' '.join(cmd[3:cmd.index('-s')])}: rc {proc.returncode} in {time.monotonic() - t0:.0f} s")
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    print(f"snakemake {' '.join(cmd[3 : cmd.index('-s')])}: rc {proc.returncode} in {time.monotonic() - t0:.0f} s")
     return proc
 
 
@@ -107,8 +122,13 @@ def test_demo_survives_sigkill_of_snakemake_and_rerun_incomplete(tmp_path):
     ckpt = demo / "runs" / RUN_ID / "checkpoints" / f"iter_{CHECKPOINTS[1]:07d}"
     log = (tmp_path / "killed_run.log").open("w")
     t0 = time.monotonic()
-    proc = subprocess.Popen(snakemake_cmd(work, config), stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    proc = subprocess.Popen(
+        snakemake_cmd(work, config),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
     try:
         while proc.poll() is None and not ckpt.exists() and time.monotonic() - t0 < TIMEOUT_S:
             time.sleep(0.2)
@@ -117,8 +137,10 @@ def test_demo_survives_sigkill_of_snakemake_and_rerun_incomplete(tmp_path):
     finally:
         proc.wait()
         log.close()
-    print(f"SIGKILL after {time.monotonic() - t0:.0f} s, at {ckpt.name} "
-          f"({'complete' if (ckpt / 'complete.json').exists() else 'being written'})")
+    print(
+        f"SIGKILL after {time.monotonic() - t0:.0f} s, at {ckpt.name} "
+        f"({'complete' if (ckpt / 'complete.json').exists() else 'being written'})"
+    )
     assert not (demo / "report" / "index.html").exists()
     assert any((work / ".snakemake" / "locks").iterdir()), "a killed Snakemake leaves its lock"
 
@@ -130,7 +152,8 @@ def test_demo_survives_sigkill_of_snakemake_and_rerun_incomplete(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-6000:]
     assert_demo_outputs(demo)
     assert sorted(p.name for p in (demo / "runs" / RUN_ID / "checkpoints").glob("iter_*")) == [
-        f"iter_{it:07d}" for it in CHECKPOINTS]
+        f"iter_{it:07d}" for it in CHECKPOINTS
+    ]
     assert_integrity(demo, tmp_path)
 
 

@@ -47,8 +47,9 @@ def _listed(tmp_path: Path, dataset: dict, token: str) -> None:
 
 
 def _check(tmp_path: Path, dataset: dict):
-    return check_local_sources("mine", dataset, ROOT, tmp_path / "raw" / "listing.json",
-                               tmp_path / "raw" / "local_hashes.json")
+    return check_local_sources(
+        "mine", dataset, ROOT, tmp_path / "raw" / "listing.json", tmp_path / "raw" / "local_hashes.json"
+    )
 
 
 def test_the_cheap_check_reads_nothing_until_size_or_mtime_change_then_only_content_counts(tmp_path):
@@ -85,11 +86,29 @@ def test_the_cheap_check_reads_nothing_until_size_or_mtime_change_then_only_cont
 
 # ---- the whole thing under Snakemake -------------------------------------------------------------------
 
+
 def snakemake(work: Path, config: Path, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "tokenize", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-         "--profile", str(ROOT / "profiles" / "local"), "-c1", "--configfile", str(config), *args],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "tokenize",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "-d",
+            str(work),
+            "--profile",
+            str(ROOT / "profiles" / "local"),
+            "-c1",
+            "--configfile",
+            str(config),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return output
@@ -98,8 +117,9 @@ def snakemake(work: Path, config: Path, *args: str) -> str:
 def test_a_corpus_edited_in_place_is_re_tokenized_and_a_touched_one_is_not(tmp_path):
     corpus = _corpus(tmp_path / "corpus" / "mine.jsonl", [f"word{i:03d}" for i in range(40)])
     config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    config["datasets"]["pydocs"].update({"paths": [str(corpus)], "format": "jsonl", "approx_bytes": corpus.stat().st_size,
-                                         "tokens_per_byte": 0.2})
+    config["datasets"]["pydocs"].update(
+        {"paths": [str(corpus)], "format": "jsonl", "approx_bytes": corpus.stat().st_size, "tokens_per_byte": 0.2}
+    )
     config_path = tmp_path / "mine.yaml"
     config_path.write_text(yaml.safe_dump(config))
     work = tmp_path / "work"

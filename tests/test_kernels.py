@@ -61,7 +61,9 @@ def test_cpu_variant_gives_the_plain_losses(name, plain_losses, data_root, tmp_p
     assert trainer.variants.record() | request == trainer.variants.record(), trainer.variants
     losses = _losses(trainer)
     relative = np.abs(losses - plain_losses) / plain_losses
-    assert relative.max() < tolerance, f"{name}: max relative loss difference {relative.max():.2e} at step {relative.argmax() + 1}"
+    assert relative.max() < tolerance, (
+        f"{name}: max relative loss difference {relative.max():.2e} at step {relative.argmax() + 1}"
+    )
     assert losses[-1] < losses[0] - 0.5  # it trains
 
 

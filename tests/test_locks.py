@@ -29,8 +29,9 @@ with exclusive_lock(sys.argv[1], "a test holder"):
 
 
 def start_holder(path: Path, **env: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -43,8 +44,10 @@ def test_second_process_is_refused_naming_the_holder_and_the_lock_dies_with_it(t
         with pytest.raises(LockHeld) as refused:
             with exclusive_lock(path, "the second"):
                 pass
-        assert (f"is held by a test holder on host {socket.gethostname()}, pid {holder.pid}, Slurm job 777, since "
-                in str(refused.value))
+        assert (
+            f"is held by a test holder on host {socket.gethostname()}, pid {holder.pid}, Slurm job 777, since "
+            in str(refused.value)
+        )
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)

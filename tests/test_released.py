@@ -36,16 +36,31 @@ def executed_marker(tmp_path, monkeypatch) -> Path:
 
 def released_config(**overrides) -> dict:
     """A released config.json of the test shape (fp32, 128 positions); tests/released_repo.py has the layout."""
-    return released_repo.released_config(HIDDEN, HEADS, LAYERS, FFN, VOCAB, iteration=72661, **{
-        "max_position_embeddings": 128, "torch_dtype": "float32", "rope_theta": THETA, "rms_norm_eps": EPS,
-        "layer_norm_eps": EPS, **overrides})
+    return released_repo.released_config(
+        HIDDEN,
+        HEADS,
+        LAYERS,
+        FFN,
+        VOCAB,
+        iteration=72661,
+        **{
+            "max_position_embeddings": 128,
+            "torch_dtype": "float32",
+            "rope_theta": THETA,
+            "rms_norm_eps": EPS,
+            "layer_norm_eps": EPS,
+            **overrides,
+        },
+    )
 
 
 def random_released_tensors(kv_heads: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return released_repo.released_tensors(HIDDEN, HEADS, LAYERS, FFN, VOCAB, kv_heads=kv_heads, seed=seed)
 
 
-def write_released(directory: Path, config: dict, tensors: dict[str, torch.Tensor], modeling: str | None = MODELING) -> Path:
+def write_released(
+    directory: Path, config: dict, tensors: dict[str, torch.Tensor], modeling: str | None = MODELING
+) -> Path:
     """A released checkpoint directory: config, weights and (unless ``modeling`` is None) the remote code."""
     from safetensors.torch import save_file
 
@@ -76,7 +91,7 @@ def rotate_half_rope(x, positions):
     inv_freq = 1.0 / THETA ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
     angles = positions.double()[:, None] * inv_freq[None, :]
     cos, sin = torch.cat([angles.cos()] * 2, -1).float(), torch.cat([angles.sin()] * 2, -1).float()
-    first, second = x[..., : HEAD_DIM // 2], x[..., HEAD_DIM // 2:]
+    first, second = x[..., : HEAD_DIM // 2], x[..., HEAD_DIM // 2 :]
     return x * cos + torch.cat([-second, first], -1) * sin
 
 
@@ -116,8 +131,9 @@ def test_converted_release_matches_reference_forward(tmp_path, kv_heads):
 
     tensors = random_released_tensors(kv_heads)
     src = write_released(tmp_path / "released", released_config(), tensors)
-    provenance = released.convert_released(src, tmp_path / "hf", source_repo="open-sci/open-sci-ref-v0.01-test",
-                                           revision="iter_0002000")
+    provenance = released.convert_released(
+        src, tmp_path / "hf", source_repo="open-sci/open-sci-ref-v0.01-test", revision="iter_0002000"
+    )
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert type(model).__name__ == "HYV3ForCausalLM"
@@ -137,8 +153,13 @@ def test_converted_release_matches_reference_forward(tmp_path, kv_heads):
     assert provenance["kv_heads"] == kv_heads and provenance["source_config_num_key_value_heads"] == 1
     on_disk = json.loads((tmp_path / "hf" / "provenance.json").read_text())
     assert on_disk["hf_class"] == "HYV3ForCausalLM"
-    assert on_disk["qk_norm"] == {"kind": "rmsnorm", "eps": EPS, "per_head": True, "declared": RMS_DECLARATION,
-                                  "attributes": ["q_layernorm", "k_layernorm"]}
+    assert on_disk["qk_norm"] == {
+        "kind": "rmsnorm",
+        "eps": EPS,
+        "per_head": True,
+        "declared": RMS_DECLARATION,
+        "attributes": ["q_layernorm", "k_layernorm"],
+    }
     assert on_disk["reference_forward"]["max_abs_logit_diff"] < 1e-4
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_theta"] == THETA and config["num_key_value_heads"] == kv_heads
@@ -151,15 +172,23 @@ def test_converted_release_matches_reference_forward(tmp_path, kv_heads):
 
 
 def test_unknown_config_key_is_named(tmp_path):
-    src = write_released(tmp_path / "released", released_config(use_sliding_window=True),
-                         random_released_tensors(HEADS))
+    src = write_released(
+        tmp_path / "released", released_config(use_sliding_window=True), random_released_tensors(HEADS)
+    )
     with pytest.raises(released.ReleasedFormatError, match="use_sliding_window"):
         released.convert_released(src, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("key, value", [("model_type", "llama"), ("rope_scaling", {"type": "linear", "factor": 2.0}),
-                                        ("layer_norm_eps", 1e-6), ("hidden_act", "gelu")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("model_type", "llama"),
+        ("rope_scaling", {"type": "linear", "factor": 2.0}),
+        ("layer_norm_eps", 1e-6),
+        ("hidden_act", "gelu"),
+    ],
+)
 def test_wrong_config_value_is_named(key, value):
     with pytest.raises(released.ReleasedFormatError, match=key):
         released.spec_from_released_config(released_config(**{key: value}), kv_heads=HEADS)
@@ -180,8 +209,14 @@ def test_unexpected_tensor_is_named():
 
 
 def test_spec_from_release_like_1p7b_config():
-    config = released_config(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_hidden_layers=24,
-                             vocab_size=50304, max_position_embeddings=4096)
+    config = released_config(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_hidden_layers=24,
+        vocab_size=50304,
+        max_position_embeddings=4096,
+    )
     spec = released.spec_from_released_config(config, kv_heads=32)
     assert (spec.family, spec.head_dim, spec.query_groups, spec.seq_length) == ("hy_v3", 64, 32, 4096)
     assert abs(spec.parameter_count() / 1e6 - 1714.4) < 0.1  # notes §1, 1.7B total
@@ -190,12 +225,31 @@ def test_spec_from_release_like_1p7b_config():
 def test_cli_converts_and_rejects(tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("convert_released", released.export.REPO_ROOT / "scripts" / "convert_released.py")
+    spec = importlib.util.spec_from_file_location(
+        "convert_released", released.export.REPO_ROOT / "scripts" / "convert_released.py"
+    )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     src = write_released(tmp_path / "released", released_config(), random_released_tensors(HEADS))
-    assert cli.main(["--src", str(src), "--out", str(tmp_path / "hf"), "--revision", "iter_0072661",
-                     "--kv-heads", str(HEADS), "--dtype", "bfloat16", "--iteration", "72661"]) == 0
+    assert (
+        cli.main(
+            [
+                "--src",
+                str(src),
+                "--out",
+                str(tmp_path / "hf"),
+                "--revision",
+                "iter_0072661",
+                "--kv-heads",
+                str(HEADS),
+                "--dtype",
+                "bfloat16",
+                "--iteration",
+                "72661",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iteration"] == 72661
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     bad = write_released(tmp_path / "bad", released_config(foo_bar=1), random_released_tensors(HEADS))
@@ -209,7 +263,12 @@ def test_cli_converts_and_rejects(tmp_path, capsys):
 def test_qk_norm_is_read_from_the_remote_code_without_running_it():
     config = released_config(layer_norm_eps=1e-5)
     norm = remote_code.read_qk_norm(MODELING, config)
-    assert (norm.kind, norm.eps, norm.per_head, norm.attributes) == ("rmsnorm", 1e-5, True, ("q_layernorm", "k_layernorm"))
+    assert (norm.kind, norm.eps, norm.per_head, norm.attributes) == (
+        "rmsnorm",
+        1e-5,
+        True,
+        ("q_layernorm", "k_layernorm"),
+    )
     # transformers' own RMSNorm classes and an explicit number are read too
     norm = remote_code.read_qk_norm(modeling_with("Qwen3RMSNorm(self.head_dim, eps=1e-05)"), config)
     assert (norm.kind, norm.eps) == ("rmsnorm", 1e-5)
@@ -222,25 +281,35 @@ BAD_QK_NORMS = {
     "across heads": ("OpensciRMSNorm(config.hidden_size, eps=config.layer_norm_eps)", "", "across all heads"),
     "other eps": ("OpensciRMSNorm(self.head_dim, eps=1e-6)", "", "has eps 1e-06 but rms_norm_eps is 1e-05"),
     "unknown class": ("FancyNorm(self.head_dim, eps=config.layer_norm_eps)", "", "'FancyNorm' is unknown"),
-    "local class, not RMS": ("OpensciScaleNorm(self.head_dim, eps=config.layer_norm_eps)",
-                             "\n\nclass OpensciScaleNorm(nn.Module):\n    def forward(self, x):\n"
-                             "        return self.weight * x / x.norm(dim=-1, keepdim=True)\n",
-                             "OpensciScaleNorm (defined in the file) is neither an RMSNorm"),
+    "local class, not RMS": (
+        "OpensciScaleNorm(self.head_dim, eps=config.layer_norm_eps)",
+        "\n\nclass OpensciScaleNorm(nn.Module):\n    def forward(self, x):\n"
+        "        return self.weight * x / x.norm(dim=-1, keepdim=True)\n",
+        "OpensciScaleNorm (defined in the file) is neither an RMSNorm",
+    ),
     "local class subtracting the mean": (
         "OpensciCenteredNorm(self.head_dim, eps=config.layer_norm_eps)",
         "\n\nclass OpensciCenteredNorm(nn.Module):\n    def forward(self, x):\n        mu = x.mean(-1, keepdim=True)\n"
         "        x = x - mu\n        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)\n",
-        "OpensciCenteredNorm (defined in the file) is neither an RMSNorm"),
-    "eps from a missing config key": ("OpensciRMSNorm(self.head_dim, eps=config.qk_norm_eps)", "",
-                                      "config.qk_norm_eps, which the checkpoint's config.json lacks"),
+        "OpensciCenteredNorm (defined in the file) is neither an RMSNorm",
+    ),
+    "eps from a missing config key": (
+        "OpensciRMSNorm(self.head_dim, eps=config.qk_norm_eps)",
+        "",
+        "config.qk_norm_eps, which the checkpoint's config.json lacks",
+    ),
 }
 
 
 @pytest.mark.parametrize("kind", BAD_QK_NORMS)
 def test_qk_norm_the_converter_does_not_know_is_refused_naming_it(tmp_path, kind):
     declaration, extra, expected = BAD_QK_NORMS[kind]
-    src = write_released(tmp_path / "released", released_config(), random_released_tensors(HEADS),
-                         modeling=modeling_with(declaration, extra))
+    src = write_released(
+        tmp_path / "released",
+        released_config(),
+        random_released_tensors(HEADS),
+        modeling=modeling_with(declaration, extra),
+    )
     with pytest.raises(released.ReleasedFormatError, match="modeling_opensci.py") as error:
         released.convert_released(src, tmp_path / "hf")
     assert expected in str(error.value)
@@ -283,9 +352,14 @@ def test_reference_forward_gate_has_teeth(tmp_path):
 
 def test_iteration_must_match_the_planned_one(tmp_path):
     src = write_released(tmp_path / "released", released_config(), random_released_tensors(HEADS))
-    with pytest.raises(released.ReleasedFormatError, match=r"revision .main. is training iteration 72661 \(from its name / config.json _name_or_path\), expected 70000"):
+    with pytest.raises(
+        released.ReleasedFormatError,
+        match=r"revision .main. is training iteration 72661 \(from its name / config.json _name_or_path\), expected 70000",
+    ):
         released.convert_released(src, tmp_path / "hf", revision="main", expected_iteration=70000)
-    assert released.convert_released(src, tmp_path / "hf", revision="main", expected_iteration=72661)["iteration"] == 72661
+    assert (
+        released.convert_released(src, tmp_path / "hf", revision="main", expected_iteration=72661)["iteration"] == 72661
+    )
 
 
 # ---- scripts/prefetch_eval_data.py (kept here: it ships with the released-model evaluation path) ------
@@ -300,20 +374,36 @@ def run_prefetch(args, env_overrides, timeout=60):
     import sys
     import time
 
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                                                            "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")
+    }
     env.update(env_overrides)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(PREFETCH), *args], check=False, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(PREFETCH), *args], check=False, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return result, time.monotonic() - started
 
 
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
-                         ids=["offline-switch", "unreachable-hub"])
+@pytest.mark.parametrize(
+    "env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline-switch", "unreachable-hub"]
+)
 def test_prefetch_fails_fast_naming_the_task(tmp_path, env):
-    result, seconds = run_prefetch(["--tasks-json", json.dumps(PROTOCOL), "--hf-home", str(tmp_path / "hf_home"),
-                                    "--out", str(tmp_path / "marker.json"), "--connect-timeout", "3"], env)
+    result, seconds = run_prefetch(
+        [
+            "--tasks-json",
+            json.dumps(PROTOCOL),
+            "--hf-home",
+            str(tmp_path / "hf_home"),
+            "--out",
+            str(tmp_path / "marker.json"),
+            "--connect-timeout",
+            "3",
+        ],
+        env,
+    )
     assert result.returncode == 2, result.stderr
     assert "'copa'" in result.stderr and "mmlu" in result.stderr
     assert seconds < 10, seconds
@@ -326,16 +416,42 @@ def test_prefetch_local_task_writes_marker(tmp_path):
     data = tmp_path / "tasks" / "tiny_test.jsonl"
     data.parent.mkdir()
     data.write_text("".join(json.dumps({"text": f"one two three {word}"}) + "\n" for word in ("four", "five")))
-    (tmp_path / "tasks" / "tiny_local.yaml").write_text(yaml.safe_dump({
-        "task": "tiny_local", "dataset_path": "json", "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
-        "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-        "metric_list": [{"metric": "word_perplexity"}], "metadata": {"version": 1.0}}))
-    result, _ = run_prefetch(["--tasks-json", json.dumps([{"task": "tiny_local", "shots": 0, "metric": "word_perplexity"},
-                                                          {"task": "demo_lastword", "shots": 0, "metric": "acc"}]),
-                              "--hf-home", str(tmp_path / "hf_home"), "--out", str(tmp_path / "marker.json"),
-                              "--include-path", str(tmp_path / "tasks"), "--no-network-check"],
-                             {"HF_HUB_OFFLINE": "1"}, timeout=120)
+    (tmp_path / "tasks" / "tiny_local.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "tiny_local",
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test",
+                "output_type": "loglikelihood_rolling",
+                "doc_to_text": "",
+                "doc_to_target": "{{text}}",
+                "metric_list": [{"metric": "word_perplexity"}],
+                "metadata": {"version": 1.0},
+            }
+        )
+    )
+    result, _ = run_prefetch(
+        [
+            "--tasks-json",
+            json.dumps(
+                [
+                    {"task": "tiny_local", "shots": 0, "metric": "word_perplexity"},
+                    {"task": "demo_lastword", "shots": 0, "metric": "acc"},
+                ]
+            ),
+            "--hf-home",
+            str(tmp_path / "hf_home"),
+            "--out",
+            str(tmp_path / "marker.json"),
+            "--include-path",
+            str(tmp_path / "tasks"),
+            "--no-network-check",
+        ],
+        {"HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     marker = json.loads((tmp_path / "marker.json").read_text())
     entry = marker["tasks"]["tiny_local"]["datasets"][0]

@@ -23,18 +23,34 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO = "open-sci/open-sci-ref-v0.01-tiny-synthetic-40-4096"
 ITERATIONS, FINAL = (10, 20, 30), 40
 PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model"]
-FETCHED = ["config.json", "configuration_opensci.py", "generation_config.json", "model.safetensors",
-           "modeling_opensci.py", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+FETCHED = [
+    "config.json",
+    "configuration_opensci.py",
+    "generation_config.json",
+    "model.safetensors",
+    "modeling_opensci.py",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+    ):
         monkeypatch.delenv(name, raising=False)
-    models = {REPO: released_repo(ITERATIONS, FINAL),
-              f"{REPO}-lr0.006-2": other_repo(),
-              "open-sci/open-sci-ref-v0.01-0.13b-dclm-300B-4096": other_repo(),
-              "someone-else/open-sci-ref-v0.01-tiny-synthetic-40-4096": other_repo()}
+    models = {
+        REPO: released_repo(ITERATIONS, FINAL),
+        f"{REPO}-lr0.006-2": other_repo(),
+        "open-sci/open-sci-ref-v0.01-0.13b-dclm-300B-4096": other_repo(),
+        "someone-else/open-sci-ref-v0.01-tiny-synthetic-40-4096": other_repo(),
+    }
     marker = tmp_path / "REMOTE_CODE_WAS_EXECUTED"
     with HubServer(models=models) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
@@ -49,8 +65,16 @@ def hub(tmp_path, monkeypatch):
 
 def request(repo: str = REPO, revisions: dict[str, int] | None = None, final: int = FINAL) -> dict:
     revisions = revisions if revisions is not None else {**{f"iter_{i:07d}": i for i in ITERATIONS}, "main": FINAL}
-    return {"name": "tiny", "repo": repo, "where": "released.models[0]", "repo_status": "inferred",
-            "alternatives": [], "final_iteration": final, "revisions": revisions, "patterns": PATTERNS}
+    return {
+        "name": "tiny",
+        "repo": repo,
+        "where": "released.models[0]",
+        "repo_status": "inferred",
+        "alternatives": [],
+        "final_iteration": final,
+        "revisions": revisions,
+        "patterns": PATTERNS,
+    }
 
 
 def test_listing_records_every_branch_at_its_commit_and_the_selected_files(hub, tmp_path):
@@ -73,7 +97,9 @@ def test_a_wrong_repo_name_fails_at_listing_naming_the_closest_repos(hub, tmp_pa
     with pytest.raises(ReleasedHubError) as error:
         list_released(request(repo=wrong), tmp_path / "listing.json")
     message = str(error.value)
-    assert message.startswith(f"{wrong}: no such model repo on {hub.endpoint} (released.models[0] (repo_status: inferred))")
+    assert message.startswith(
+        f"{wrong}: no such model repo on {hub.endpoint} (released.models[0] (repo_status: inferred))"
+    )
     closest = message.split("closest existing repos: ")[1].split(". Correct")[0].split(", ")
     assert closest[0] == REPO and f"{REPO}-lr0.006-2" in closest
     assert "someone-else/" not in message  # only the same owner's repos
@@ -91,16 +117,25 @@ def test_a_missing_branch_fails_at_listing_naming_the_closest_refs(hub, tmp_path
 
 
 def test_main_must_be_the_planned_final_iteration(hub, tmp_path):
-    with pytest.raises(ReleasedHubError, match=r"main is iteration 40 \(config.json _name_or_path\), but the run is "
-                                               r"planned with 50 iterations"):
+    with pytest.raises(
+        ReleasedHubError,
+        match=r"main is iteration 40 \(config.json _name_or_path\), but the run is "
+        r"planned with 50 iterations",
+    ):
         list_released(request(revisions={"main": 50}, final=50), tmp_path / "listing.json")
 
 
 def released_cli(*args: str, log: Path) -> subprocess.CompletedProcess:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        return subprocess.run([sys.executable, "scripts/released.py", *args], cwd=REPO_ROOT, stdout=fh,
-                              stderr=subprocess.STDOUT, timeout=120, check=False)
+        return subprocess.run(
+            [sys.executable, "scripts/released.py", *args],
+            cwd=REPO_ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=False,
+        )
 
 
 def test_fetch_downloads_by_commit_verifies_hashes_and_appears_only_when_complete(hub, tmp_path):
@@ -108,15 +143,27 @@ def test_fetch_downloads_by_commit_verifies_hashes_and_appears_only_when_complet
     out = tmp_path / "fetched" / "iter_0000020"
     listed = len(hub.requests)
     hub.corrupt["model.safetensors"] = 1  # the first transfer is damaged: deleted and fetched again
-    done = released_cli("fetch", "--listing", str(tmp_path / "listing.json"), "--revision", "iter_0000020",
-                        "--out", str(out), log=tmp_path / "fetch.log")
+    done = released_cli(
+        "fetch",
+        "--listing",
+        str(tmp_path / "listing.json"),
+        "--revision",
+        "iter_0000020",
+        "--out",
+        str(out),
+        log=tmp_path / "fetch.log",
+    )
     assert done.returncode == 0, (tmp_path / "fetch.log").read_text()
     repo = hub.models[REPO]
     files = repo.commits[repo.refs["iter_0000020"]]
     for name in FETCHED:
         assert (out / name).read_bytes() == files[name], name
     manifest = json.loads((out / "manifest.json").read_text())
-    assert (manifest["revision"], manifest["commit"], manifest["iteration"]) == ("iter_0000020", repo.refs["iter_0000020"], 20)
+    assert (manifest["revision"], manifest["commit"], manifest["iteration"]) == (
+        "iter_0000020",
+        repo.refs["iter_0000020"],
+        20,
+    )
     assert sorted(r["path"] for r in manifest["files"]) == FETCHED
     assert len(hub.transfers("model.safetensors")) == 2
     # downloads asked for the listed commit, never the branch name (a moved branch cannot mix states)
@@ -129,15 +176,29 @@ def test_a_fetch_that_keeps_failing_leaves_no_directory(hub, tmp_path):
     list_released(request(), tmp_path / "listing.json")
     out = tmp_path / "fetched" / "main"
     hub.corrupt["model.safetensors"] = 10
-    done = released_cli("fetch", "--listing", str(tmp_path / "listing.json"), "--revision", "main", "--out", str(out),
-                        log=tmp_path / "fetch.log")
+    done = released_cli(
+        "fetch",
+        "--listing",
+        str(tmp_path / "listing.json"),
+        "--revision",
+        "main",
+        "--out",
+        str(out),
+        log=tmp_path / "fetch.log",
+    )
     assert done.returncode == 1
     assert "model.safetensors: sha256" in (tmp_path / "fetch.log").read_text()
     assert not out.exists()  # only the .partial directory, which a retry reuses
 
 
 def test_cli_exit_status_2_names_the_wrong_repo(hub, tmp_path):
-    done = released_cli("list", "--request-json", json.dumps(request(repo=f"{REPO}-typo")), "--out",
-                        str(tmp_path / "listing.json"), log=tmp_path / "list.log")
+    done = released_cli(
+        "list",
+        "--request-json",
+        json.dumps(request(repo=f"{REPO}-typo")),
+        "--out",
+        str(tmp_path / "listing.json"),
+        log=tmp_path / "list.log",
+    )
     assert done.returncode == 2
     assert f"released.py list: {REPO}-typo: no such model repo" in (tmp_path / "list.log").read_text()

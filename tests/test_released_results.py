@@ -18,35 +18,59 @@ REF = "open-sci-ref_model-0.13b_data-DCLM_tokenizer-GPT-NeoX_samples-300B_global
 
 
 def ours_row(task, value, stderr, n=math.nan, metric="acc", shots=0, iteration=72661, run_id="0.13b-dclm-300B-4096"):
-    return {"run_id": run_id, "reference_run": REF, "iteration": iteration, "task": task, "shots": shots,
-            "metric": metric, "value": value, "stderr": stderr, "n": n}
+    return {
+        "run_id": run_id,
+        "reference_run": REF,
+        "iteration": iteration,
+        "task": task,
+        "shots": shots,
+        "metric": metric,
+        "value": value,
+        "stderr": stderr,
+        "n": n,
+    }
 
 
 def pub_row(task, value, metric="acc", shots=0, iteration=72661):
-    return {"reference_run": REF, "iteration": iteration, "task": task, "shots": shots, "metric": metric, "published": value}
+    return {
+        "reference_run": REF,
+        "iteration": iteration,
+        "task": task,
+        "shots": shots,
+        "metric": metric,
+        "published": value,
+    }
 
 
 def test_protocol_reproduction_on_hand_computed_values():
-    ours = pd.DataFrame([
-        # se_pub = sqrt(0.2 * 0.8 / 100) = 0.04; combined = sqrt(0.03² + 0.04²) = 0.05; diff 0.06 > 0.05
-        ours_row("copa", 0.26, 0.03, n=101),
-        # se_pub = sqrt(0.25 / 100) = 0.05; combined = sqrt(0.12² + 0.05²) = 0.13; diff -0.03
-        ours_row("boolq", 0.47, 0.12, n=101, shots=10),
-        # no n: se_pub = 0.05 * sqrt(0.1 * 0.9 / (0.5 * 0.5)) = 0.03; combined = sqrt(0.0034); diff 0.4
-        ours_row("piqa", 0.5, 0.05, metric="acc_norm", shots=10),
-        # all items right on both sides: both stderrs 0, difference 0 -> within, z undefined
-        ours_row("winogrande", 1.0, 0.0, n=50),
-        # not a 0/1 mean: no published stderr can be estimated
-        ours_row("lambada_openai", 12.5, 0.4, n=100, metric="perplexity"),
-        ours_row("mmlu", 0.3, 0.01, n=1000, shots=5),  # no published value at this iteration
-        ours_row("openbookqa", 0.3, 0.02, n=500, metric="acc_norm"),  # published with another metric
-        ours_row("avg", 0.4, math.nan),  # averages are left out
-    ])
-    published = pd.DataFrame([
-        pub_row("copa", 0.2), pub_row("boolq", 0.5, shots=10), pub_row("piqa", 0.1, metric="acc_norm", shots=10),
-        pub_row("winogrande", 1.0), pub_row("lambada_openai", 12.0, metric="perplexity"),
-        pub_row("mmlu", 0.3, shots=5, iteration=70000), pub_row("openbookqa", 0.3, metric="acc"),
-    ])
+    ours = pd.DataFrame(
+        [
+            # se_pub = sqrt(0.2 * 0.8 / 100) = 0.04; combined = sqrt(0.03² + 0.04²) = 0.05; diff 0.06 > 0.05
+            ours_row("copa", 0.26, 0.03, n=101),
+            # se_pub = sqrt(0.25 / 100) = 0.05; combined = sqrt(0.12² + 0.05²) = 0.13; diff -0.03
+            ours_row("boolq", 0.47, 0.12, n=101, shots=10),
+            # no n: se_pub = 0.05 * sqrt(0.1 * 0.9 / (0.5 * 0.5)) = 0.03; combined = sqrt(0.0034); diff 0.4
+            ours_row("piqa", 0.5, 0.05, metric="acc_norm", shots=10),
+            # all items right on both sides: both stderrs 0, difference 0 -> within, z undefined
+            ours_row("winogrande", 1.0, 0.0, n=50),
+            # not a 0/1 mean: no published stderr can be estimated
+            ours_row("lambada_openai", 12.5, 0.4, n=100, metric="perplexity"),
+            ours_row("mmlu", 0.3, 0.01, n=1000, shots=5),  # no published value at this iteration
+            ours_row("openbookqa", 0.3, 0.02, n=500, metric="acc_norm"),  # published with another metric
+            ours_row("avg", 0.4, math.nan),  # averages are left out
+        ]
+    )
+    published = pd.DataFrame(
+        [
+            pub_row("copa", 0.2),
+            pub_row("boolq", 0.5, shots=10),
+            pub_row("piqa", 0.1, metric="acc_norm", shots=10),
+            pub_row("winogrande", 1.0),
+            pub_row("lambada_openai", 12.0, metric="perplexity"),
+            pub_row("mmlu", 0.3, shots=5, iteration=70000),
+            pub_row("openbookqa", 0.3, metric="acc"),
+        ]
+    )
     table = protocol_reproduction(ours, published)
     assert list(table.columns) == REPRODUCTION_COLUMNS
     rows = {row.task: row for row in table.itertuples()}
@@ -78,14 +102,21 @@ def test_protocol_reproduction_on_hand_computed_values():
 
 
 def test_protocol_reproduction_without_any_published_cell_is_an_empty_table():
-    table = protocol_reproduction(pd.DataFrame([ours_row("copa", 0.6, 0.05)]), pd.DataFrame([pub_row("copa", 0.5, iteration=2)]))
+    table = protocol_reproduction(
+        pd.DataFrame([ours_row("copa", 0.6, 0.05)]), pd.DataFrame([pub_row("copa", 0.5, iteration=2)])
+    )
     assert table.empty and list(table.columns) == REPRODUCTION_COLUMNS
 
 
 def eval_file(path: Path, run_id: str, iteration: int, shots: int, tasks: dict[str, tuple]) -> str:
     """An evaluation JSON as osref.evaluate writes it (the keys the report reads)."""
-    payload = {"run_id": run_id, "iteration": iteration, "tokens_seen": iteration * 1008 * 4096, "num_fewshot": shots,
-               "tasks": {t: {"metric": m, "value": v, "stderr": s, "n_samples": n} for t, (m, v, s, n) in tasks.items()}}
+    payload = {
+        "run_id": run_id,
+        "iteration": iteration,
+        "tokens_seen": iteration * 1008 * 4096,
+        "num_fewshot": shots,
+        "tasks": {t: {"metric": m, "value": v, "stderr": s, "n_samples": n} for t, (m, v, s, n) in tasks.items()},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload))
     return str(path)
@@ -95,18 +126,38 @@ def manifest_for(tmp_path: Path) -> dict:
     run_id, it = "released/0.13b-dclm-300B-4096", 72661
     base = tmp_path / "runs" / run_id / "eval" / f"iter_{it:07d}"
     files = [
-        eval_file(base / "0shot.json", run_id, it, 0, {"copa": ("acc", 0.7, 0.046, 100),
-                                                       "social_iqa": ("acc", 0.4, 0.011, 1954)}),
+        eval_file(
+            base / "0shot.json",
+            run_id,
+            it,
+            0,
+            {"copa": ("acc", 0.7, 0.046, 100), "social_iqa": ("acc", 0.4, 0.011, 1954)},
+        ),
         eval_file(base / "10shot.json", run_id, it, 10, {"boolq": ("acc", 0.6, 0.0086, 3270)}),
         eval_file(base / "extra-copa-5shot.json", run_id, it, 5, {"copa": ("acc", 0.75, 0.0435, 100)}),
         str(base / "missing.json"),  # not evaluated yet: simply absent
     ]
-    protocol = [{"task": "copa", "shots": 0, "metric": "acc"}, {"task": "social_iqa", "shots": 0, "metric": "acc",
-                                                                  "in_average": False},
-                {"task": "boolq", "shots": 10, "metric": "acc"}]
-    return {"protocol": protocol, "models": [{
-        "name": "0.13b-dclm-300B-4096", "run_id": run_id, "reference_run": REF, "dataset": "dclm", "scale": "0.13b",
-        "budget": "300B", "params": 125_000_000, "iterations": [it], "eval_files": files}]}
+    protocol = [
+        {"task": "copa", "shots": 0, "metric": "acc"},
+        {"task": "social_iqa", "shots": 0, "metric": "acc", "in_average": False},
+        {"task": "boolq", "shots": 10, "metric": "acc"},
+    ]
+    return {
+        "protocol": protocol,
+        "models": [
+            {
+                "name": "0.13b-dclm-300B-4096",
+                "run_id": run_id,
+                "reference_run": REF,
+                "dataset": "dclm",
+                "scale": "0.13b",
+                "budget": "300B",
+                "params": 125_000_000,
+                "iterations": [it],
+                "eval_files": files,
+            }
+        ],
+    }
 
 
 def test_released_rows_are_tidy_rows_with_source_released(tmp_path):
@@ -127,7 +178,11 @@ def test_results_files_put_our_value_next_to_the_published_one(tmp_path):
         rows = {(r["task"], r["shots"]): r for r in csv.DictReader(fh)}
     curves = pd.read_csv(ROOT / "config" / "reference" / "curves.csv.gz")
     published = curves[(curves["run_id"] == REF) & (curves["iteration"] == 72661)].set_index("task")["value"]
-    assert sorted(rows) == [("boolq", "10"), ("copa", "0"), ("social_iqa", "0")]  # the 5-shot extra has no published value
+    assert sorted(rows) == [
+        ("boolq", "10"),
+        ("copa", "0"),
+        ("social_iqa", "0"),
+    ]  # the 5-shot extra has no published value
     copa = rows[("copa", "0")]
     assert float(copa["published"]) == pytest.approx(published["copa"])
     assert float(copa["difference"]) == pytest.approx(0.7 - published["copa"])

@@ -72,30 +72,38 @@ BAD_RELEASED = {
     "name not in the mapping": (
         {"models": ["0.13b-dclm-300B-4069"]},
         "released.models[0]: '0.13b-dclm-300B-4069' is not a name in config/released_models.csv "
-        "(closest: 0.13b-dclm-300B-4096"),
+        "(closest: 0.13b-dclm-300B-4096",
+    ),
     "iteration that was never saved": (
         {"models": [{"name": "0.13b-dclm-300B-4096", "iterations": [2000, 72000, 72001]}]},
         "released.models[0] (config/released_models.csv:4).iterations: [72001] are not saved iterations "
-        "(every 2000 and the last, 72661); closest saved: [72000]"),
+        "(every 2000 and the last, 72661); closest saved: [72000]",
+    ),
     "section default iteration that was never saved": (
         {"models": ["0.13b-dclm-300B-4096"], "iterations": [3000]},
-        "released.iterations: [3000] are not saved iterations (every 2000 and the last, 72661); closest saved: [2000]"),
+        "released.iterations: [3000] are not saved iterations (every 2000 and the last, 72661); closest saved: [2000]",
+    ),
     "repo outside the mapping without its shape": (
         {"models": [{"name": "mine", "repo": "me/my-model", "save_interval": 1000}]},
-        "released.models[0]: released model 'mine' lacks train_iters, global_batch_size, seq_length, params"),
+        "released.models[0]: released model 'mine' lacks train_iters, global_batch_size, seq_length, params",
+    ),
     "unknown reference run": (
         {"models": [{"name": "mine", "repo": "me/my-model", "save_interval": 1000, "reference_run": 123}]},
-        "released.models[0].reference_run: reference_run 123 is not a run_id or slurm_job_id"),
+        "released.models[0].reference_run: reference_run 123 is not a run_id or slurm_job_id",
+    ),
     "extra task already in the protocol": (
         {"models": "all", "extra_tasks": [{"task": "hellaswag", "shots": 10, "metric": "acc_norm"}]},
-        "released.extra_tasks[0]: hellaswag 10-shot is already in the protocol"),
+        "released.extra_tasks[0]: hellaswag 10-shot is already in the protocol",
+    ),
     "unknown extra task": (
         {"models": "all", "extra_tasks": [{"task": "hellaswagg", "shots": 0, "metric": "acc"}]},
-        "released.extra_tasks[0].task: unknown eval task 'hellaswagg'"),
+        "released.extra_tasks[0].task: unknown eval task 'hellaswagg'",
+    ),
     "duplicate model": (
         {"models": ["0.4b-pile-300B-4096", {"name": "0.4b-pile-300B-4096", "iterations": "final"}]},
         "released.models[1] (config/released_models.csv:16): released model '0.4b-pile-300B-4096' is also "
-        "released.models[0] (config/released_models.csv:16)"),
+        "released.models[0] (config/released_models.csv:16)",
+    ),
     "nothing at all": ({"models": []}, "experiments: empty, and released.models names no released model"),
     "misspelt key": ({"model": "all"}, "released: unknown key 'model'"),
 }
@@ -121,10 +129,26 @@ def test_a_malformed_mapping_line_is_named(tmp_path):
 
 
 def test_a_repo_outside_the_mapping_with_a_reference_run():
-    grid = load_grid(released_config(models=[{"name": "dclm-lr6e-3", "repo": "open-sci/open-sci-ref-v0.01-0.13b-dclm-300B-4096-lr0.006-2",
-                                              "save_interval": 2000, "reference_run": 14333760, "iterations": {"every": 10}}]))
+    grid = load_grid(
+        released_config(
+            models=[
+                {
+                    "name": "dclm-lr6e-3",
+                    "repo": "open-sci/open-sci-ref-v0.01-0.13b-dclm-300B-4096-lr0.006-2",
+                    "save_interval": 2000,
+                    "reference_run": 14333760,
+                    "iterations": {"every": 10},
+                }
+            ]
+        )
+    )
     model = grid.released["dclm-lr6e-3"]
-    assert (model.repo_status, model.train_iters, model.global_batch_size, model.params) == ("config", 72661, 1008, 125240512)
+    assert (model.repo_status, model.train_iters, model.global_batch_size, model.params) == (
+        "config",
+        72661,
+        1008,
+        125240512,
+    )
     assert model.iterations == (20000, 40000, 60000, 72661)
 
 
@@ -145,8 +169,16 @@ RELEASED_JOBS = {
 
 def test_released_dry_run_plans_every_released_checkpoint_offline(tmp_path):
     """`snakemake --configfile config/released.yaml -n` from config alone: no listing exists yet."""
-    proc = snakemake("-n", "-q", "rules", "-d", str(tmp_path), "--configfile", str(RELEASED_YAML),
-                     env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    proc = snakemake(
+        "-n",
+        "-q",
+        "rules",
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(RELEASED_YAML),
+        env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
     assert job_counts(proc.stdout + proc.stderr) == RELEASED_JOBS
     assert not (tmp_path / "results").exists()
 
@@ -178,13 +210,26 @@ GROUPS = ("2shot", "extra-demo_lastword-0shot")  # the protocol's one shot group
 def e2e_config(tmp_path: Path) -> Path:
     config = reduced_demo_config()
     config["experiments"] = []
-    config["paths"] = {"data": str(tmp_path / "data"), "runs": str(tmp_path / "runs"), "results": str(tmp_path / "results")}
+    config["paths"] = {
+        "data": str(tmp_path / "data"),
+        "runs": str(tmp_path / "runs"),
+        "results": str(tmp_path / "results"),
+    }
     config["evaluation"]["limit"] = 8
     # one protocol task and one extra task keep the test to 8 lm-eval jobs (each starts in ~15 s)
     config["evaluation"]["protocols"]["demo"] = [{"task": "demo_continuation", "shots": 2, "metric": "acc_norm"}]
     config["released"] = {
-        "models": [{"name": "tiny-synthetic", "repo": TINY_REPO, "save_interval": 10, "train_iters": FINAL,
-                    "global_batch_size": 8, "seq_length": 128, "params": 3_300_000}],
+        "models": [
+            {
+                "name": "tiny-synthetic",
+                "repo": TINY_REPO,
+                "save_interval": 10,
+                "train_iters": FINAL,
+                "global_batch_size": 8,
+                "seq_length": 128,
+                "params": 3_300_000,
+            }
+        ],
         "iterations": "all",
         "extra_tasks": [{"task": "demo_lastword", "shots": 0, "metric": "perplexity", "in_average": False}],
         "keep": "converted",
@@ -197,16 +242,42 @@ def e2e_config(tmp_path: Path) -> Path:
 def test_small_released_config_dry_run_and_extra_task_files(tmp_path):
     """Offline, from config alone: one listing, per revision a fetch, a conversion and one evaluation
     per protocol shot group and per extra task (the same evaluate_group rule)."""
-    proc = snakemake("-n", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path / "work"), "--configfile",
-                     str(e2e_config(tmp_path)), env={"HF_HUB_OFFLINE": "1"})
+    proc = snakemake(
+        "-n",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(tmp_path / "work"),
+        "--configfile",
+        str(e2e_config(tmp_path)),
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     counts = job_counts(proc.stdout)
-    assert {k: counts[k] for k in ("list_released", "released_run_config", "fetch_released", "convert_released",
-                                   "evaluate_group", "released_results")} == {
-        "list_released": 1, "released_run_config": 1, "fetch_released": 4, "convert_released": 4,
-        "evaluate_group": 8, "released_results": 1}
+    assert {
+        k: counts[k]
+        for k in (
+            "list_released",
+            "released_run_config",
+            "fetch_released",
+            "convert_released",
+            "evaluate_group",
+            "released_results",
+        )
+    } == {
+        "list_released": 1,
+        "released_run_config": 1,
+        "fetch_released": 4,
+        "convert_released": 4,
+        "evaluate_group": 8,
+        "released_results": 1,
+    }
     assert "train_segment" not in counts and "export_hf" not in counts and "report" not in counts
     extra = next(b for b in proc.stdout.split("rule evaluate_group:")[1:] if "shots=extra-demo_lastword-0shot" in b)
-    assert "run_id=released/tiny-synthetic" in extra and "eval/iter_" in extra and "extra-demo_lastword-0shot.json" in extra
+    assert (
+        "run_id=released/tiny-synthetic" in extra
+        and "eval/iter_" in extra
+        and "extra-demo_lastword-0shot.json" in extra
+    )
 
 
 def test_adding_an_extra_task_evaluates_only_its_new_files(tmp_path):
@@ -221,8 +292,13 @@ def test_adding_an_extra_task_evaluates_only_its_new_files(tmp_path):
     index = WorkflowIndex(load_grid(copy.deepcopy(smoke)))
     layout = index.layout
     prefetched = work / index.eval_hf_home / "prefetched.json"
-    done = [*index.released_listings, *(layout.run_json(m.run_id) for m in index.grid.released.values()),
-            *index.released_evaluations, *index.released_results, layout.plan_csv()]
+    done = [
+        *index.released_listings,
+        *(layout.run_json(m.run_id) for m in index.grid.released.values()),
+        *index.released_evaluations,
+        *index.released_results,
+        layout.plan_csv(),
+    ]
     for path in [*(work / p for p in done), prefetched]:  # a finished smoke run, as far as Snakemake can tell
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
@@ -230,8 +306,18 @@ def test_adding_an_extra_task_evaluates_only_its_new_files(tmp_path):
         (work / path).mkdir(parents=True)
     config = tmp_path / "smoke.yaml"
     config.write_text(yaml.safe_dump(smoke))
-    common = ["-s", str(ROOT / "Snakefile"), "-d", str(work), "--cores", "1", "--configfile", str(config),
-              "--rerun-triggers", "mtime"]
+    common = [
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(work),
+        "--cores",
+        "1",
+        "--configfile",
+        str(config),
+        "--rerun-triggers",
+        "mtime",
+    ]
     snakemake("--touch", "-q", *common, env={"HF_HUB_OFFLINE": "1"})
     assert "Nothing to be done" in snakemake("-n", *common, env={"HF_HUB_OFFLINE": "1"}).stdout
 
@@ -253,7 +339,10 @@ def test_evaluate_script_selects_one_extra_task_by_its_file_name():
     spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "scripts" / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    tasks = [{"task": "hellaswag", "shots": 10, "metric": "acc_norm"}, {"task": "hellaswag", "shots": 0, "metric": "acc_norm"}]
+    tasks = [
+        {"task": "hellaswag", "shots": 10, "metric": "acc_norm"},
+        {"task": "hellaswag", "shots": 0, "metric": "acc_norm"},
+    ]
     assert cli.select_group(tasks, "extra-hellaswag-0shot") == ([tasks[1]], 0)
     assert cli.select_group(tasks[:1], "10shot") == (tasks[:1], 10)
     with pytest.raises(SystemExit, match="no single task 'sciq' with 0 shots"):
@@ -266,12 +355,30 @@ def test_released_checkpoints_end_to_end(tmp_path):
     config = e2e_config(tmp_path)
     models = {TINY_REPO: released_repo(ITERATIONS, FINAL), f"{TINY_REPO}-lr0.006-2": other_repo()}
     with HubServer(models=models) as hub:
-        env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "OSREF_TEST_EXECUTED_MARKER": str(marker)}
+        env = {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "OSREF_TEST_EXECUTED_MARKER": str(marker),
+        }
         env = {**{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}, **env}
         work = tmp_path / "work"
-        cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-               "--profile", str(ROOT / "profiles" / "local"), "--cores", "2", "--configfile", str(config)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "-d",
+            str(work),
+            "--profile",
+            str(ROOT / "profiles" / "local"),
+            "--cores",
+            "2",
+            "--configfile",
+            str(config),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
         repo = hub.models[TINY_REPO]
@@ -283,10 +390,19 @@ def test_released_checkpoints_end_to_end(tmp_path):
             revision = "main" if iteration == FINAL else f"iter_{iteration:07d}"
             hf = released / "hf" / f"iter_{iteration:07d}"
             provenance = json.loads((hf / "provenance.json").read_text())
-            assert (provenance["revision"], provenance["iteration"], provenance["source_repo"]) == (revision, iteration, TINY_REPO)
+            assert (provenance["revision"], provenance["iteration"], provenance["source_repo"]) == (
+                revision,
+                iteration,
+                TINY_REPO,
+            )
             assert provenance["source_commit"] == repo.refs[revision]
-            assert provenance["kv_heads"] == 4 and provenance["source_config_num_key_value_heads"] == 1  # the wrong value
-            assert provenance["qk_norm"]["kind"] == "rmsnorm" and provenance["reference_forward"]["max_abs_logit_diff"] < 1e-3
+            assert (
+                provenance["kv_heads"] == 4 and provenance["source_config_num_key_value_heads"] == 1
+            )  # the wrong value
+            assert (
+                provenance["qk_norm"]["kind"] == "rmsnorm"
+                and provenance["reference_forward"]["max_abs_logit_diff"] < 1e-3
+            )
             assert (hf / "released_remote_code" / "modeling_opensci.py").is_file()
             assert "auto_map" not in json.loads((hf / "config.json").read_text())
             assert not (released / "fetched" / f"iter_{iteration:07d}").exists()  # temp(): deleted once converted
@@ -303,12 +419,17 @@ def test_released_checkpoints_end_to_end(tmp_path):
         with open(tmp_path / "results" / "released" / "results.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         cells = {(int(r["iteration"]), r["task"], r["shots"]) for r in rows if r["task"] != "avg"}
-        assert cells == {(i, t, s) for i in (*ITERATIONS, FINAL) for t, s in (("demo_continuation", "2"), ("demo_lastword", "0"))}
+        assert cells == {
+            (i, t, s) for i in (*ITERATIONS, FINAL) for t, s in (("demo_continuation", "2"), ("demo_lastword", "0"))
+        }
         averages = [r for r in rows if r["task"] == "avg"]  # the protocol's in-average task only, not the extra
-        assert len(averages) == 4 and all(a["value"] == c["value"] for a, c in zip(
-            averages, [r for r in rows if r["task"] == "demo_continuation"]))
+        assert len(averages) == 4 and all(
+            a["value"] == c["value"] for a, c in zip(averages, [r for r in rows if r["task"] == "demo_continuation"])
+        )
         assert {r["source"] for r in rows} == {"released"}
-        assert (tmp_path / "results" / "released" / "reproduction.csv").is_file()  # no published demo tasks: header only
+        assert (
+            tmp_path / "results" / "released" / "reproduction.csv"
+        ).is_file()  # no published demo tasks: header only
         # every download asked for a listed commit; branch names were used only by the listing's config read
         resolves = [r.path for r in hub.requests if "/resolve/" in r.path and "config.json" not in r.path]
         assert resolves and all(any(f"/resolve/{sha}/" in p for sha in repo.refs.values()) for p in resolves)
@@ -317,8 +438,13 @@ def test_released_checkpoints_end_to_end(tmp_path):
         # listing's exact bytes instead of the estimate); re-evaluation needs no download
         again = subprocess.run([*cmd, "-n"], capture_output=True, text=True, env=env, timeout=600)
         assert set(job_counts(again.stdout)) <= {"plan", "all"}, again.stdout[-3000:]
-        forced = subprocess.run([*cmd, "-n", "--forcerun", "evaluate_group", "--", "released"], capture_output=True,
-                                text=True, env=env, timeout=600)
+        forced = subprocess.run(
+            [*cmd, "-n", "--forcerun", "evaluate_group", "--", "released"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         counts = job_counts(forced.stdout)
         assert counts.get("evaluate_group") == 4 * len(GROUPS) and "fetch_released" not in counts, forced.stdout[-3000:]
     assert not marker.exists(), marker.read_text()

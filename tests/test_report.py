@@ -62,7 +62,11 @@ def synthetic(tmp_path_factory) -> tuple[Path, dict]:
         _eval_json(base / "a/20.json", "run-a", 20, {"copa": 0.7, "social_iqa": 0.45}),  # lambada missing
     ]
     train = base / "a/train_metrics.jsonl"
-    train.write_text("".join(json.dumps({"iteration": i, "consumed_tokens": i * 1024, "loss": 10 - i / 4}) + "\n" for i in range(1, 21)))
+    train.write_text(
+        "".join(
+            json.dumps({"iteration": i, "consumed_tokens": i * 1024, "loss": 10 - i / 4}) + "\n" for i in range(1, 21)
+        )
+    )
     valid = base / "a/valid_metrics.jsonl"
     valid.write_text(json.dumps({"iteration": 20, "consumed_tokens": 20480, "valid_loss": 6.0}) + "\n")
     manifest = {
@@ -114,9 +118,7 @@ def test_missing_cells(synthetic):
     out, summary = synthetic
     missing = pd.read_csv(out / "missing.csv")
     cells = set(zip(missing["run_id"], missing["iteration"], missing["task"]))
-    expected = {("run-a", 20, "lambada_openai")} | {
-        ("run-b", i, t["task"]) for i in (10, 20) for t in SMALL_PROTOCOL
-    }
+    expected = {("run-a", 20, "lambada_openai")} | {("run-b", i, t["task"]) for i in (10, 20) for t in SMALL_PROTOCOL}
     assert cells == expected and summary["n_missing"] == 7
     assert missing.set_index(["run_id", "iteration", "task"]).loc[("run-a", 20, "lambada_openai"), "in_average"]
 
@@ -147,7 +149,14 @@ def test_reference_rows_and_deltas(synthetic):
 
 def test_reference_only_reproduces_published_averages(tmp_path: Path):
     runs = [
-        _run("1.7b-nemotron-cc-hq-300B-4096", [], NEMOTRON_1_7B, params=1_714_377_728, train_iters=72661, checkpoint_iters=[72661]),
+        _run(
+            "1.7b-nemotron-cc-hq-300B-4096",
+            [],
+            NEMOTRON_1_7B,
+            params=1_714_377_728,
+            train_iters=72661,
+            checkpoint_iters=[72661],
+        ),
         _run("1.7b-dclm-300B-4096", [], DCLM_1_7B, params=1_714_377_728, train_iters=72661, checkpoint_iters=[72661]),
     ]
     build_report({"protocol": OPEN_SCI_REF_PROTOCOL, "runs": runs}, REFERENCE, tmp_path)
@@ -171,7 +180,9 @@ def test_clear_errors(tmp_path: Path):
     with pytest.raises(ValueError, match="o.json.*run-x"):
         build_report({"protocol": SMALL_PROTOCOL, "runs": [_run("run-a", [other_run])]}, REFERENCE, tmp_path / "r2")
     with pytest.raises(ValueError, match="reference_run"):
-        build_report({"protocol": SMALL_PROTOCOL, "runs": [_run("run-a", [], "no-such-run")]}, REFERENCE, tmp_path / "r3")
+        build_report(
+            {"protocol": SMALL_PROTOCOL, "runs": [_run("run-a", [], "no-such-run")]}, REFERENCE, tmp_path / "r3"
+        )
     with pytest.raises(ValueError, match="lacks key 'checkpoint_iters'"):
         run = _run("run-a", [])
         del run["checkpoint_iters"]
@@ -233,14 +244,36 @@ def test_training_logs_are_folded_in(tmp_path):
     from osref.report import training_log, training_summary
 
     metrics = tmp_path / "train_metrics.jsonl"
-    metrics.write_text("".join(
-        json.dumps({"iteration": i, "consumed_tokens": i * 10, "loss": 10.0 - i, "lr": 0.001 * i,
-                    "grad_norm": 1.0, "tokens_per_s": 100.0 + i}) + "\n" for i in range(1, 8)))
+    metrics.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "iteration": i,
+                    "consumed_tokens": i * 10,
+                    "loss": 10.0 - i,
+                    "lr": 0.001 * i,
+                    "grad_norm": 1.0,
+                    "tokens_per_s": 100.0 + i,
+                }
+            )
+            + "\n"
+            for i in range(1, 8)
+        )
+    )
     valid = tmp_path / "valid_metrics.jsonl"
     valid.write_text(json.dumps({"iteration": 7, "consumed_tokens": 70, "valid_loss": 3.5}) + "\n")
-    manifest = {"runs": [{"run_id": "r", "train_metrics": str(metrics), "valid_metrics": str(valid),
-                          "global_batch_size": 1, "seq_length": 10},
-                         {"run_id": "not-started", "train_metrics": str(tmp_path / "absent.jsonl")}]}
+    manifest = {
+        "runs": [
+            {
+                "run_id": "r",
+                "train_metrics": str(metrics),
+                "valid_metrics": str(valid),
+                "global_batch_size": 1,
+                "seq_length": 10,
+            },
+            {"run_id": "not-started", "train_metrics": str(tmp_path / "absent.jsonl")},
+        ]
+    }
     log = training_log(manifest)
     assert list(log["iteration"]) == list(range(1, 8)) and set(log["run_id"]) == {"r"}
     summary = training_summary(manifest, log).set_index("run_id")

@@ -39,10 +39,19 @@ def interrupted(tmp_path_factory) -> SimpleNamespace:
     log_path = tmp / "interrupted.log"
     t0 = time.monotonic()
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         try:  # results.csv is the report's first output; its plots and index.html take seconds more
-            while proc.poll() is None and not (demo / "report" / "results.csv").exists() and time.monotonic() - t0 < TIMEOUT_S:
+            while (
+                proc.poll() is None
+                and not (demo / "report" / "results.csv").exists()
+                and time.monotonic() - t0 < TIMEOUT_S
+            ):
                 time.sleep(0.1)
             assert proc.poll() is None, f"the demo ended before the report started:\n{log_path.read_text()[-3000:]}"
             os.killpg(proc.pid, signal.SIGINT)
@@ -51,7 +60,12 @@ def interrupted(tmp_path_factory) -> SimpleNamespace:
     print(f"SIGINT after {time.monotonic() - t0:.0f} s")
     incomplete_dir = work / ".snakemake" / "incomplete"
     state = SimpleNamespace(
-        work=work, demo=demo, cmd=cmd, config=config, first_rc=first_rc, first_log=log_path.read_text(),
+        work=work,
+        demo=demo,
+        cmd=cmd,
+        config=config,
+        first_rc=first_rc,
+        first_log=log_path.read_text(),
         incomplete=sorted(p.name for p in incomplete_dir.iterdir()) if incomplete_dir.is_dir() else [],
         html_after_interrupt=(demo / "report" / "index.html").exists(),
     )
@@ -108,8 +122,13 @@ def test_plan_works_as_the_readme_writes_it(tmp_path):
     assert commands, "the README shows no plan command"
     for command in commands:  # run from the repository root, only the working directory redirected
         work = tmp_path / f"w{commands.index(command)}"
-        proc = subprocess.run([*shlex.split(command), "-d", str(work)], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        proc = subprocess.run(
+            [*shlex.split(command), "-d", str(work)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        )
         assert proc.returncode == 0, f"{command}:\n{proc.stderr[-3000:]}"
         assert len((work / "results" / "plan.csv").read_text().splitlines()) == 1 + 36
 

@@ -32,12 +32,12 @@ def grid_of(raw: dict, mutate=None, data_root: Path | None = None):
     if mutate:
         mutate(config)
     if data_root is not None:
-        config["paths"] = {"data": str(data_root / "data"), "runs": str(data_root / "runs"),
-                           "results": str(data_root)}
+        config["paths"] = {"data": str(data_root / "data"), "runs": str(data_root / "runs"), "results": str(data_root)}
     return load_grid(config)
 
 
 # ---- the formula -----------------------------------------------------------------------------------
+
 
 def test_groups_needed_takes_the_share_of_the_dataset_times_the_safety_factor():
     assert groups_needed(100, 30e9, 300e9, 1.0) == 10
@@ -66,6 +66,7 @@ def test_tokens_read_counts_the_train_share_of_the_split(release_raw):
 
 
 # ---- the release grid ------------------------------------------------------------------------------
+
 
 def test_release_grid_fetches_only_what_its_largest_run_needs(release_raw):
     grid = grid_of(release_raw)
@@ -113,8 +114,11 @@ def test_a_bigger_budget_only_adds_groups_and_never_relists(release_raw):
     assert after.shard_groups("dclm")[: len(before.shard_groups("dclm"))] == before.shard_groups("dclm")
     # membership is decided by the listing, whose inputs do not include budgets or size estimates
     resized = grid_of(release_raw, lambda c: c["datasets"]["dclm"].update(approx_bytes=9e12, data_safety=2.0))
-    assert (WorkflowIndex(after).listing_params("dclm") == WorkflowIndex(before).listing_params("dclm")
-            == WorkflowIndex(resized).listing_params("dclm"))
+    assert (
+        WorkflowIndex(after).listing_params("dclm")
+        == WorkflowIndex(before).listing_params("dclm")
+        == WorkflowIndex(resized).listing_params("dclm")
+    )
     # and the listing chunks the whole file list into shard_groups, whatever the runs use
     files = [{"path": f"f{i:03d}", "size": 100 + i} for i in range(40)]
     assert assign_groups(files, 8) == assign_groups(list(files), 8)
@@ -134,6 +138,7 @@ def test_bad_groups_used_names_the_key(release_raw):
 
 
 # ---- the plan --------------------------------------------------------------------------------------
+
 
 def test_plan_shows_groups_and_counts_tokens_of_the_run_groups_once_tokenized(release_raw, tmp_path):
     grid = grid_of(release_raw, data_root=tmp_path)

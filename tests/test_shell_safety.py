@@ -59,8 +59,16 @@ def odd_config(tmp_path: Path) -> dict:
     config["tokenizer"] = {"path": str(tokenizer)}
     block = config["datasets"].pop("pydocs")
     config["datasets"]["eval-corpus"] = dict(block)  # the local lm-eval tasks read a "text" field
-    block.update(paths=[str(corpus)], format="jsonl", text_field=text_field, label=ODD, notes=ODD, license=ODD,
-                 approx_bytes=corpus.stat().st_size, max_documents=DOCUMENTS)
+    block.update(
+        paths=[str(corpus)],
+        format="jsonl",
+        text_field=text_field,
+        label=ODD,
+        notes=ODD,
+        license=ODD,
+        approx_bytes=corpus.stat().st_size,
+        max_documents=DOCUMENTS,
+    )
     config["datasets"][DATASET] = block
     config["recipes"] = {ODD: {**config["recipes"]["demo"], "warmup_iters": 1, "save_interval": 2}}
     config["scales"]["tiny"]["num_layers"] = 2
@@ -79,10 +87,25 @@ def write_config(tmp_path: Path, config: dict, name: str = "odd.yaml") -> Path:
 
 
 def snakemake(work: Path, config: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "-d", str(work),
-           "--profile", str(ROOT / "profiles" / "local"), "--cores", "2", "--configfile", str(config)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(work),
+        "--profile",
+        str(ROOT / "profiles" / "local"),
+        "--cores",
+        "2",
+        "--configfile",
+        str(config),
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def assert_no_canary(*roots: Path) -> None:
@@ -98,7 +121,7 @@ def shell_commands(output: str) -> dict[str, list[list[str]]]:
         if line.startswith(("rule ", "localrule ")):
             rule = line.split()[1].rstrip(":")
         elif line.startswith("Shell command: ") and rule:
-            commands.setdefault(rule, []).append(shlex.split(line[len("Shell command: "):]))
+            commands.setdefault(rule, []).append(shlex.split(line[len("Shell command: ") :]))
     return commands
 
 
@@ -132,7 +155,7 @@ def test_odd_strings_in_every_free_text_field_run_nothing(tmp_path):
     for evaluate in commands["evaluate_group"]:
         assert f"--hf-dir={hf_dir}" in evaluate and f"--include-path={data}/eval_tasks" in evaluate
         assert f"--hf-home={results}/hf_home" in evaluate and "--device=cpu" in evaluate
-        protocol = json.loads(next(w for w in evaluate if w.startswith("--tasks-json="))[len("--tasks-json="):])
+        protocol = json.loads(next(w for w in evaluate if w.startswith("--tasks-json="))[len("--tasks-json=") :])
         assert [t["task"] for t in protocol] == [t["task"] for t in config["evaluation"]["protocols"][ODD]]
     (tasks,) = commands["build_eval_tasks"]
     assert f"--out={data}/eval_tasks" in tasks
@@ -141,19 +164,26 @@ def test_odd_strings_in_every_free_text_field_run_nothing(tmp_path):
         assert not {";", "|", "&"} & set(words), words
 
     # the fields that reach a command only on GPUs or with a container
-    cuda = dict(config, cluster={**config.get("cluster", {}), "device": "cuda", "container": f"image {ODD}.sif",
-                                 "nccl_env": {"NCCL_SOCKET_IFNAME": ODD}})
+    cuda = dict(
+        config,
+        cluster={
+            **config.get("cluster", {}),
+            "device": "cuda",
+            "container": f"image {ODD}.sif",
+            "nccl_env": {"NCCL_SOCKET_IFNAME": ODD},
+        },
+    )
     cuda["evaluation"] = {**config["evaluation"], "device": f"cuda {ODD}"}
     dry = snakemake(work, write_config(tmp_path, cuda, "odd_cuda.yaml"), "-n", "-p", "--forceall")
     assert dry.returncode == 0, dry.stderr[-3000:]
     commands = shell_commands(dry.stdout + dry.stderr)
     (train,) = commands["train_segment"]
     assert f"NCCL_SOCKET_IFNAME={ODD}" in train and f"image {ODD}.sif" in train
-    assert train[train.index(f"image {ODD}.sif") - 2:][:2] == ["exec", "--nv"]
+    assert train[train.index(f"image {ODD}.sif") - 2 :][:2] == ["exec", "--nv"]
     (tokenize,) = commands["tokenize_group"]
     assert f"--text-field=text {ODD}" in tokenize and f"--tokenizer={config['tokenizer']['path']}" in tokenize
     (listing,) = [words for words in commands["list_dataset"] if f"--name={DATASET}" in words]
-    listing = json.loads(next(w for w in listing if w.startswith("--dataset-json="))[len("--dataset-json="):])
+    listing = json.loads(next(w for w in listing if w.startswith("--dataset-json="))[len("--dataset-json=") :])
     assert listing["paths"] == config["datasets"][DATASET]["paths"]
     assert all(f"--device=cuda {ODD}" in words for words in commands["evaluate_group"])
     assert_no_canary(tmp_path, work)
@@ -178,8 +208,9 @@ def test_odd_paths_carry_the_whole_chain_and_an_odd_device_is_refused_whole(tmp_
     device = f"cpu {ODD}"
     odd_device = dict(config, evaluation={**config["evaluation"], "device": device})
     target = f"{runs}/{RUN_ID}/eval/iter_0000002/0shot.json"
-    proc = snakemake(work, write_config(tmp_path, odd_device, "odd_device.yaml"), target,
-                     "--forcerun", "evaluate_group")
+    proc = snakemake(
+        work, write_config(tmp_path, odd_device, "odd_device.yaml"), target, "--forcerun", "evaluate_group"
+    )
     assert proc.returncode != 0
     log = (results / "logs" / "evaluate" / RUN_ID / "iter_0000002" / "0shot.log").read_text()
     assert f"--device {device!r} (config evaluation.device): not a torch device" in log, log[-2000:]

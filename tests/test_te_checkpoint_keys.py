@@ -40,8 +40,13 @@ TE_LAYER_TENSORS = {
 }
 TE_LAYER_EXTRA_STATE = [
     f"{module}._extra_state"
-    for module in ("self_attention.linear_qkv", "self_attention.core_attention", "self_attention.linear_proj",
-                   "mlp.linear_fc1", "mlp.linear_fc2")
+    for module in (
+        "self_attention.linear_qkv",
+        "self_attention.core_attention",
+        "self_attention.linear_proj",
+        "mlp.linear_fc1",
+        "mlp.linear_fc2",
+    )
 ]
 TE_ONLY = {"decoder.layers.self_attention.core_attention._extra_state"}  # local attention has no extra state
 
@@ -68,9 +73,14 @@ def _split(sharded: dict):
 def _moments(optimizer) -> list[torch.Tensor]:
     from osref.kernels import _torch_optimizers
 
-    return [state[name].clone() for inner in _torch_optimizers(optimizer)
-            for group in inner.param_groups for p in group["params"]
-            for state in [inner.state[p]] for name in ("exp_avg", "exp_avg_sq")]
+    return [
+        state[name].clone()
+        for inner in _torch_optimizers(optimizer)
+        for group in inner.param_groups
+        for p in group["params"]
+        for state in [inner.state[p]]
+        for name in ("exp_avg", "exp_avg_sq")
+    ]
 
 
 def test_local_spec_checkpoint_keys_are_te_keys(data_root, tmp_path):
@@ -81,8 +91,14 @@ def test_local_spec_checkpoint_keys_are_te_keys(data_root, tmp_path):
     spec = ModelSpec.from_run(run)
     module = _build_trainer(run).model.module
     tensors, objects = _split(module.sharded_state_dict())
-    h, f, n, d, g, layers = (spec.hidden_size, spec.ffn_hidden_size, spec.num_attention_heads, spec.head_dim,
-                             spec.query_groups, spec.num_layers)
+    h, f, n, d, g, layers = (
+        spec.hidden_size,
+        spec.ffn_hidden_size,
+        spec.num_attention_heads,
+        spec.head_dim,
+        spec.query_groups,
+        spec.num_layers,
+    )
     expected = {f"decoder.layers.{key}": shape(h, f, n, d, g) for key, shape in TE_LAYER_TENSORS.items()}
     expected |= {"embedding.word_embeddings.weight": (spec.vocab_size, h), "decoder.final_layernorm.weight": (h,)}
     assert tensors == expected
@@ -109,8 +125,9 @@ def test_a_te_layout_checkpoint_resumes_and_loads_for_export_without_te(data_roo
         trainer.step(iteration)
     module = trainer.model.module
     layers = module.config.num_layers
-    state = checkpointing._sharded_state_dict(module, trainer.optimizer, trainer.scheduler,
-                                              is_loading=False, dist_optimizer=False)
+    state = checkpointing._sharded_state_dict(
+        module, trainer.optimizer, trainer.scheduler, is_loading=False, dist_optimizer=False
+    )
     fp8_meta = io.BytesIO(b"te fp8 metadata")
     for key, obj in list(state["model"].items()):
         if key.endswith("_extra_state"):

@@ -161,17 +161,26 @@ def test_empty_documents_are_indexed_exactly_as_megatron_does(tokenizer, docs, t
 
 def test_large_document(tokenizer, tmp_path):
     big = "word " * 400_000  # 2 MB in one document
-    stats = tokenize_files([write_jsonl(tmp_path / "b.jsonl", [big])], tmp_path / "b", tokenizer, fmt="jsonl", progress=False)
+    stats = tokenize_files(
+        [write_jsonl(tmp_path / "b.jsonl", [big])], tmp_path / "b", tokenizer, fmt="jsonl", progress=False
+    )
     assert stats["documents"] == 1 and stats["tokens"] > 400_000
 
 
 def test_max_documents(tokenizer, docs, tmp_path):
-    stats = tokenize_files([write_jsonl(tmp_path / "m.jsonl", docs)], tmp_path / "m", tokenizer, fmt="jsonl",
-                           max_documents=5, progress=False)
+    stats = tokenize_files(
+        [write_jsonl(tmp_path / "m.jsonl", docs)],
+        tmp_path / "m",
+        tokenizer,
+        fmt="jsonl",
+        max_documents=5,
+        progress=False,
+    )
     assert stats["documents"] == 5
 
 
 # ---- bad input: a clear error naming the file, and no output pair left behind --------------------------
+
 
 def assert_fails_cleanly(tokenizer, files, fmt, tmp_path, match):
     with pytest.raises(InputError, match=match):
@@ -213,6 +222,7 @@ def test_parquet_without_text_column(tokenizer, tmp_path):
 
 # ---- bad rows: fail naming file and line, or skip and count them (the pipeline's default) ----------------
 
+
 def _jsonl_bytes(path: Path, *lines: bytes) -> Path:
     path.write_bytes(b"".join(line + b"\n" for line in lines))
     return path
@@ -225,17 +235,33 @@ def _parquet_column(path: Path, values, type_=None) -> Path:
 
 BAD_ROWS = {
     # name: (file maker, format, what the message says)
-    "json surrogate escape": (lambda d: _jsonl_bytes(d / "s.jsonl", b'{"text": "ok"}', b'{"text": "a\\ud800b"}'),
-                              "jsonl", r"s\.jsonl: line 2: .*lone surrogate U\+D800"),
-    "cesu-8 surrogate bytes": (lambda d: _jsonl_bytes(d / "c.jsonl", b'{"text": "ok"}', b'{"text": "a\xed\xa0\x80b"}'),
-                               "jsonl", r"c\.jsonl: line 2: .*lone surrogate U\+D800"),
-    "null text": (lambda d: _jsonl_bytes(d / "n.jsonl", b'{"text": "ok"}', b'{"text": null}'),
-                  "jsonl", r"n\.jsonl: line 2: field 'text' is NoneType, not a string"),
-    "list text": (lambda d: _jsonl_bytes(d / "l.jsonl", b'{"text": "ok"}', b'{"text": ["a", "b"]}'),
-                  "jsonl", r"l\.jsonl: line 2: field 'text' is list, not a string"),
+    "json surrogate escape": (
+        lambda d: _jsonl_bytes(d / "s.jsonl", b'{"text": "ok"}', b'{"text": "a\\ud800b"}'),
+        "jsonl",
+        r"s\.jsonl: line 2: .*lone surrogate U\+D800",
+    ),
+    "cesu-8 surrogate bytes": (
+        lambda d: _jsonl_bytes(d / "c.jsonl", b'{"text": "ok"}', b'{"text": "a\xed\xa0\x80b"}'),
+        "jsonl",
+        r"c\.jsonl: line 2: .*lone surrogate U\+D800",
+    ),
+    "null text": (
+        lambda d: _jsonl_bytes(d / "n.jsonl", b'{"text": "ok"}', b'{"text": null}'),
+        "jsonl",
+        r"n\.jsonl: line 2: field 'text' is NoneType, not a string",
+    ),
+    "list text": (
+        lambda d: _jsonl_bytes(d / "l.jsonl", b'{"text": "ok"}', b'{"text": ["a", "b"]}'),
+        "jsonl",
+        r"l\.jsonl: line 2: field 'text' is list, not a string",
+    ),
     "parquet invalid utf-8": (
-        lambda d: _parquet_column(d / "u.parquet", pa.array([b"ok", b"a\xed\xa0\x80b"], pa.binary()).cast(pa.string(), safe=False)),
-        "parquet", r"u\.parquet: row 2: not UTF-8"),
+        lambda d: _parquet_column(
+            d / "u.parquet", pa.array([b"ok", b"a\xed\xa0\x80b"], pa.binary()).cast(pa.string(), safe=False)
+        ),
+        "parquet",
+        r"u\.parquet: row 2: not UTF-8",
+    ),
 }
 
 
@@ -252,8 +278,9 @@ def test_a_bad_row_fails_naming_file_and_line_when_asked_to(tokenizer, tmp_path,
 def test_a_bad_row_is_skipped_and_counted_naming_file_and_line(tokenizer, tmp_path, kind):
     make, fmt, match = BAD_ROWS[kind]
     path = make(tmp_path)
-    stats = tokenize_files([path], tmp_path / "g", tokenizer, fmt=fmt, bad_documents="skip", max_bad_fraction=0.5,
-                           progress=False)
+    stats = tokenize_files(
+        [path], tmp_path / "g", tokenizer, fmt=fmt, bad_documents="skip", max_bad_fraction=0.5, progress=False
+    )
     assert (stats["documents"], stats["bad_documents"]) == (1, 1)
     assert re.search(match, stats["bad_examples"][0])
     expected = tokenizer.encode("ok", add_special_tokens=False).ids + [0]
@@ -264,18 +291,31 @@ def test_too_many_bad_rows_fail_the_group_even_when_skipping(tokenizer, docs, tm
     """One bad row in a big group is noise; a wrong text field or a broken file is not."""
     lines = [json.dumps({"text": t}).encode() for t in docs[:9]] + [b'{"text": 5}']
     path = _jsonl_bytes(tmp_path / "b.jsonl", *lines)
-    stats = tokenize_files([path], tmp_path / "ok", tokenizer, fmt="jsonl", bad_documents="skip",
-                           max_bad_fraction=0.1, progress=False)
+    stats = tokenize_files(
+        [path], tmp_path / "ok", tokenizer, fmt="jsonl", bad_documents="skip", max_bad_fraction=0.1, progress=False
+    )
     assert stats["bad_documents"] == 1
-    with pytest.raises(InputError, match=r"1 of 10 rows \(10\.0 %\) were bad, more than max_bad_fraction 0\.05.*"
-                                         r"b\.jsonl: line 10: field 'text' is int"):
-        tokenize_files([path], tmp_path / "out" / "g", tokenizer, fmt="jsonl", bad_documents="skip",
-                       max_bad_fraction=0.05, progress=False)
+    with pytest.raises(
+        InputError,
+        match=r"1 of 10 rows \(10\.0 %\) were bad, more than max_bad_fraction 0\.05.*"
+        r"b\.jsonl: line 10: field 'text' is int",
+    ):
+        tokenize_files(
+            [path],
+            tmp_path / "out" / "g",
+            tokenizer,
+            fmt="jsonl",
+            bad_documents="skip",
+            max_bad_fraction=0.05,
+            progress=False,
+        )
     assert list((tmp_path / "out").glob("*")) == []
 
 
-@pytest.mark.parametrize("values, type_name", [([1, 2], "int64"), ([["a"], ["b"]], "list<element: string>"),
-                                               ([{"a": "x"}], "struct<a: string>")])
+@pytest.mark.parametrize(
+    "values, type_name",
+    [([1, 2], "int64"), ([["a"], ["b"]], "list<element: string>"), ([{"a": "x"}], "struct<a: string>")],
+)
 def test_a_parquet_text_column_that_is_not_text_fails_naming_file_and_type(tokenizer, tmp_path, values, type_name):
     """A column type is the file's schema, not one bad row: it fails whatever the policy."""
     path = _parquet_column(tmp_path / "t.parquet", values)
@@ -307,18 +347,29 @@ def test_corrupt_input_with_workers_fails_cleanly(tokenizer, docs, tmp_path):
     data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"z\.jsonl\.zst: corrupt"):
-        tokenize_files([good, path], tmp_path / "out" / "g", tokenizer, fmt="jsonl.zst", workers=2, batch_size=10,
-                       progress=False)
+        tokenize_files(
+            [good, path], tmp_path / "out" / "g", tokenizer, fmt="jsonl.zst", workers=2, batch_size=10, progress=False
+        )
     assert list((tmp_path / "out").glob("*")) == []
 
 
 # ---- parallel workers and backends: the same bytes or no shard ---------------------------------------
 
+
 @pytest.mark.parametrize("start_method", [None, "spawn"])  # None: fork on Linux, after this process encoded
 def test_two_workers_write_the_same_bytes_as_one(tokenizer, tmp_path, start_method):
     one = tokenize_files([CORPUS], tmp_path / "one", tokenizer, fmt="jsonl.zst", max_documents=300, progress=False)
-    two = tokenize_files([CORPUS], tmp_path / "two", tokenizer, fmt="jsonl.zst", max_documents=300, batch_size=23,
-                         workers=2, progress=False, start_method=start_method)
+    two = tokenize_files(
+        [CORPUS],
+        tmp_path / "two",
+        tokenizer,
+        fmt="jsonl.zst",
+        max_documents=300,
+        batch_size=23,
+        workers=2,
+        progress=False,
+        start_method=start_method,
+    )
     assert (two["documents"], two["tokens"], two["text_bytes"]) == (one["documents"], one["tokens"], one["text_bytes"])
     assert two["workers"] == 2 and one["documents"] == 300
     for ext in ("bin", "idx"):
@@ -327,8 +378,17 @@ def test_two_workers_write_the_same_bytes_as_one(tokenizer, tmp_path, start_meth
 
 def test_one_process_with_an_encode_thread_writes_the_same_bytes(tokenizer, tmp_path):
     one = tokenize_files([CORPUS], tmp_path / "one", tokenizer, fmt="jsonl.zst", max_documents=300, progress=False)
-    threads = tokenize_files([CORPUS], tmp_path / "threads", tokenizer, fmt="jsonl.zst", max_documents=300,
-                             batch_size=23, workers=2, parallelism="threads", progress=False)
+    threads = tokenize_files(
+        [CORPUS],
+        tmp_path / "threads",
+        tokenizer,
+        fmt="jsonl.zst",
+        max_documents=300,
+        batch_size=23,
+        workers=2,
+        parallelism="threads",
+        progress=False,
+    )
     assert threads["tokens"] == one["tokens"]
     for ext in ("bin", "idx"):
         assert sha256(tmp_path / f"threads.{ext}") == sha256(tmp_path / f"one.{ext}")
@@ -359,24 +419,51 @@ class OneTokenOffEncoder(HFEncoder):
 
 def test_sample_check_refuses_a_shard_that_differs_from_hf(tokenizer, docs, tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", docs)
-    with pytest.raises(BackendMismatch, match=r"'one-off' differs from HF tokenizers on non-empty document 3 .* token 1"):
-        tokenize_files([path], tmp_path / "out" / "g", tokenizer, fmt="jsonl", batch_size=2,
-                       backend=OneTokenOffEncoder(tokenizer), verify_documents=10, progress=False)
+    with pytest.raises(
+        BackendMismatch, match=r"'one-off' differs from HF tokenizers on non-empty document 3 .* token 1"
+    ):
+        tokenize_files(
+            [path],
+            tmp_path / "out" / "g",
+            tokenizer,
+            fmt="jsonl",
+            batch_size=2,
+            backend=OneTokenOffEncoder(tokenizer),
+            verify_documents=10,
+            progress=False,
+        )
     assert list((tmp_path / "out").glob("*")) == []
 
 
 def test_sample_check_looks_only_at_the_first_documents(tokenizer, docs, tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", docs)
-    stats = tokenize_files([path], tmp_path / "g", tokenizer, fmt="jsonl", batch_size=2,
-                           backend=OneTokenOffEncoder(tokenizer), verify_documents=3, progress=False)
+    stats = tokenize_files(
+        [path],
+        tmp_path / "g",
+        tokenizer,
+        fmt="jsonl",
+        batch_size=2,
+        backend=OneTokenOffEncoder(tokenizer),
+        verify_documents=3,
+        progress=False,
+    )
     assert stats["verified_documents"] == 3 and stats["backend"] == "one-off"
 
 
 def test_gigatoken_shard_is_accepted_and_identical(tokenizer, tmp_path):
     pytest.importorskip("gigatoken")
     hf = tokenize_files([CORPUS], tmp_path / "hf", tokenizer, fmt="jsonl.zst", max_documents=200, progress=False)
-    giga = tokenize_files([CORPUS], tmp_path / "giga", tokenizer, fmt="jsonl.zst", max_documents=200, batch_size=64,
-                          backend="gigatoken", verify_documents=100, progress=False)
+    giga = tokenize_files(
+        [CORPUS],
+        tmp_path / "giga",
+        tokenizer,
+        fmt="jsonl.zst",
+        max_documents=200,
+        batch_size=64,
+        backend="gigatoken",
+        verify_documents=100,
+        progress=False,
+    )
     assert giga["verified_documents"] == 100 and giga["backend"] == "gigatoken"
     assert giga["text_bytes"] == hf["text_bytes"]
     for ext in ("bin", "idx"):
@@ -394,11 +481,17 @@ def test_unavailable_backends_fail_clearly(tokenizer, tmp_path, monkeypatch):
 
 # ---- per-dataset manifest ------------------------------------------------------------------------------
 
+
 def test_dataset_manifest_sums_the_groups(tokenizer, docs, tmp_path):
     stats_paths = []
     for group, texts in enumerate([docs[:20], docs[20:] + ["", ""]]):
-        stats = tokenize_files([write_jsonl(tmp_path / f"{group}.jsonl", texts)], tmp_path / f"group_{group:03d}",
-                               tokenizer, fmt="jsonl", progress=False)
+        stats = tokenize_files(
+            [write_jsonl(tmp_path / f"{group}.jsonl", texts)],
+            tmp_path / f"group_{group:03d}",
+            tokenizer,
+            fmt="jsonl",
+            progress=False,
+        )
         stats.update({"dataset": "demo", "group": group})
         stats_paths.append(tmp_path / f"group_{group:03d}.stats.json")
         stats_paths[-1].write_text(json.dumps(stats))
@@ -413,8 +506,9 @@ def test_dataset_manifest_sums_the_groups(tokenizer, docs, tmp_path):
 
 def test_dataset_manifest_refuses_mixed_datasets(tmp_path):
     for name in ("a", "b"):
-        (tmp_path / f"{name}.json").write_text(json.dumps(
-            {"dataset": name, "documents": 1, "tokens": 2, "text_bytes": 3, "empty_documents": 0}))
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps({"dataset": name, "documents": 1, "tokens": 2, "text_bytes": 3, "empty_documents": 0})
+        )
     with pytest.raises(ValueError, match="several datasets"):
         dataset_manifest([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "m.json")
 
@@ -435,21 +529,43 @@ def test_disk_full_during_tokenize_names_the_file_and_leaves_no_partial_shard(tm
     out_dir.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("disk-full test needs root to mount a small tmpfs (not root here)")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "osref-enospc", str(out_dir)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "osref-enospc", str(out_dir)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"disk-full test: cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
     try:
         manifest = tmp_path / "manifest.json"
-        manifest.write_text(json.dumps({
-            "dataset": "pydocs", "group": 0,
-            "files": [{"path": str(root_dir / "assets/demo-corpus/pydocs311_rst_corpus.jsonl.zst")}]}))
+        manifest.write_text(
+            json.dumps(
+                {
+                    "dataset": "pydocs",
+                    "group": 0,
+                    "files": [{"path": str(root_dir / "assets/demo-corpus/pydocs311_rst_corpus.jsonl.zst")}],
+                }
+            )
+        )
         prefix = out_dir / "group_000"
         proc = subprocess.run(
-            [sys.executable, str(root_dir / "scripts/tokenize_group.py"), "--manifest", str(manifest),
-             "--format", "jsonl.zst", "--tokenizer", str(root_dir / "assets/gpt-neox-20b"),
-             "--max-documents", "300", "--out-prefix", str(prefix), "--stats", str(out_dir / "group_000.stats.json")],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                str(root_dir / "scripts/tokenize_group.py"),
+                "--manifest",
+                str(manifest),
+                "--format",
+                "jsonl.zst",
+                "--tokenizer",
+                str(root_dir / "assets/gpt-neox-20b"),
+                "--max-documents",
+                "300",
+                "--out-prefix",
+                str(prefix),
+                "--stats",
+                str(out_dir / "group_000.stats.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode != 0, proc.stderr[-2000:]
         last_line = proc.stderr.strip().splitlines()[-1]
@@ -467,12 +583,28 @@ def test_a_downloaded_copy_whose_size_changed_is_refused_by_the_tokenize_job(doc
 
     data = write_jsonl(tmp_path / "part-0.jsonl", docs[:5])
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"dataset": "toy", "group": 0,
-                                    "files": [{"path": str(data), "size": data.stat().st_size - 7}]}))
+    manifest.write_text(
+        json.dumps({"dataset": "toy", "group": 0, "files": [{"path": str(data), "size": data.stat().st_size - 7}]})
+    )
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "tokenize_group.py"), "--manifest", str(manifest), "--format", "jsonl",
-         "--tokenizer", str(ROOT / "assets" / "gpt-neox-20b"), "--out-prefix", str(tmp_path / "out" / "g"),
-         "--stats", str(tmp_path / "out" / "g.stats.json")], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "tokenize_group.py"),
+            "--manifest",
+            str(manifest),
+            "--format",
+            "jsonl",
+            "--tokenizer",
+            str(ROOT / "assets" / "gpt-neox-20b"),
+            "--out-prefix",
+            str(tmp_path / "out" / "g"),
+            "--stats",
+            str(tmp_path / "out" / "g.stats.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert f"tokenize: {data} has {data.stat().st_size} bytes, its download manifest {manifest} says" in proc.stderr
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -71,8 +71,19 @@ def test_lr_follows_wsd_formula(full_run):
 
 
 METRIC_KEYS = {
-    "iteration", "consumed_tokens", "loss", "lr", "grad_norm", "step_s", "tokens_per_s", "tflops_per_gpu",
-    "mfu", "mem_gb", "elapsed_s", "eta_s", "kernels",
+    "iteration",
+    "consumed_tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "step_s",
+    "tokens_per_s",
+    "tflops_per_gpu",
+    "mfu",
+    "mem_gb",
+    "elapsed_s",
+    "eta_s",
+    "kernels",
 }
 
 
@@ -87,12 +98,25 @@ def test_metrics_records_have_throughput_and_progress_keys(full_run):
         assert record["tokens_per_s"] > 0 and record["tflops_per_gpu"] > 0 and record["mem_gb"] > 0
         assert record["mfu"] is None  # no peak for the CPU
         assert record["kernels"] == {  # the fused kernels in effect: none by default on the CPU
-            "megatron_fusions": False, "fused_cross_entropy": False, "fused_adamw": False,
-            "compile_layers": False, "sdpa_backends": None,
+            "megatron_fusions": False,
+            "fused_cross_entropy": False,
+            "fused_adamw": False,
+            "compile_layers": False,
+            "sdpa_backends": None,
         }
     assert records[-1]["eta_s"] == 0 and records[0]["eta_s"] > 0
     line = _console_line(records[-1], 40)
-    for label in ("iteration      40/40", "loss", "lr", "grad norm", "tok/s", "TFLOP/s/GPU", "MFU n/a", "mem", "ETA 0:00:00"):
+    for label in (
+        "iteration      40/40",
+        "loss",
+        "lr",
+        "grad norm",
+        "tok/s",
+        "TFLOP/s/GPU",
+        "MFU n/a",
+        "mem",
+        "ETA 0:00:00",
+    ):
         assert label in line, line
 
 
@@ -103,8 +127,11 @@ def test_mfu_peak_from_run_or_device_name(monkeypatch):
     assert peak_tflops_per_device({}) is None  # CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, peak in [
-        ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
-        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA L4", None),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA L4", None),
     ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
         assert peak_tflops_per_device({"peak_tflops": None}) == peak, name
@@ -115,9 +142,27 @@ def test_bench_train_runs_tiny_on_cpu():
     comparison against the first variant, and the attention kernels of a profiled step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, str(REPO / "scripts/bench_train.py"), "--tiny", "--steps", "3", "--warmup-steps", "1",
-         "--variants", "plain,fused_adamw", "--attention", "sdpa", "--profile", "--json"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+        [
+            sys.executable,
+            str(REPO / "scripts/bench_train.py"),
+            "--tiny",
+            "--steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--variants",
+            "plain,fused_adamw",
+            "--attention",
+            "sdpa",
+            "--profile",
+            "--json",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     ).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in rows] == ["plain", "fused_adamw"], out
@@ -226,9 +271,19 @@ def torchrun_train(run: dict, name: Path, until: int, extra: list[str] = ()) -> 
     run_json.write_text(json.dumps(run))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-        str(REPO / "scripts/train.py"), "--run-json", str(run_json), "--until", str(until),
-        "--marker", str(name.with_suffix(".done")), *extra,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={_free_port()}",
+        str(REPO / "scripts/train.py"),
+        "--run-json",
+        str(run_json),
+        "--until",
+        str(until),
+        "--marker",
+        str(name.with_suffix(".done")),
+        *extra,
     ]
     subprocess.run(cmd, env=env, check=True, timeout=300, cwd=REPO)
 
@@ -241,8 +296,13 @@ def test_data_parallel_two_ranks_identical(data_root, tmp_path, full_run):
     torchrun_train(run, tmp_path / "dp2", until=10, extra=["--dump-final-weights"])
     marker = json.loads((tmp_path / "dp2.done").read_text())
     assert marker["iteration"] == 10
-    assert marker["kernels"] == {"megatron_fusions": False, "fused_cross_entropy": False, "fused_adamw": False,
-                                 "compile_layers": False, "sdpa_backends": None}
+    assert marker["kernels"] == {
+        "megatron_fusions": False,
+        "fused_cross_entropy": False,
+        "fused_adamw": False,
+        "compile_layers": False,
+        "sdpa_backends": None,
+    }
     rank0 = torch.load(tmp_path / "dp2/weights_rank0.pt")
     rank1 = torch.load(tmp_path / "dp2/weights_rank1.pt")
     for key in rank0:

@@ -37,8 +37,13 @@ def fault_run(data_root: Path, run_dir: Path) -> Path:
     """A short tiny run written as a run JSON next to its run directory; returns the JSON path."""
     run = make_run(data_root, run_dir)
     run["train"].update(
-        train_iters=TRAIN_ITERS, warmup_iters=2, cooldown_iters=2, checkpoint_iters=CHECKPOINTS,
-        segment_ends=[TRAIN_ITERS], global_batch_size=4, micro_batch_size=4,
+        train_iters=TRAIN_ITERS,
+        warmup_iters=2,
+        cooldown_iters=2,
+        checkpoint_iters=CHECKPOINTS,
+        segment_ends=[TRAIN_ITERS],
+        global_batch_size=4,
+        micro_batch_size=4,
     )
     run_json = run_dir.with_suffix(".json")
     run_json.write_text(json.dumps(run))
@@ -56,8 +61,13 @@ def train_env(**extra: str) -> dict:
 
 def run_to_completion(run_json: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        train_command(run_json), env=train_env(), cwd=REPO, capture_output=True, text=True,
-        timeout=SUBPROCESS_TIMEOUT_S, check=True,
+        train_command(run_json),
+        env=train_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=True,
     )
 
 
@@ -65,8 +75,13 @@ def start_in_own_session(run_json: Path, **extra_env: str) -> subprocess.Popen:
     """Start training in a new process group, so that killing it also ends the checkpoint
     writer's helper processes."""
     return subprocess.Popen(
-        train_command(run_json), env=train_env(**extra_env), cwd=REPO, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        train_command(run_json),
+        env=train_env(**extra_env),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -88,7 +103,7 @@ def logged_iterations(run_dir: Path) -> list[int]:
 def checkpoint_dirs(run_dir: Path) -> dict[int, bool]:
     """iteration → has complete.json, for every iter_* directory."""
     root = run_dir / "checkpoints"
-    return {int(d.name[len("iter_"):]): (d / "complete.json").is_file() for d in sorted(root.glob("iter_*"))}
+    return {int(d.name[len("iter_") :]): (d / "complete.json").is_file() for d in sorted(root.glob("iter_*"))}
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +209,14 @@ def test_diverging_learning_rate_stops_the_segment_naming_the_iteration(data_roo
     run["train"].update(lr=1e6, clip_grad=0.0, checkpoint_iters=[2, 4, 6, 8])
     run_json.write_text(json.dumps(run))
     marker = tmp_path / "segment.json"
-    proc = subprocess.run(train_command(run_json) + ["--marker", str(marker)], env=train_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    proc = subprocess.run(
+        train_command(run_json) + ["--marker", str(marker)],
+        env=train_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
     assert proc.returncode == EXIT_NON_FINITE, proc.stderr[-3000:]
     assert "iteration 3: the loss or the gradient norm is not finite (loss 10.8258, gradient norm nan)" in proc.stderr
     assert "training diverged" in proc.stderr
@@ -211,19 +232,25 @@ def _poisoned_complete_checkpoint(run: dict, source: int, iteration: int, monkey
     from osref import checkpointing, training
 
     trainer = training._build_trainer(run)
-    checkpointing.load_checkpoint(checkpointing.checkpoint_dir(run["paths"]["run_dir"], source),
-                                  trainer.model.module, trainer.optimizer, trainer.scheduler)
+    checkpointing.load_checkpoint(
+        checkpointing.checkpoint_dir(run["paths"]["run_dir"], source),
+        trainer.model.module,
+        trainer.optimizer,
+        trainer.scheduler,
+    )
     with torch.no_grad():
         for param in trainer.model.module.parameters():
             param.fill_(float("nan"))
     with monkeypatch.context() as patch:
         patch.setattr(checkpointing, "model_is_finite", lambda model: True, raising=False)  # (old code: no check)
-        checkpointing.save_checkpoint(run["paths"]["run_dir"], iteration, 0, trainer.model.module,
-                                      trainer.optimizer, trainer.scheduler)
+        checkpointing.save_checkpoint(
+            run["paths"]["run_dir"], iteration, 0, trainer.model.module, trainer.optimizer, trainer.scheduler
+        )
     marker = json.loads((Path(run["paths"]["run_dir"]) / f"checkpoints/iter_{iteration:07d}/complete.json").read_text())
     marker.pop("finite", None)  # and without the flag of a checked save
-    checkpointing.write_json_atomic(Path(run["paths"]["run_dir"]) / f"checkpoints/iter_{iteration:07d}/complete.json",
-                                    marker)
+    checkpointing.write_json_atomic(
+        Path(run["paths"]["run_dir"]) / f"checkpoints/iter_{iteration:07d}/complete.json", marker
+    )
 
 
 def test_resume_skips_a_complete_checkpoint_holding_nan(data_root, reference, tmp_path, monkeypatch):
@@ -254,8 +281,9 @@ def test_a_nan_model_is_never_saved(data_root, tmp_path):
     with torch.no_grad():
         next(trainer.model.module.parameters()).view(-1)[0] = float("inf")
     with pytest.raises(checkpointing.NonFiniteCheckpoint, match="iteration 10: the model holds NaN/inf"):
-        checkpointing.save_checkpoint(tmp_path / "nan-save", 10, 0, trainer.model.module, trainer.optimizer,
-                                      trainer.scheduler)
+        checkpointing.save_checkpoint(
+            tmp_path / "nan-save", 10, 0, trainer.model.module, trainer.optimizer, trainer.scheduler
+        )
     assert not (tmp_path / "nan-save" / "checkpoints").exists()
 
 
@@ -281,8 +309,14 @@ def test_second_trainer_on_the_same_run_is_refused_naming_the_first(data_root, r
         os.killpg(first.pid, signal.SIGSTOP)
         before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
 
-        second = subprocess.run(train_command(run_json), env=train_env(), cwd=REPO, capture_output=True,
-                                text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        second = subprocess.run(
+            train_command(run_json),
+            env=train_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT_S,
+        )
         assert second.returncode == EXIT_LOCKED, second.stderr[-3000:]
         assert "another job trains this run" in second.stderr
         assert f"on host {socket.gethostname()}, pid {first.pid}, Slurm job 424242" in second.stderr

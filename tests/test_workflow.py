@@ -19,8 +19,16 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 # run needs, c4 32/32, pile 30/30, slimpajama 75/128, fineweb-edu 241/256, dclm 164/512,
 # nemotron-cc-hq 256/256, hplt 66/512, commoncorpus 47/256; 1562 evaluated checkpoints; 3 shot
 # groups). A change here is a change of the plan: update it knowingly.
-RELEASE_GROUPS = {"c4": 32, "pile": 30, "slimpajama": 75, "fineweb-edu-1.4t": 241, "dclm": 164,
-                  "nemotron-cc-hq": 256, "hplt-2.0": 66, "commoncorpus": 47}
+RELEASE_GROUPS = {
+    "c4": 32,
+    "pile": 30,
+    "slimpajama": 75,
+    "fineweb-edu-1.4t": 241,
+    "dclm": 164,
+    "nemotron-cc-hq": 256,
+    "hplt-2.0": 66,
+    "commoncorpus": 47,
+}
 RELEASE_JOBS = {
     "list_dataset": 8,
     "download_group": 911,
@@ -39,9 +47,17 @@ RELEASE_JOBS = {
 
 def snakemake(*args: str, cwd: Path = ROOT, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True,
-        env={**os.environ, "OSR_SLURM_ACCOUNT": "acct", "OSR_SLURM_PARTITION": "cpu",
-             "OSR_SLURM_GPU_PARTITION": "gpu", **(env or {})},
+        [*SNAKEMAKE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "OSR_SLURM_ACCOUNT": "acct",
+            "OSR_SLURM_PARTITION": "cpu",
+            "OSR_SLURM_GPU_PARTITION": "gpu",
+            **(env or {}),
+        },
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -90,8 +106,11 @@ def test_training_reads_only_the_groups_its_run_needs(release_dry_run):
 
 
 def test_slurm_profile_maps_multi_node_training(release_dry_run):
-    job = next(block for block in release_dry_run.split("rule train_segment:")[1:]
-               if "run_id=1.7b-dclm-1T-4096, end=0060000" in block)
+    job = next(
+        block
+        for block in release_dry_run.split("rule train_segment:")[1:]
+        if "run_id=1.7b-dclm-1T-4096, end=0060000" in block
+    )
     assert "nodes=63" in job and "gres=gpu:4" in job and "mpi=srun" in job and "tasks=63" in job
     assert "runtime=1440" in job and "slurm_partition=gpu" in job and "slurm_account=acct" in job
     assert "srun --nodes=63 --ntasks-per-node=1" in job and "torchrun_slurm.sh 4" in job
@@ -100,17 +119,28 @@ def test_slurm_profile_maps_multi_node_training(release_dry_run):
 
 
 def test_segment_chain_and_checkpoint_flow(release_dry_run):
-    block = next(b for b in release_dry_run.split("rule train_segment:")[1:]
-                 if "run_id=1.7b-dclm-1T-4096, end=0120000" in b)
+    block = next(
+        b for b in release_dry_run.split("rule train_segment:")[1:] if "run_id=1.7b-dclm-1T-4096, end=0120000" in b
+    )
     assert "1.7b-dclm-1T-4096/train/segment_0060000.json" in block.split("output:")[0]
-    export = next(b for b in release_dry_run.split("rule export_hf:")[1:]
-                  if "run_id=1.7b-dclm-1T-4096, iteration=0062000" in b)
+    export = next(
+        b for b in release_dry_run.split("rule export_hf:")[1:] if "run_id=1.7b-dclm-1T-4096, iteration=0062000" in b
+    )
     assert "segment_0120000.json" in export.split("output:")[0]
 
 
 def test_local_profile_and_demo_dry_run(tmp_path):
-    proc = snakemake("-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--profile", str(ROOT / "profiles" / "local"),
-                     "-n", "--configfile", str(ROOT / "config" / "demo.yaml"))
+    proc = snakemake(
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--profile",
+        str(ROOT / "profiles" / "local"),
+        "-n",
+        "--configfile",
+        str(ROOT / "config" / "demo.yaml"),
+    )
     counts = job_counts(proc.stdout)
     assert counts["train_segment"] == 3 and counts["export_hf"] == 5 and counts["evaluate_group"] == 10
     assert counts["build_eval_tasks"] == 1 and counts["report"] == 1
@@ -149,51 +179,77 @@ def test_bad_config_stops_before_any_job(tmp_path, mutate, expected):
 # (the same checks in detail, on the release grid: tests/test_config.py; here: the Snakefile really
 # runs them before building any job, so nothing is planned, submitted or written)
 
+
 def _demo_resources(c: dict) -> dict:
     return c["scales"]["tiny"]["resources"]
 
 
 BAD_DEMO_CONFIGS = {
-    "unknown dataset": (lambda c: c["experiments"][0]["datasets"].append("redpajama"),
-                        "experiments[0].datasets[1]: unknown dataset 'redpajama'"),
-    "unknown scale": (lambda c: c["experiments"][0]["scales"].append("0.2b"),
-                      "experiments[0].scales[1]: unknown scale '0.2b'"),
+    "unknown dataset": (
+        lambda c: c["experiments"][0]["datasets"].append("redpajama"),
+        "experiments[0].datasets[1]: unknown dataset 'redpajama'",
+    ),
+    "unknown scale": (
+        lambda c: c["experiments"][0]["scales"].append("0.2b"),
+        "experiments[0].scales[1]: unknown scale '0.2b'",
+    ),
     "negative budget": (lambda c: c["experiments"][0].update({"budgets": [-5]}), "experiments[0].budgets[0]"),
     "malformed budget": (lambda c: c["experiments"][0].update({"budgets": ["300G"]}), "experiments[0].budgets[0]"),
     "segment not a multiple of the save interval": (
         lambda c: _demo_resources(c).update({"segment_iters": 75}),
-        "scales.tiny.resources.segment_iters: 75 is not a multiple of save_interval 50"),
-    "missing path": (lambda c: c["datasets"]["pydocs"].pop("paths"),
-                     "datasets.pydocs.paths: required for source 'local'"),
-    "path matching no file": (lambda c: c["datasets"]["pydocs"].update({"paths": ["assets/demo-corpus/nope*.zst"]}),
-                              "datasets.pydocs.paths[0]: no file matches 'assets/demo-corpus/nope*.zst'"),
+        "scales.tiny.resources.segment_iters: 75 is not a multiple of save_interval 50",
+    ),
+    "missing path": (
+        lambda c: c["datasets"]["pydocs"].pop("paths"),
+        "datasets.pydocs.paths: required for source 'local'",
+    ),
+    "path matching no file": (
+        lambda c: c["datasets"]["pydocs"].update({"paths": ["assets/demo-corpus/nope*.zst"]}),
+        "datasets.pydocs.paths[0]: no file matches 'assets/demo-corpus/nope*.zst'",
+    ),
     "wrong type": (lambda c: c["scales"]["tiny"].update({"num_layers": "4"}), "scales.tiny.num_layers"),
-    "duplicate run id": (lambda c: c["experiments"].append(dict(c["experiments"][0])),
-                         "duplicate run id 'tiny-pydocs-0.25M-128'"),
+    "duplicate run id": (
+        lambda c: c["experiments"].append(dict(c["experiments"][0])),
+        "duplicate run id 'tiny-pydocs-0.25M-128'",
+    ),
     "unknown eval task": (
         lambda c: c["evaluation"]["protocols"]["demo"].append({"task": "hellaswagg", "shots": 0, "metric": "acc"}),
-        "evaluation.protocols.demo[2].task"),
+        "evaluation.protocols.demo[2].task",
+    ),
     "walltime shorter than one save interval": (
         lambda c: _demo_resources(c).update({"segment_iters": None, "walltime": "1m", "tokens_per_gpu_second": 10}),
-        "scales.tiny.resources.walltime: 1m is shorter than one save interval"),
+        "scales.tiny.resources.walltime: 1m is shorter than one save interval",
+    ),
     "batch not divisible by micro-batch x DP": (
         lambda c: _demo_resources(c).update({"micro_batch_size": 3}),
-        "global_batch_size 8 is not divisible by micro_batch_size 3 x data-parallel size 1"),
+        "global_batch_size 8 is not divisible by micro_batch_size 3 x data-parallel size 1",
+    ),
     # issue 11
-    "tokenizer path pointing nowhere": (lambda c: c.update({"tokenizer": {"path": "/nonexistent/gpt-neox-20b"}}),
-                                        "tokenizer.path: '/nonexistent/gpt-neox-20b': cannot read"),
-    "tokenizer with the wrong sha256": (lambda c: c.update({"tokenizer": {"sha256": "ab" * 32}}),
-                                        "tokenizer.sha256:"),
-    "float budget": (lambda c: c["experiments"][0].update({"budgets": [250000.0]}),
-                     "experiments[0].budgets[0]: 250000.0 is not valid"),
+    "tokenizer path pointing nowhere": (
+        lambda c: c.update({"tokenizer": {"path": "/nonexistent/gpt-neox-20b"}}),
+        "tokenizer.path: '/nonexistent/gpt-neox-20b': cannot read",
+    ),
+    "tokenizer with the wrong sha256": (lambda c: c.update({"tokenizer": {"sha256": "ab" * 32}}), "tokenizer.sha256:"),
+    "float budget": (
+        lambda c: c["experiments"][0].update({"budgets": [250000.0]}),
+        "experiments[0].budgets[0]: 250000.0 is not valid",
+    ),
     "dataset name ending in a newline": (
-        lambda c: (c["datasets"].update({"pydocs\n": c["datasets"].pop("pydocs")}),
-                   c["experiments"][0].update({"datasets": ["pydocs\n"]}), c["evaluation"].update({"local_tasks": "pydocs\n"})),
-        "datasets: bad name 'pydocs\\n'"),
-    "infinite parity tolerance": (lambda c: c["evaluation"].update({"parity_tolerance": float("inf")}),
-                                  "evaluation.parity_tolerance: inf is not a finite number"),
-    "warm-up longer than the run": (lambda c: c["recipes"]["demo"].update({"warmup_iters": 245}),
-                                    "recipes.demo.warmup_iters = 245 >= its 245 iterations"),
+        lambda c: (
+            c["datasets"].update({"pydocs\n": c["datasets"].pop("pydocs")}),
+            c["experiments"][0].update({"datasets": ["pydocs\n"]}),
+            c["evaluation"].update({"local_tasks": "pydocs\n"}),
+        ),
+        "datasets: bad name 'pydocs\\n'",
+    ),
+    "infinite parity tolerance": (
+        lambda c: c["evaluation"].update({"parity_tolerance": float("inf")}),
+        "evaluation.parity_tolerance: inf is not a finite number",
+    ),
+    "warm-up longer than the run": (
+        lambda c: c["recipes"]["demo"].update({"warmup_iters": 245}),
+        "recipes.demo.warmup_iters = 245 >= its 245 iterations",
+    ),
 }
 
 
@@ -205,8 +261,18 @@ def test_bad_config_stops_snakemake_before_any_job(kind, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     work = tmp_path / "work"
-    proc = snakemake("-n", "-s", str(ROOT / "Snakefile"), "-d", str(work), "--profile", str(ROOT / "profiles" / "local"),
-                     "--configfile", str(path), check=False)
+    proc = snakemake(
+        "-n",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(work),
+        "--profile",
+        str(ROOT / "profiles" / "local"),
+        "--configfile",
+        str(path),
+        check=False,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-3000:]
     assert expected in output, output[-3000:]
@@ -220,7 +286,9 @@ def test_duplicate_key_in_a_configfile_stops_snakemake(tmp_path):
     text = (ROOT / "config" / "demo.yaml").read_text()
     first = text.splitlines().index("scales:") + 1
     path = tmp_path / "twice.yaml"
-    path.write_text(text + "\nscales:\n  tiny: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 192, num_attention_heads: 4}\n")
+    path.write_text(
+        text + "\nscales:\n  tiny: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 192, num_attention_heads: 4}\n"
+    )
     second = len(text.splitlines()) + 2
     work = tmp_path / "work"
     proc = snakemake("-n", "-s", str(ROOT / "Snakefile"), "-d", str(work), "--configfile", str(path), check=False)
@@ -235,7 +303,16 @@ def test_plan_fails_on_a_tokenizer_that_is_not_there(tmp_path):
     config["tokenizer"] = {"path": str(tmp_path / "no-tokenizer")}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = snakemake("plan", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path / "work"), "-c1",
-                     "--configfile", str(path), check=False)
+    proc = snakemake(
+        "plan",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(tmp_path / "work"),
+        "-c1",
+        "--configfile",
+        str(path),
+        check=False,
+    )
     assert proc.returncode == 1 and "tokenizer.path:" in proc.stdout + proc.stderr
     assert not (tmp_path / "work" / "results").exists()

@@ -80,9 +80,25 @@ def reduced_config(tmp_path: Path, *, nodes: int = 1, budget_iters: int = 30) ->
 def snakemake_command(tmp_path: Path, config: Path, *targets: str, retries: int = 0) -> list[str]:
     # targets come first: nargs options would swallow them. SIGINT on timeout: the plugin scancels.
     return [
-        "timeout", "-s", "INT", "-k", "60", str(TIMEOUT_S),
-        sys.executable, "-m", "snakemake", *targets, "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path / "work"),
-        *PROFILES, "--configfile", str(config), "--retries", str(retries),
+        "timeout",
+        "-s",
+        "INT",
+        "-k",
+        "60",
+        str(TIMEOUT_S),
+        sys.executable,
+        "-m",
+        "snakemake",
+        *targets,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(tmp_path / "work"),
+        *PROFILES,
+        "--configfile",
+        str(config),
+        "--retries",
+        str(retries),
     ]
 
 
@@ -97,11 +113,17 @@ def snakemake_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
-def run_snakemake(tmp_path: Path, config: Path, *targets: str, retries: int = 0,
-                  extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_snakemake(
+    tmp_path: Path, config: Path, *targets: str, retries: int = 0, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     t0 = time.monotonic()
-    proc = subprocess.run(snakemake_command(tmp_path, config, *targets, retries=retries), capture_output=True,
-                          text=True, env=snakemake_env(extra_env), cwd=tmp_path)
+    proc = subprocess.run(
+        snakemake_command(tmp_path, config, *targets, retries=retries),
+        capture_output=True,
+        text=True,
+        env=snakemake_env(extra_env),
+        cwd=tmp_path,
+    )
     print(f"snakemake --profile slurm: rc {proc.returncode} in {time.monotonic() - t0:.0f} s")
     return proc
 
@@ -114,8 +136,18 @@ def failure_details(proc: subprocess.CompletedProcess, tmp_path: Path) -> str:
 
 def sacct_jobs() -> list[dict[str, str]]:
     proc = subprocess.run(
-        ["sacct", "-a", "-P", "-S", "now-2hours", "-o", "JobID,JobName,Partition,State,NNodes,NTasks,NodeList,Comment,Account"],
-        capture_output=True, text=True, check=True,
+        [
+            "sacct",
+            "-a",
+            "-P",
+            "-S",
+            "now-2hours",
+            "-o",
+            "JobID,JobName,Partition,State,NNodes,NTasks,NodeList,Comment,Account",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return list(csv.DictReader(proc.stdout.splitlines(), delimiter="|"))
 
@@ -172,8 +204,9 @@ def test_demo_through_slurm_scancel_rerun_and_no_token_leak(tmp_path):
     run_dir = work / "results" / "demo" / "runs" / RUN_ID
     out = (tmp_path / "first_run.log").open("w")
     t0 = time.monotonic()
-    first = subprocess.Popen(snakemake_command(tmp_path, config), stdout=out, stderr=subprocess.STDOUT,
-                             env=snakemake_env(env), cwd=tmp_path)
+    first = subprocess.Popen(
+        snakemake_command(tmp_path, config), stdout=out, stderr=subprocess.STDOUT, env=snakemake_env(env), cwd=tmp_path
+    )
     cancelled = None
     while first.poll() is None and time.monotonic() - t0 < TIMEOUT_S:
         cancelled = running_job(("rule_train_segment", f"{CHECKPOINTS[1]:07d}"))
@@ -210,14 +243,22 @@ def test_demo_through_slurm_scancel_rerun_and_no_token_leak(tmp_path):
     assert proc.returncode == 0, failure_details(proc, tmp_path)
     assert_demo_outputs(work / "results" / "demo")
     assert checkpoint_dirs(run_dir) == {f"iter_{it:07d}": True for it in CHECKPOINTS}
-    assert json.loads((run_dir / "train" / f"segment_{CHECKPOINTS[1]:07d}.json").read_text())["iteration"] == CHECKPOINTS[1]
+    assert (
+        json.loads((run_dir / "train" / f"segment_{CHECKPOINTS[1]:07d}.json").read_text())["iteration"]
+        == CHECKPOINTS[1]
+    )
 
     # the jobs really went through Slurm, under the account, and accounting saw them
     logs = work / ".snakemake" / "slurm_logs"
     job_rule = {p.stem: p.relative_to(logs).parts[0] for p in logs.rglob("*.log")}
     rules = set(job_rule.values())
-    assert {"rule_download_group", "rule_tokenize_group", "rule_train_segment", "rule_export_hf",
-            "rule_evaluate_group"} <= rules, rules
+    assert {
+        "rule_download_group",
+        "rule_tokenize_group",
+        "rule_train_segment",
+        "rule_export_hf",
+        "rule_evaluate_group",
+    } <= rules, rules
     jobs = {r["JobID"]: r for r in sacct_jobs() if r["JobID"] in job_rule}
     assert set(jobs) == set(job_rule), (sorted(jobs), sorted(job_rule))
     for job_id, row in jobs.items():
@@ -226,8 +267,10 @@ def test_demo_through_slurm_scancel_rerun_and_no_token_leak(tmp_path):
         elif job_id in first_jobs and row["State"] != "COMPLETED":
             # running at the Ctrl-C: the plugin scancelled it; the rerun did the same job again
             assert row["State"].startswith(("CANCELLED", "FAILED")), row
-            assert any(r["Comment"] == row["Comment"] and r["State"] == "COMPLETED" and k not in first_jobs
-                       for k, r in jobs.items()), row
+            assert any(
+                r["Comment"] == row["Comment"] and r["State"] == "COMPLETED" and k not in first_jobs
+                for k, r in jobs.items()
+            ), row
         else:
             assert row["State"] == "COMPLETED", row
         assert row["Account"] == ACCOUNT, row
@@ -242,11 +285,18 @@ def test_demo_through_slurm_scancel_rerun_and_no_token_leak(tmp_path):
     for job_id in train_jobs:
         assert jobs[job_id]["NNodes"] == "2", jobs[job_id]
         if job_id != cancelled:
-            assert any(r["JobID"].startswith(f"{job_id}.") and r["JobID"].split(".")[-1].isdigit()
-                       and r["NNodes"] == "2" and r["NTasks"] == "2" and r["NodeList"] == "node[1-2]"
-                       for r in steps), [r for r in steps if r["JobID"].startswith(job_id)]
+            assert any(
+                r["JobID"].startswith(f"{job_id}.")
+                and r["JobID"].split(".")[-1].isdigit()
+                and r["NNodes"] == "2"
+                and r["NTasks"] == "2"
+                and r["NodeList"] == "node[1-2]"
+                for r in steps
+            ), [r for r in steps if r["JobID"].startswith(job_id)]
     # both torchrun agents joined one rendezvous: group ranks 0 and 1, two workers in total
-    train_log = (work / "results" / "demo" / "logs" / "train" / RUN_ID / f"segment_{CHECKPOINTS[-1]:07d}.log").read_text()
+    train_log = (
+        work / "results" / "demo" / "logs" / "train" / RUN_ID / f"segment_{CHECKPOINTS[-1]:07d}.log"
+    ).read_text()
     assert "group_rank=0" in train_log and "group_rank=1" in train_log, train_log[-3000:]
     assert train_log.count("global_world_sizes=[2]") == 2, train_log[-3000:]
 
@@ -292,9 +342,19 @@ def test_timed_out_segment_is_retried_and_resumes(tmp_path):
     reference_json = tmp_path / "uninterrupted.json"
     reference_json.write_text(json.dumps(run))
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "--run-json", str(reference_json), "--until", "120",
-         "--marker", str(tmp_path / "uninterrupted.done")],
-        check=True, timeout=900, cwd=tmp_path / "work",
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "--run-json",
+            str(reference_json),
+            "--until",
+            "120",
+            "--marker",
+            str(tmp_path / "uninterrupted.done"),
+        ],
+        check=True,
+        timeout=900,
+        cwd=tmp_path / "work",
         # the job's thread count (the rule's OMP_NUM_THREADS): CPU matmuls round differently with more
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(config["cluster"]["cpu_threads_per_rank"])},
     )
