@@ -36,6 +36,7 @@ LAYOUT = GRID.layout
 SCRIPTS = repo_path("scripts")
 PYTHON = INDEX.python  # the interpreter running Snakemake (its venv has osref installed)
 
+
 wildcard_constraints:
     **WILDCARD_CONSTRAINTS,
 

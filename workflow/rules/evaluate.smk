@@ -19,8 +19,6 @@ if INDEX.eval_tasks_marker:
 # Also evaluates released checkpoints (run_id "released/{name}", workflow/rules/released.smk) and
 # their extra tasks (shots "extra-{task}-{k}shot", one task per file).
 rule evaluate_group:
-    wildcard_constraints:
-        **EVALUATE_WILDCARD_CONSTRAINTS,
     input:
         hf=LAYOUT.hf_dir("{run_id}", "{iteration}"),
         run=LAYOUT.run_json("{run_id}"),
@@ -31,6 +29,11 @@ rule evaluate_group:
         LAYOUT.eval_json("{run_id}", "{iteration}", "{shots}"),
     log:
         LAYOUT.log("evaluate", "{run_id}", "iter_{iteration}", "{shots}"),
+    wildcard_constraints:
+        **EVALUATE_WILDCARD_CONSTRAINTS,
+    threads: config["cluster"]["eval_resources"]["cpus"]
+    resources:
+        **INDEX.eval_resources,
     params:
         protocol=lambda wc: INDEX.eval_tasks_json(wc.run_id, wc.shots),
         include=[f"--include-path={LAYOUT.eval_tasks_dir()}"] if INDEX.eval_tasks_marker else [],
@@ -39,9 +42,6 @@ rule evaluate_group:
         dtype=config["evaluation"]["dtype"],
         limit=[f"--limit={config['evaluation']['limit']}"] if config["evaluation"]["limit"] else [],
         hf_home=INDEX.eval_hf_home,
-    threads: config["cluster"]["eval_resources"]["cpus"]
-    resources:
-        **INDEX.eval_resources,
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS:q}/evaluate.py --hf-dir={input.hf:q} --run-json={input.run:q} "
         "--iteration={wildcards.iteration:q} --group={wildcards.shots:q} --tasks-json={params.protocol:q} {params.include:q} "
@@ -62,10 +62,10 @@ rule prefetch_eval_data:
         f"{INDEX.eval_hf_home}/prefetched.json",
     log:
         LAYOUT.log("evaluate", "prefetch_eval_data"),
+    localrule: True
     params:
         protocol=INDEX.prefetch_tasks_json,
         hf_home=INDEX.eval_hf_home,
-    localrule: True
     shell:
         "{PYTHON} {SCRIPTS:q}/prefetch_eval_data.py --tasks-json={params.protocol:q} --hf-home={params.hf_home:q} "
         "--out={output:q} > {log:q} 2>&1"

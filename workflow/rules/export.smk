@@ -10,13 +10,13 @@ rule export_hf:
         directory(LAYOUT.hf_dir("{run_id}", "{iteration}")),
     log:
         LAYOUT.log("export", "{run_id}", "iter_{iteration}"),
-    params:
-        dtype=config["evaluation"]["export_dtype"],
-        tolerance=lambda wc: INDEX.runs[wc.run_id].parity_tolerance,
     threads: 1
     resources:
         runtime=60,
         mem_mb=32000,
+    params:
+        dtype=config["evaluation"]["export_dtype"],
+        tolerance=lambda wc: INDEX.runs[wc.run_id].parity_tolerance,
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS:q}/export_hf.py --run-json={input.run:q} "
         "--iteration={wildcards.iteration:q} --out={output:q} --dtype={params.dtype:q} --tolerance={params.tolerance:q} "

@@ -9,8 +9,8 @@ rule plan:
         LAYOUT.plan_csv(),
     log:
         LAYOUT.log("plan", "plan"),
+    localrule: True
     params:
         rows=lambda wc: INDEX.plan_params(),
-    localrule: True
     script:
         "../../scripts/plan.py"

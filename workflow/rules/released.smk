@@ -8,9 +8,9 @@ rule list_released:
         LAYOUT.released_listing("{release}"),
     log:
         LAYOUT.log("released", "{release}", "listing"),
+    localrule: True
     params:
         request=lambda wc: INDEX.released_listing_request(wc.release),
-    localrule: True
     shell:
         "{PYTHON} {SCRIPTS}/released.py list --request-json {params.request:q} --out {output:q} > {log:q} 2>&1"
 
@@ -20,9 +20,9 @@ rule released_run_config:
         LAYOUT.run_json(LAYOUT.released_run("{release}")),
     log:
         LAYOUT.log("released", "{release}", "run_config"),
+    localrule: True
     params:
         document=lambda wc: INDEX.released_run_document(wc.release),
-    localrule: True
     script:
         "../../scripts/write_json.py"
 
@@ -39,12 +39,12 @@ rule fetch_released:
         ),
     log:
         LAYOUT.log("released", "{release}", "fetch_iter_{iteration}"),
-    params:
-        revision=lambda wc: INDEX.released_revision(wc.release, wc.iteration),
     localrule: config["released"]["fetch_on"] == "login"
     resources:
         released_fetch=1,
         runtime=6 * 60,
+    params:
+        revision=lambda wc: INDEX.released_revision(wc.release, wc.iteration),
     shell:
         "{PYTHON} {SCRIPTS}/released.py fetch --listing {input.listing:q} --revision {params.revision:q} "
         "--out {output:q} > {log:q} 2>&1"
@@ -62,16 +62,16 @@ rule convert_released:
         ),
     log:
         LAYOUT.log("released", "{release}", "convert_iter_{iteration}"),
-    params:
-        repo=lambda wc: INDEX.released_model(wc.release).repo,
-        revision=lambda wc: INDEX.released_revision(wc.release, wc.iteration),
-        tolerance=config["released"]["tolerance"],
     # a finished fetch is converted (and its copy deleted) before the next fetch starts
     priority: 5
     threads: 2
     resources:
         mem_mb=lambda wc: INDEX.released_convert_mem_mb(wc.release),
         runtime=60,
+    params:
+        repo=lambda wc: INDEX.released_model(wc.release).repo,
+        revision=lambda wc: INDEX.released_revision(wc.release, wc.iteration),
+        tolerance=config["released"]["tolerance"],
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS}/convert_released.py --src {input.fetched:q} --out {output:q} "
         "--repo {params.repo:q} --revision {params.revision:q} --iteration {wildcards.iteration} "
@@ -86,10 +86,10 @@ rule released_results:
         reproduction=f"{LAYOUT.released_results_dir()}/reproduction.csv",
     log:
         LAYOUT.log("released", "results"),
+    localrule: True
     params:
         manifest=lambda wc: INDEX.released_manifest(),
         reference_dir=repo_path("config", "reference"),
-    localrule: True
     script:
         "../../scripts/released.py"
 

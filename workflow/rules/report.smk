@@ -27,11 +27,11 @@ rule report:
         manifest=LAYOUT.report_manifest(),
     log:
         LAYOUT.log("report", "report"),
+    localrule: True
     params:
         manifest=lambda wc: INDEX.report_manifest(),
         reference_dir=repo_path("config", "reference"),
         out_dir=LAYOUT.report_dir(),
-    localrule: True
     script:
         "../../scripts/report.py"
 
@@ -49,11 +49,11 @@ rule report_partial:
         manifest=f"{LAYOUT.report_dir()}_partial/manifest.json",
     log:
         LAYOUT.log("report", "report_partial"),
+    localrule: True
     params:
         manifest=lambda wc: INDEX.report_manifest(),
         present=lambda wc: INDEX.present_evaluations(),
         reference_dir=repo_path("config", "reference"),
         out_dir=f"{LAYOUT.report_dir()}_partial",
-    localrule: True
     script:
         "../../scripts/report.py"

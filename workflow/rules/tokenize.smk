@@ -16,6 +16,10 @@ rule tokenize_group:
         LAYOUT.log("tokenize", "{dataset}", "group_{group}"),
     benchmark:
         LAYOUT.benchmark("tokenize", "{dataset}", "group_{group}")
+    threads: 2
+    resources:
+        runtime=12 * 60,
+        mem_mb=8000,
     params:
         prefix=lambda wc: LAYOUT.tokenized_prefix(wc.dataset, wc.group),
         fmt=lambda wc: INDEX.dataset_block(wc.dataset)["format"],
@@ -30,10 +34,6 @@ rule tokenize_group:
         eod=config["tokenizer"]["eod_id"],
         backend=config["tokenizer"]["backend"],
         verify_documents=config["tokenizer"]["verify_documents"],
-    threads: 2
-    resources:
-        runtime=12 * 60,
-        mem_mb=8000,
     shell:
         # one single-threaded worker process per core; the output does not depend on their number
         "RAYON_NUM_THREADS=1 {PYTHON} {SCRIPTS:q}/tokenize_group.py --manifest={input.manifest:q} "

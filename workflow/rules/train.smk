@@ -8,9 +8,9 @@ rule run_config:
         LAYOUT.run_json("{run_id}"),
     log:
         LAYOUT.log("train", "{run_id}", "run_config"),
+    localrule: True
     params:
         document=lambda wc: INDEX.run_document(wc.run_id),
-    localrule: True
     script:
         "../../scripts/write_json.py"
 
@@ -24,13 +24,9 @@ rule train_segment:
         LAYOUT.segment_marker("{run_id}", "{end}"),
     log:
         LAYOUT.log("train", "{run_id}", "segment_{end}"),
-    params:
-        until=lambda wc: int(wc.end),
-        launcher=lambda wc: INDEX.train_launcher(wc.run_id),
-        env=INDEX.train_env(),
-    threads: lambda wc: INDEX.train_threads(wc.run_id)
     # keep the training chain moving: its next segment before queued exports and evaluations
     priority: 10
+    threads: lambda wc: INDEX.train_threads(wc.run_id)
     resources:
         nodes=lambda wc: INDEX.train_resources(wc.run_id)["nodes"],
         gres=lambda wc: INDEX.train_resources(wc.run_id)["gres"],
@@ -40,6 +36,10 @@ rule train_segment:
         runtime=lambda wc: INDEX.train_resources(wc.run_id)["runtime"],
         mem_mb=lambda wc: INDEX.train_resources(wc.run_id)["mem_mb"],
         cpus_per_task=lambda wc: INDEX.train_resources(wc.run_id)["cpus_per_task"],
+    params:
+        until=lambda wc: int(wc.end),
+        launcher=lambda wc: INDEX.train_launcher(wc.run_id),
+        env=INDEX.train_env(),
     shell:
         # env and launcher are command words, quoted where they are built (osref/workflow.py)
         "{params.env} {params.launcher} {SCRIPTS:q}/train.py --run-json={input.run:q} "
