@@ -60,9 +60,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -780,7 +781,7 @@ def _reference_lines(result: Comparison) -> list[str]:
     lines += _section(
         "Scaling fits of the references' 11-task average: a + b·log10(C), C = 6·N·D at 300B",
         fits[fits["task"] == AVG_TASK], "no fits",
-        lambda f: {"dataset": f["dataset"], "b per decade": [f"{b:.4f} ± {se:.4f}" for b, se in zip(f["b_per_decade"], f["b_se"])],
+        lambda f: {"dataset": f["dataset"], "b per decade": [f"{b:.4f} ± {se:.4f}" for b, se in zip(f["b_per_decade"], f["b_se"], strict=False)],
                    "a": f["a"].map("{:.3f}".format), "residual sd": f["residual_sd"].map("{:.4f}".format),
                    "points": f["points"]})  # fmt: skip
     if (fits["points"] < 4).any():

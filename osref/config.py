@@ -19,9 +19,10 @@ import glob
 import hashlib
 import math
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jsonschema
 import yaml
@@ -291,7 +292,7 @@ def check_semantics(config: dict[str, Any]) -> None:
             f"(defined: {', '.join(evaluation['protocols']) or 'none'})"
         )
     else:
-        from osref.protocol import check_tasks  # noqa: PLC0415
+        from osref.protocol import check_tasks
 
         problems += check_tasks(evaluation["protocols"][evaluation["protocol"]], evaluation)
     if evaluation["local_tasks"] is not None and evaluation["local_tasks"] not in datasets:

@@ -71,8 +71,8 @@ def sha256_file(path: str | Path) -> str:
 def file_digests(path: str | Path, git_blob: bool = False, md5: bool = False) -> tuple[str, str | None, str | None]:
     """sha256 and, when asked, git's blob id (``sha1(b"blob <size>\\0" + content)``) and md5, in one read."""
     digest = hashlib.sha256()
-    blob = hashlib.sha1(b"blob %d\0" % os.path.getsize(path)) if git_blob else None  # noqa: S324 (git's object id)
-    md5_digest = hashlib.md5() if md5 else None  # noqa: S324 (what S3 publishes, not security)
+    blob = hashlib.sha1(b"blob %d\0" % os.path.getsize(path)) if git_blob else None  # git's object id
+    md5_digest = hashlib.md5() if md5 else None  # what S3 publishes, not security
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)
@@ -138,9 +138,9 @@ def _hub_endpoint() -> str | None:
 
 
 def _list_hub(name: str, dataset: dict) -> tuple[list[dict], str]:
-    from huggingface_hub import HfApi  # noqa: PLC0415
-    from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415
-    from huggingface_hub.utils import filter_repo_objects  # noqa: PLC0415
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
 
     api = HfApi(endpoint=_hub_endpoint())
     commit = api.dataset_info(dataset["repo_id"], revision=dataset["revision"]).sha
@@ -185,7 +185,7 @@ def _list_local(dataset: dict, repo_root: Path, cache_path: Path) -> list[dict]:
 
 def _list_http(name: str, dataset: dict, repo_root: Path) -> tuple[list[dict], dict]:
     """Entries of the source's list (``list_url``, fetched now) or of a given list (``urls_file``), filtered."""
-    from huggingface_hub.utils import filter_repo_objects  # noqa: PLC0415
+    from huggingface_hub.utils import filter_repo_objects
 
     base = dataset.get("base_url", "")
     if dataset.get("list_url"):
@@ -200,7 +200,7 @@ def _list_http(name: str, dataset: dict, repo_root: Path) -> tuple[list[dict], d
     digest = hashlib.sha256(raw).hexdigest()
     pinned = dataset.get("list_sha256")
     if pinned and digest != pinned:
-        raise IOError(
+        raise OSError(
             f"{name}: {where} has sha256 {digest}, datasets.{name}.list_sha256 says {pinned}; "
             "the source published a different list (update the pin deliberately, or list from a copy)"
         )
@@ -242,7 +242,7 @@ def assign_groups(files: list[dict], n_groups: int, key: str = "shard_groups") -
         candidates = range(cuts[-1] + 1, len(order) - (n_groups - k) + 1)
         cuts.append(min(candidates, key=lambda c: abs(cumulative[c] - target)))
     cuts.append(len(order))
-    return [order[a:b] for a, b in zip(cuts, cuts[1:])]
+    return [order[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
 def list_dataset(name: str, dataset: dict, out_path: str | Path, repo_root: str | Path) -> dict:
@@ -338,7 +338,7 @@ def _remove_stale_hub_partials(out_dir: Path) -> None:
 
 
 def _fetch_hub(name: str, listing: dict, entry: dict, out_dir: Path, progress: _JobProgress) -> Path:
-    from huggingface_hub import hf_hub_download  # noqa: PLC0415
+    from huggingface_hub import hf_hub_download
 
     group_target(name, out_dir, entry["path"])  # huggingface_hub checks too; fail with our message first
     return Path(
@@ -361,7 +361,7 @@ def _clone_or_copy(source: str | Path, target: Path) -> None:
     """A copy of ``source`` that later edits of the source cannot reach: a copy-on-write clone where the
     filesystem supports one (instant, no extra space until either side changes), a plain copy otherwise."""
     if sys.platform.startswith("linux"):
-        import fcntl  # noqa: PLC0415
+        import fcntl
 
         with open(source, "rb") as src, open(target, "wb") as dst:
             try:
@@ -399,7 +399,7 @@ def fetch_group(
     name: str, listing_path: str | Path, group: int, out_dir: str | Path, manifest_path: str | Path
 ) -> dict:
     """Fetch (or materialise) every file of one group; finished files are skipped on rerun."""
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm
 
     listing = json.loads(Path(listing_path).read_text())
     out_dir = Path(out_dir)
@@ -447,7 +447,7 @@ def fetch_group(
                     got_pub = f", {published[0]} {got_published}" if published else ""
                     want_pub = f", published {published[0]} {published[1]}" if published else ""
                     want_size = entry["size"] if entry["size"] is not None else (remote.size if remote else None)
-                    raise IOError(
+                    raise OSError(
                         f"{name}: {entry['path']}: sha256 {digest}{got_git}{got_pub} / {size} B after a re-fetch, "
                         f"expected sha256 {expected}{want_git}{want_pub} / {want_size} B"
                     )

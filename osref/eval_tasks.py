@@ -24,8 +24,8 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import yaml
 

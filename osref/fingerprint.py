@@ -72,7 +72,7 @@ class HashCache:
     dirty: bool = False
 
     @classmethod
-    def load(cls, path: str | Path | None, listing: dict | None = None) -> "HashCache":
+    def load(cls, path: str | Path | None, listing: dict | None = None) -> HashCache:
         cache = cls(Path(path) if path else None)
         for entry in (listing or {}).get("files", []):
             if entry.get("local_path") and entry.get("sha256") and "mtime_ns" in entry:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import cached_property
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from osref.config import ConfigError, budget_tokens, load_config, repo_relative, validate, walltime_minutes
 from osref.model_spec import ModelSpec
@@ -452,7 +451,7 @@ def expand_grid(config: dict[str, Any]) -> Grid:
         }
         chosen |= {runs[rid].parent_run for rid in chosen if runs[rid].parent_run}  # a branch needs its parent
         runs = {rid: r for rid, r in runs.items() if rid in chosen}
-    from osref.released_models import build_released  # noqa: PLC0415 (it imports this module)
+    from osref.released_models import build_released  # it imports this module
 
     released = build_released(config)
     if not config["experiments"] and not released:
@@ -602,7 +601,7 @@ def _counted_group_tokens(grid: Grid, dataset: str) -> dict[int, int]:
     manifest = Path(grid.layout.tokenized_manifest(dataset))
     if not manifest.exists():
         return {}
-    import json  # noqa: PLC0415
+    import json
 
     return {
         int(g["group"]): int(g["tokens"])
@@ -616,7 +615,7 @@ def listed_bytes(grid: Grid, dataset: str) -> int | None:
     listing = Path(grid.layout.listing(dataset))
     if not listing.exists():
         return None
-    import json  # noqa: PLC0415
+    import json
 
     return sum(f["size"] or 0 for f in json.loads(listing.read_text())["files"])
 
@@ -642,7 +641,7 @@ def dataset_tokens(
 
 def plan_rows(grid: Grid) -> list[dict[str, Any]]:
     """One row per training run, then one per released model (``source`` train / released)."""
-    from osref.released_models import evaluation_gpu_hours  # noqa: PLC0415
+    from osref.released_models import evaluation_gpu_hours
 
     n_groups = len(grid.groups)
     warn_epochs = grid.config["plan"]["warn_epochs"]
@@ -721,6 +720,6 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
                 "repo_status": "",
             }
         )
-    from osref.released_models import released_plan_rows  # noqa: PLC0415
+    from osref.released_models import released_plan_rows
 
     return rows + released_plan_rows(grid)

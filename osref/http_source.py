@@ -175,7 +175,7 @@ def _open(request: urllib.request.Request):
     url = request.full_url
     for attempt in range(1, HTTP_ATTEMPTS + 1):
         try:
-            return urllib.request.urlopen(request, timeout=TIMEOUT_S)  # noqa: S310 (URLs from the config)
+            return urllib.request.urlopen(request, timeout=TIMEOUT_S)  # URLs from the config
         except (OSError, http.client.HTTPException) as error:
             if attempt == HTTP_ATTEMPTS or not _retryable(error):
                 raise
@@ -191,7 +191,7 @@ def get_bytes(url: str) -> bytes:
         body = response.read()
         length = response.headers.get("Content-Length")
     if length is not None and len(body) != int(length):
-        raise IOError(f"{url}: {len(body)} of {length} bytes received")
+        raise OSError(f"{url}: {len(body)} of {length} bytes received")
     return body
 
 
@@ -209,12 +209,12 @@ def read_list(raw: bytes, where: str) -> list[str]:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as exc:
-            raise IOError(f"{where}: corrupt gzip ({exc})") from None
+            raise OSError(f"{where}: corrupt gzip ({exc})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise IOError(f"{where}: line {line}: not UTF-8") from None
+        raise OSError(f"{where}: line {line}: not UTF-8") from None
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -226,7 +226,7 @@ def _transfer(url: str, partial: Path, fmt: str | None, progress: Progress) -> R
     offset = partial.stat().st_size if partial.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)  # noqa: S310 (URLs from the config)
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)  # URLs from the config
     except urllib.error.HTTPError as error:
         if error.code == 416:  # the partial file is not a prefix of this object: start over
             partial.unlink()
@@ -257,7 +257,7 @@ def _transfer(url: str, partial: Path, fmt: str | None, progress: Progress) -> R
 
 
 def _digest_matches(path: Path, digest: tuple[str, str]) -> bool:
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     algorithm, expected = digest
     hasher = hashlib.new(algorithm)

@@ -44,7 +44,8 @@ import logging
 import os
 import shutil
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ class Kernels:
     notes: tuple[str, ...] = ()  # why a requested variant is off here
 
     @classmethod
-    def all_on(cls) -> "Kernels":
+    def all_on(cls) -> Kernels:
         return cls(True, True, True, True, DEFAULT_SDPA_BACKENDS)
 
     def record(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class ModelSpec:
     init_method_std: float = 0.02
 
     @classmethod
-    def from_config(cls, name: str, scale: dict[str, Any], seq_length: int | None = None) -> "ModelSpec":
+    def from_config(cls, name: str, scale: dict[str, Any], seq_length: int | None = None) -> ModelSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in scale.items() if k in fields}
         if seq_length is not None:
@@ -48,7 +48,7 @@ class ModelSpec:
         return cls(name=name, **kwargs)
 
     @classmethod
-    def from_run(cls, run: dict[str, Any]) -> "ModelSpec":
+    def from_run(cls, run: dict[str, Any]) -> ModelSpec:
         """The spec stored in a resolved run JSON (its ``model`` block; unknown keys ignored)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in run["model"].items() if k in fields})
@@ -107,7 +107,7 @@ class ModelSpec:
     # ---- megatron-core ---------------------------------------------------------------------
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``megatron.core.transformer.TransformerConfig``."""
-        import torch.nn.functional as F  # noqa: PLC0415  (keep this module importable without torch)
+        import torch.nn.functional as F  # keep this module importable without torch
 
         return dict(
             num_layers=self.num_layers,

@@ -49,7 +49,7 @@ class Layout:
     results: str
 
     @classmethod
-    def from_config(cls, config: dict) -> "Layout":
+    def from_config(cls, config: dict) -> Layout:
         paths = config["paths"]
         return cls(*(paths[k].rstrip("/") for k in ("data", "runs", "results")))
 

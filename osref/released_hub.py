@@ -41,7 +41,7 @@ class ReleasedHubError(RuntimeError):
 
 
 def _api():
-    from huggingface_hub import HfApi  # noqa: PLC0415
+    from huggingface_hub import HfApi
 
     return HfApi(endpoint=_hub_endpoint())
 
@@ -72,7 +72,7 @@ def _describe_refs(branches: dict[str, str]) -> str:
     others = sorted(b for b in branches if not _ITER_BRANCH.match(b))
     text = f"{len(branches)} branches: {', '.join(others) or 'no other'}"
     if iters:
-        steps = sorted({b - a for a, b in zip(iters, iters[1:])})
+        steps = sorted({b - a for a, b in zip(iters, iters[1:], strict=False)})
         text += f"; iter_{iters[0]:07d} … iter_{iters[-1]:07d} ({len(iters)}, steps {steps[:3]})"
     return text
 
@@ -84,8 +84,8 @@ def _read_config(api, repo: str, commit: str) -> dict[str, Any]:
 
 
 def _revision_files(api, repo: str, commit: str, patterns: list[str]) -> list[dict[str, Any]]:
-    from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415
-    from huggingface_hub.utils import filter_repo_objects  # noqa: PLC0415
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
 
     tree = api.list_repo_tree(repo, revision=commit, recursive=True)
     selected = filter_repo_objects(
@@ -115,7 +115,7 @@ def list_released(request: dict[str, Any], out_path: str | Path) -> dict[str, An
     ``request``: name, repo, where (config key / mapping line, for messages), repo_status,
     alternatives, final_iteration, revisions ({revision: iteration}), patterns (files to fetch).
     """
-    from huggingface_hub.errors import RepositoryNotFoundError  # noqa: PLC0415
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     api = _api()
     repo, where = request["repo"], request["where"]
@@ -148,7 +148,7 @@ def list_released(request: dict[str, Any], out_path: str | Path) -> dict[str, An
         )
     main_iteration = None
     if "main" in branches:
-        from osref.released import iteration_of  # noqa: PLC0415 (torch: only needed here)
+        from osref.released import iteration_of  # torch: only needed here
 
         main_iteration = iteration_of(None, _read_config(api, repo, branches["main"]))
         final = request["final_iteration"]

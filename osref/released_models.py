@@ -78,7 +78,7 @@ class ReleasedModel:
 
     @property
     def schedule(self) -> tuple[int, ...]:
-        from osref.grid import checkpoint_schedule  # noqa: PLC0415 (osref.grid imports this module)
+        from osref.grid import checkpoint_schedule  # osref.grid imports this module
 
         return checkpoint_schedule(self.train_iters, self.save_interval)
 
@@ -126,7 +126,7 @@ def read_mapping(path: str) -> dict[str, tuple[int, dict[str, str]]]:
 
 @lru_cache(maxsize=1)
 def _reference_data():
-    from osref.report import ReferenceData  # noqa: PLC0415 (pandas: only when released models are configured)
+    from osref.report import ReferenceData  # pandas: only when released models are configured
 
     return ReferenceData(REPO_ROOT / "config" / "reference")
 
@@ -217,7 +217,7 @@ def _resolve(where: str, entry: dict[str, Any], section: dict[str, Any], mapping
             f"{where}: released model {name!r} lacks {', '.join(missing)} "
             "(give them, or a reference_run in config/reference/runs.csv)"
         )
-    from osref.grid import checkpoint_schedule  # noqa: PLC0415
+    from osref.grid import checkpoint_schedule
 
     schedule = checkpoint_schedule(int(fields["train_iters"]), int(fields["save_interval"]))
     iterations_where = f"{where}.iterations" if "iterations" in entry else "released.iterations"
@@ -357,7 +357,7 @@ def estimated_revision_bytes(model: ReleasedModel, bytes_per_param: float) -> in
 
 def _listed_bytes(listing_path: Path) -> dict[str, int]:
     """Bytes per revision recorded by a listing job (empty until it has run)."""
-    import json  # noqa: PLC0415
+    import json
 
     if not listing_path.is_file():
         return {}

@@ -83,13 +83,13 @@ def released_rows(manifest: dict[str, Any]) -> pd.DataFrame:
     ``manifest``: ``{"protocol": [...], "models": [{"name", "run_id", "reference_run", "dataset",
     "scale", "budget", "params", "eval_files": [...]}, ...]}`` (``osref.workflow.WorkflowIndex.released_manifest``).
     """
-    from osref.report import normalise_protocol  # noqa: PLC0415
+    from osref.report import normalise_protocol
 
     protocol = normalise_protocol(manifest["protocol"])
     frame = pd.DataFrame(_records(manifest), columns=[*RESULT_COLUMNS, "n"])[RESULT_COLUMNS]
-    in_protocol = pd.Series(list(zip(frame["task"], frame["shots"])), index=frame.index, dtype=object).isin(
-        {(t["task"], t["shots"]) for t in protocol}
-    )
+    in_protocol = pd.Series(
+        list(zip(frame["task"], frame["shots"], strict=False)), index=frame.index, dtype=object
+    ).isin({(t["task"], t["shots"]) for t in protocol})
     # averages over the protocol's cells only: an extra task may repeat a protocol task at other shots
     parts = [tidy_table([frame[in_protocol]], protocol)]
     if (~in_protocol).any():
@@ -144,7 +144,7 @@ def protocol_reproduction(ours: pd.DataFrame, published: pd.DataFrame, z: float 
     n = pd.to_numeric(cells["n"], errors="coerce").astype("float64")
     cells["published_stderr"] = [
         _published_stderr(p, o, s, k, m)
-        for p, o, s, k, m in zip(cells["published"], values, stderr, n, cells["metric"])
+        for p, o, s, k, m in zip(cells["published"], values, stderr, n, cells["metric"], strict=False)
     ]
     cells["difference"] = values - cells["published"]
     cells["combined_stderr"] = (stderr**2 + cells["published_stderr"] ** 2) ** 0.5
@@ -162,7 +162,7 @@ def protocol_reproduction(ours: pd.DataFrame, published: pd.DataFrame, z: float 
 
 def write_results(manifest: dict[str, Any], reference_dir: Path, out_dir: Path) -> dict[str, Path]:
     """``results.csv`` (tidy released rows) and ``reproduction.csv`` under ``out_dir``, atomically."""
-    from osref.report import _write_frame  # noqa: PLC0415
+    from osref.report import _write_frame
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

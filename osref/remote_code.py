@@ -127,7 +127,10 @@ def _eps_default(cls: ast.ClassDef) -> float | None:
     if init is None:
         return None
     args = init.args.args[len(init.args.args) - len(init.args.defaults) :]
-    for arg, default in [*zip(args, init.args.defaults), *zip(init.args.kwonlyargs, init.args.kw_defaults)]:
+    for arg, default in [
+        *zip(args, init.args.defaults, strict=False),
+        *zip(init.args.kwonlyargs, init.args.kw_defaults, strict=False),
+    ]:
         if arg.arg in ("eps", "epsilon", "variance_epsilon") and default is not None:
             return _number(default)
     return None

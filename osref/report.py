@@ -35,6 +35,7 @@ Deleting ``.cache`` is always safe; the next build is then a cold one.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
@@ -156,7 +157,9 @@ class EvalFileCache:
         frame = pd.read_parquet(cache_file)
         columns = [frame[column].to_numpy(dtype=object) for column in EVAL_CACHE_COLUMNS]
         entries: dict[str, tuple[tuple[int, int], dict]] = {}
-        for path, mtime_ns, size, run_id, iteration, tokens_seen, shots, task, metric, value, stderr in zip(*columns):
+        for path, mtime_ns, size, run_id, iteration, tokens_seen, shots, task, metric, value, stderr in zip(
+            *columns, strict=False
+        ):
             if path not in entries:
                 payload = {"run_id": run_id, "iteration": int(iteration), "tokens_seen": int(tokens_seen),
                            "num_fewshot": int(shots), "tasks": {}}  # fmt: skip
@@ -470,7 +473,7 @@ def missing_cells(
     present = set()
     if not ours.empty:
         valued = ours[ours["value"].notna()]
-        present = set(zip(valued["run_id"], valued["iteration"].astype(int), valued["task"]))
+        present = set(zip(valued["run_id"], valued["iteration"].astype(int), valued["task"], strict=False))
     missing = []
     for run in manifest["runs"]:
         for iteration in sorted(int(i) for i in run["checkpoint_iters"]):
@@ -560,7 +563,7 @@ def _last_checkpoints(rows: pd.DataFrame) -> tuple[dict[tuple, int], dict[tuple,
                    & rows["value"].notna()]  # fmt: skip
     values: dict[tuple, dict[str, float]] = {}
     for source, run_id, task, value in zip(
-        *(at_last[c].to_numpy(dtype=object) for c in ("source", "run_id", "task", "value"))
+        *(at_last[c].to_numpy(dtype=object) for c in ("source", "run_id", "task", "value")), strict=False
     ):
         values.setdefault((source, run_id), {})[task] = float(value)
     return iterations, values
@@ -740,7 +743,7 @@ def draw_run_curves(rows: pd.DataFrame, run_id: str, protocol: list[dict], path:
     fig, axes = plt.subplots(n_rows, columns, figsize=(3.2 * columns, height), squeeze=False)
     by_source_task = {key: series for key, series in rows.groupby(["source", "task"], sort=False)}
     log_x = rows["tokens_seen"].min() > 0
-    for ax, task in zip(axes.flat, tasks):
+    for ax, task in zip(axes.flat, tasks, strict=False):
         for source, style in (("reference", "--"), ("ours", "-o")):
             series = by_source_task.get((source, task))
             if series is not None:
@@ -827,7 +830,7 @@ def draw_datasets_at_scale(averages: pd.DataFrame, title: str, colours: dict[str
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     datasets = []
-    for (source, run_id), series in averages.groupby(["source", "run_id"], sort=True):
+    for (source, _run_id), series in averages.groupby(["source", "run_id"], sort=True):
         series = series.sort_values("tokens_seen")
         dataset = series["dataset"].iloc[0]
         datasets.append(dataset)
@@ -857,7 +860,7 @@ def draw_average_vs_flops(averages: pd.DataFrame, colours: dict[str, str], path:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     runs = averages[averages["source"] != "baseline"]
-    for (source, run_id), series in runs.groupby(["source", "run_id"], sort=True):
+    for (source, _run_id), series in runs.groupby(["source", "run_id"], sort=True):
         series = series.sort_values("flops")
         style = "-o" if source == "ours" else "--"
         ax.plot(series["flops"], series["value"], style, markersize=2, linewidth=1,
@@ -927,7 +930,7 @@ def draw_plots(table: pd.DataFrame, manifest: dict, protocol: list[dict], plots:
     if not flops_averages[flops_averages["source"] != "baseline"].empty:
         flops_averages = flops_averages[["source", "run_id", "dataset", "flops", "value"]]
         digest = inputs_digest(flops_averages, colours)
-        draw = lambda path: draw_average_vs_flops(flops_averages, colours, path)
+        draw = functools.partial(draw_average_vs_flops, flops_averages, colours)
         sections["overview"].append(plots.plot("avg_vs_flops", digest, draw))
 
     for run in manifest["runs"]:
@@ -936,7 +939,7 @@ def draw_plots(table: pd.DataFrame, manifest: dict, protocol: list[dict], plots:
         if rows is not None:
             rows = rows[["source", "task", "tokens_seen", "value"]]
             digest = inputs_digest(rows, run_id, protocol)
-            draw = lambda path, r=rows, i=run_id: draw_run_curves(r, i, protocol, path)
+            draw = functools.partial(draw_run_curves, rows, run_id, protocol)
             sections["runs"].append(plots.plot(f"scores_{safe_name(run_id)}", digest, draw))
         loss_key = loss_inputs(run)
         if loss_key is not None:

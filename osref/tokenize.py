@@ -51,9 +51,10 @@ import struct
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def _open_text_stream(path: Path) -> io.BufferedIOBase:
     if magic.startswith(_GZIP_MAGIC):
         return gzip.GzipFile(fileobj=raw)
     if magic == _ZSTD_MAGIC:
-        import zstandard  # noqa: PLC0415
+        import zstandard
 
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
     return raw
@@ -156,7 +157,7 @@ def iter_jsonl(path: Path, text_field: str, on_bad: OnBad | None = None) -> Iter
 
 
 def _is_text_type(arrow_type) -> bool:
-    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow as pa
 
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
@@ -174,12 +175,12 @@ _BAD = object()
 
 def iter_parquet(path: Path, text_field: str, batch_rows: int = 1024, on_bad: OnBad | None = None) -> Iterator[str]:
     """The text column's values (null = empty document); rows that are not UTF-8 go to ``on_bad``."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     bad = on_bad or _fail_on_bad
     try:
         parquet = pq.ParquetFile(path)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (pyarrow raises many kinds for one broken file; named here)
         raise InputError(f"{path}: not a readable parquet file ({exc})") from None
     if text_field not in parquet.schema_arrow.names:
         raise InputError(f"{path}: no text column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
@@ -298,7 +299,7 @@ class MegatronWriter:
 
 
 def load_tokenizer(tokenizer_dir: str | Path, expected_sha256: str | None = None):
-    from tokenizers import Tokenizer  # noqa: PLC0415
+    from tokenizers import Tokenizer
 
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.exists():
@@ -436,9 +437,9 @@ class SampleCheck:
     def _describe(self, expected: EncodedBatch, got: EncodedBatch, count: int) -> str:
         want_docs = np.split(expected.tokens, np.cumsum(expected.lengths)[:-1])
         got_docs = np.split(got.tokens, np.cumsum(got.lengths)[:-1])[:count]
-        doc = next(i for i, (a, b) in enumerate(zip(want_docs, got_docs)) if not np.array_equal(a, b))
+        doc = next(i for i, (a, b) in enumerate(zip(want_docs, got_docs, strict=False)) if not np.array_equal(a, b))
         a, b = want_docs[doc].tolist(), got_docs[doc].tolist()
-        pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        pos = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         return (
             f"{self.shard}: backend {self.backend_name!r} differs from HF tokenizers on non-empty document "
             f"{self.checked + doc} of the shard (0-based), token {pos}: HF gives {a[pos : pos + 5]}, "
@@ -459,9 +460,9 @@ def _start_worker(encoder) -> None:
     if type(encoder) is not HFEncoder:
         # HF tokenizers is known to be fork-safe (a child forked after its thread pool ran encodes on
         # one thread); for any other backend build a fresh copy in this process from its pickled state
-        import pickle  # noqa: PLC0415
+        import pickle
 
-        encoder = pickle.loads(pickle.dumps(encoder))  # noqa: S301 (our own object)
+        encoder = pickle.loads(pickle.dumps(encoder))  # our own object
     _worker_encoder = encoder
 
 
@@ -472,8 +473,8 @@ def _worker_start_method() -> str:
     and, for gigatoken, runs the HF sample check; HF ``tokenizers`` falls back to one thread in a child
     forked after its thread pool ran; other backends are rebuilt in the child (:func:`_start_worker`).
     ``spawn`` elsewhere (fork is unsafe on macOS)."""
-    import multiprocessing  # noqa: PLC0415
-    import sys  # noqa: PLC0415
+    import multiprocessing
+    import sys
 
     return "fork" if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
@@ -546,7 +547,7 @@ def tokenize_files(
     (bad rows are left out and counted, the first :data:`BAD_EXAMPLES` messages kept in the stats and
     logged; the group still fails when more than ``max_bad_fraction`` of its rows are bad).
     """
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")

@@ -483,8 +483,7 @@ def build_model_and_optimizer(run: dict):
 
     Shared with ``scripts/bench_train.py`` so that the benchmark measures the training stack.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     cfg = run["train"]
     enable_cpu_guards()

@@ -296,7 +296,7 @@ class WorkflowIndex:
     # ---- released checkpoints ----------------------------------------------------------------------
     @cached_property
     def released_groups(self) -> dict[str, list[dict[str, Any]]]:
-        from osref.released_models import evaluation_groups  # noqa: PLC0415
+        from osref.released_models import evaluation_groups
 
         return evaluation_groups(self.config, self.grid.protocol) if self.grid.released else {}
 
@@ -332,7 +332,7 @@ class WorkflowIndex:
             raise KeyError(f"no released model {name!r} in the config (released.models)") from None
 
     def released_listing_request(self, name: str) -> str:
-        from osref.released_models import listing_request  # noqa: PLC0415
+        from osref.released_models import listing_request
 
         return json.dumps(listing_request(self.released_model(name)), sort_keys=True)
 
@@ -343,7 +343,7 @@ class WorkflowIndex:
         return model.revision(int(iteration))
 
     def released_run_document(self, name: str) -> dict[str, Any]:
-        from osref.released_models import run_document as released_document  # noqa: PLC0415
+        from osref.released_models import run_document as released_document
 
         return released_document(self.released_model(name))
 

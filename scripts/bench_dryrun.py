@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
 
-    from osref.grid import load_grid  # noqa: PLC0415
+    from osref.grid import load_grid
 
     grid = load_grid(ROOT / "config" / "config.yaml")
     runs = {rid: (len(r.segment_ends), len(r.eval_iters)) for rid, r in grid.runs.items()}

@@ -30,8 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "assets" / "demo-corpus" / "pydocs311_rst_corpus.jsonl.zst"
 TOKENIZER = REPO / "assets" / "gpt-neox-20b"

@@ -20,15 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def corpus_files_from_manifest(manifest_path: Path) -> list[Path]:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         return [Path(entry["path"]) for entry in manifest["files"]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise SystemExit(f"{manifest_path}: not a download manifest with files[*].path ({error!r})")
+        raise SystemExit(f"{manifest_path}: not a download manifest with files[*].path ({error!r})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,8 +37,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from osref.export import ParityError
 from osref.released import DEFAULT_TOKENIZER_DIR, DEFAULT_TOLERANCE, ReleasedFormatError, convert_released
 

@@ -34,15 +34,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def read_tasks(tasks_json: str) -> list[dict]:
     text = Path(tasks_json).read_text(encoding="utf-8") if Path(tasks_json).is_file() else tasks_json
     try:
         tasks = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"--tasks-json: neither a file nor valid JSON: {error}")
+        raise SystemExit(f"--tasks-json: neither a file nor valid JSON: {error}") from None
     if not isinstance(tasks, list):
         raise SystemExit("--tasks-json: expected a JSON list of task objects")
     return tasks
@@ -54,7 +52,7 @@ def select_group(tasks: list[dict], group: str) -> tuple[list[dict], int]:
     try:
         shots, task = parse_group(group)
     except ValueError as error:
-        raise SystemExit(f"--group: {error}")
+        raise SystemExit(f"--group: {error}") from None
     if task is not None:  # one extra task (released checkpoints): extra-<task>-<k>shot
         selected = [t for t in tasks if t["task"] == task and int(t["shots"]) == shots]
         if len(selected) != 1:
@@ -72,7 +70,9 @@ def tokens_seen(run: dict, iteration: int, run_json: str) -> int:
         train = run["train"]
         return iteration * int(train["global_batch_size"]) * int(train["seq_length"])
     except KeyError as error:
-        raise SystemExit(f"{run_json}: missing key {error} (need train.global_batch_size and train.seq_length)")
+        raise SystemExit(
+            f"{run_json}: missing key {error} (need train.global_batch_size and train.seq_length)"
+        ) from None
 
 
 def batch_size_arg(text: str) -> int | str:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torch.device(args.device)  # a bad evaluation.device fails here, not after loading model and tasks
     except (RuntimeError, ValueError) as error:
-        raise SystemExit(f"--device {args.device!r} (config evaluation.device): not a torch device: {error}")
+        raise SystemExit(f"--device {args.device!r} (config evaluation.device): not a torch device: {error}") from None
 
     from osref.evaluate import evaluate_checkpoint
 

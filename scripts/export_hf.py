@@ -35,10 +35,8 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from osref.export import DEFAULT_PARITY_TOKENS, DEFAULT_TOLERANCE, ParityError, export_checkpoint  # noqa: E402
-from osref.locks import LockHeld  # noqa: E402
+from osref.export import DEFAULT_PARITY_TOKENS, DEFAULT_TOLERANCE, ParityError, export_checkpoint
+from osref.locks import LockHeld
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

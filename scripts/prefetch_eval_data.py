@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from osref.files import write_json_atomic
 from osref.protocol import LOCAL_DEMO_TASKS
 

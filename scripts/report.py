@@ -24,8 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def run(manifest: dict, reference_dir: Path, out_dir: Path) -> list[str]:
     from osref.report import build_report
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"{manifest_path}: cannot read the manifest ({error})")
+        raise SystemExit(f"{manifest_path}: cannot read the manifest ({error})") from None
     for path in run(manifest, Path(args.reference_dir), Path(args.out_dir)):
         print(path)
     return 0

@@ -72,7 +72,7 @@ _INVERT_BYTES = bytes(255 - b for b in range(256))
 
 @functools.cache  # every request needs the ids of multi-MB blobs; compute each once
 def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 (git's object id)
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's object id
 
 
 @functools.cache
@@ -201,13 +201,13 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
     hub: HubServer
     origin: str
 
-    def log_message(self, format, *args):  # noqa: A002 (stdlib signature) - keep pytest output clean
+    def log_message(self, format, *args):
         pass
 
-    def do_HEAD(self):  # noqa: N802 (stdlib naming)
+    def do_HEAD(self):  # stdlib naming
         self._dispatch(send_body=False)
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self._dispatch(send_body=True)
 
     # ---- plumbing ---------------------------------------------------------------------------------
@@ -296,12 +296,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             for repo_id in sorted(self.hub.models)
             if (not author or repo_id.split("/")[0] == author) and search.lower() in repo_id.lower()
         ]
-        self._json(
-            [
-                {"_id": hashlib.sha1(r.encode()).hexdigest()[:24], "id": r, "modelId": r}  # noqa: S324
-                for r in found
-            ]
-        )
+        self._json([{"_id": hashlib.sha1(r.encode()).hexdigest()[:24], "id": r, "modelId": r} for r in found])
 
     def _dataset_info(self, repo_id: str, revision: str, kind: str = "datasets") -> None:
         if (found := self._repo_and_commit(repo_id, revision, kind)) is None:
@@ -433,7 +428,7 @@ def _tree_entries(repo: Repo, commit: str, folder: str, recursive: bool) -> list
         depth = len(rest) if recursive else 1
         for level in range(1, min(depth, len(rest) - 1) + 1):
             directory = prefix + "/".join(rest[:level])
-            tree_oid = hashlib.sha1(directory.encode()).hexdigest()  # noqa: S324 (any stable id will do)
+            tree_oid = hashlib.sha1(directory.encode()).hexdigest()  # any stable id will do
             entries[directory] = {"type": "directory", "oid": tree_oid, "size": 0, "path": directory}
         if recursive or len(rest) == 1:
             entry = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}

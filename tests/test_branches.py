@@ -8,8 +8,8 @@ import copy
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_run, read_jsonl
+
 from osref.config import ConfigError, load_config
 from osref.grid import expand_grid, load_grid, plan_rows, run_document, segments_from
 from osref.workflow import WorkflowIndex
@@ -50,7 +50,7 @@ def test_branch_starts_where_its_cooldown_starts(release_config):
         assert all(c > k for c in branch.checkpoint_iters) and branch.checkpoint_iters[-1] == branch.train_iters
         assert set(branch.segment_ends) <= set(branch.checkpoint_iters)
         assert branch.segment_ends[-1] == branch.train_iters
-        spans = [b - a for a, b in zip((k, *branch.segment_ends), branch.segment_ends)]
+        spans = [b - a for a, b in zip((k, *branch.segment_ends), branch.segment_ends, strict=False)]
         assert max(spans) <= branch.segment_iters
         assert branch.trained_iters == branch.cooldown_iters
     # 300B at GBS 1008 × 4096: 72 661 iterations; the branch trains the last 20 % of them

@@ -12,8 +12,22 @@ import pandas as pd
 import pytest
 
 from osref.compare import (
-    BETTER, OUT_OF_RANGE, WITHIN, WORSE, average_rows, binomial_stderr, checkpoint_wiggle, compare, compare_pair,
-    compute_multiplier, decision_accuracy, fit_scaling, ranked_groups, ranking_text, verdict, with_item_noise,
+    BETTER,
+    OUT_OF_RANGE,
+    WITHIN,
+    WORSE,
+    average_rows,
+    binomial_stderr,
+    checkpoint_wiggle,
+    compare,
+    compare_pair,
+    compute_multiplier,
+    decision_accuracy,
+    fit_scaling,
+    ranked_groups,
+    ranking_text,
+    verdict,
+    with_item_noise,
 )  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]

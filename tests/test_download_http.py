@@ -26,12 +26,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 import zstandard
+from hub_server import HubServer, Repo  # tests/ is on sys.path under pytest
 
 from osref import http_source
 from osref.download import fetch_group, list_dataset
 from osref.grid import load_grid
 from osref.workflow import WorkflowIndex
-from hub_server import HubServer, Repo  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NEMO = "contrib/Nemotron/Nemotron-CC"
@@ -156,7 +156,7 @@ def _fill_hub_repo(hub: HubServer, block: dict) -> int:
     for pattern in block["allow_patterns"]:
         pattern = pattern + "part.parquet" if pattern.endswith("/") else pattern
         for i in range(n_files):
-            path = re.sub(r"\*", lambda _m: f"{i:05d}", pattern)
+            path = re.sub(r"\*", f"{i:05d}", pattern)
             files[path] = f"file {i} of {pattern}".encode()
     revision = block.get("revision", "main")
     commit = "c" * 40

@@ -121,7 +121,7 @@ def test_evaluate_demo_tasks_is_deterministic(tiny_model: Path, demo_tasks: Path
     )
     assert first["lm_eval_version"] == "0.4.13"
     assert set(first["tasks"]) == {"demo_lastword", "demo_continuation"}
-    for name, spec in zip(["demo_lastword", "demo_continuation"], DEMO_PROTOCOL):
+    for name, spec in zip(["demo_lastword", "demo_continuation"], DEMO_PROTOCOL, strict=False):
         score = first["tasks"][name]
         assert score["metric"] == spec["metric"]
         assert 0.0 <= score["value"] <= 1.0

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from demo_pipeline import CHECKPOINTS, RUN_ID, assert_demo_outputs, reduced_demo_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_run
 
 torch.set_num_threads(1)

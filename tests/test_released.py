@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 
 import pytest
+import released_repo  # tests/ is on sys.path under pytest
 import torch
 
-import released_repo  # tests/ is on sys.path under pytest
 from osref import released, remote_code
 
 HIDDEN, HEADS, LAYERS, FFN, VOCAB, THETA, EPS = 64, 4, 2, 96, 256, 10000.0, 1e-5

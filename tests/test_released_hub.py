@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hub_server import HubServer  # tests/ is on sys.path under pytest
-from osref.released_hub import ReleasedHubError, closest_refs, list_released
 from released_repo import other_repo, released_repo
+
+from osref.released_hub import ReleasedHubError, closest_refs, list_released
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO = "open-sci/open-sci-ref-v0.01-tiny-synthetic-40-4096"

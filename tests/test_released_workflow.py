@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from demo_pipeline import reduced_demo_config
 from hub_server import HubServer
-from osref.config import ConfigError, load_config
-from osref.grid import load_grid, plan_rows
 from released_repo import other_repo, released_repo
 from test_workflow import job_counts, snakemake
+
+from osref.config import ConfigError, load_config
+from osref.grid import load_grid, plan_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASED_YAML = ROOT / "config" / "released.yaml"
@@ -424,7 +424,8 @@ def test_released_checkpoints_end_to_end(tmp_path):
         }
         averages = [r for r in rows if r["task"] == "avg"]  # the protocol's in-average task only, not the extra
         assert len(averages) == 4 and all(
-            a["value"] == c["value"] for a, c in zip(averages, [r for r in rows if r["task"] == "demo_continuation"])
+            a["value"] == c["value"]
+            for a, c in zip(averages, [r for r in rows if r["task"] == "demo_continuation"], strict=False)
         )
         assert {r["source"] for r in rows} == {"released"}
         assert (

@@ -117,7 +117,7 @@ def test_our_rows_and_average(synthetic):
 def test_missing_cells(synthetic):
     out, summary = synthetic
     missing = pd.read_csv(out / "missing.csv")
-    cells = set(zip(missing["run_id"], missing["iteration"], missing["task"]))
+    cells = set(zip(missing["run_id"], missing["iteration"], missing["task"], strict=False))
     expected = {("run-a", 20, "lambada_openai")} | {("run-b", i, t["task"]) for i in (10, 20) for t in SMALL_PROTOCOL}
     assert cells == expected and summary["n_missing"] == 7
     assert missing.set_index(["run_id", "iteration", "task"]).loc[("run-a", 20, "lambada_openai"), "in_average"]

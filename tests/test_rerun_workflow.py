@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
 from demo_pipeline import reduced_demo_config
 from test_faults_workflow import TIMEOUT_S, run, snakemake_cmd
 from test_workflow import job_counts

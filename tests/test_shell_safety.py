@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import _read_documents
 
 ROOT = Path(__file__).resolve().parent.parent

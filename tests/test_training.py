@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, TINY_RUN, checkpoint_tensors, make_run, read_jsonl
 
 torch.set_num_threads(1)
@@ -342,7 +341,7 @@ def test_tensor_parallel_two_ranks_matches_one(data_root, tmp_path):
     tp1_log = read_jsonl(tmp_path / "tp1/logs/train_metrics.jsonl")
     tp2_log = read_jsonl(tmp_path / "tp2/logs/train_metrics.jsonl")
     assert [r["iteration"] for r in tp2_log] == list(range(1, 11))
-    for one, two in zip(tp1_log, tp2_log):
+    for one, two in zip(tp1_log, tp2_log, strict=False):
         assert two["loss"] == pytest.approx(one["loss"], abs=1e-3), one["iteration"]
         assert two["lr"] == one["lr"]
     tp1_weights = _tensor_state(load_model_for_inference(single, 10))

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, checkpoint_tensors, make_run, read_jsonl
 
 TRAIN_ITERS = 8

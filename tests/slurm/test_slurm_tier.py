@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from demo_pipeline import CHECKPOINTS, RUN_ID, assert_demo_outputs, reduced_demo_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -334,7 +333,6 @@ def test_timed_out_segment_is_retried_and_resumes(tmp_path):
 
     # The attempts end where one uninterrupted run of the same run JSON ends, bit for bit.
     import torch
-
     from conftest import checkpoint_tensors
 
     run = json.loads((run_dir / "run.json").read_text())
