@@ -53,7 +53,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from urllib.parse import urlsplit
 
 from osref import http_source
-from osref.files import write_json_atomic
+from osref.files import atomic_target, write_json_atomic
 from osref.fingerprint import HashCache, local_files
 from osref.paths import local_hash_cache
 
@@ -376,15 +376,8 @@ def _fetch_local(name: str, entry: dict, out_dir: Path) -> Path:
     target = group_target(name, out_dir, entry["path"])
     if target.exists() and target.stat().st_size == entry["size"]:
         return target  # its sha256 is checked by the caller; a wrong copy is deleted and made again
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_target(target) as tmp:
         _clone_or_copy(entry["local_path"], tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return target
 
 

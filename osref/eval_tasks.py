@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
+
+from osref.files import write_json_atomic, write_text_atomic
 
 LASTWORD_TASK = "demo_lastword"
 CONTINUATION_TASK = "demo_continuation"
@@ -122,17 +123,11 @@ def _continuation_items(candidates: list[tuple[int, str, str]], n: int, rng: ran
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows))
 
 
 def _write_yaml(path: Path, config: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False, width=1000), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False, width=1000))
 
 
 def _task_yaml(name: str, data_dir: Path, body: dict) -> dict:
@@ -231,7 +226,5 @@ def build_demo_tasks(
             path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(out_dir.glob("demo_*.jsonl"))
         },
     }
-    tmp = out_dir / f".{MARKER_NAME}.tmp"
-    tmp.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / MARKER_NAME)
+    write_json_atomic(out_dir / MARKER_NAME, marker, indent=2, sort_keys=True)
     return out_dir

@@ -39,13 +39,10 @@ for it this rounding changes nothing.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -56,7 +53,7 @@ from typing import Any
 import torch
 
 from osref import checkpointing
-from osref.locks import exclusive_lock
+from osref.files import atomic_directory
 from osref.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -545,32 +542,6 @@ def measure_parity(
     return {"max_abs_logit_diff": float((expected - actual).abs().max()), "max_abs_logit": float(expected.abs().max())}
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | Path):
-    """Yield a temporary sibling of ``out_dir``; it replaces ``out_dir`` only if the block succeeds.
-
-    On any error (a parity failure included) the temporary directory is removed, so a half-written
-    export can never be taken for a finished one.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out_dir.parent / f".{out_dir.name}.lock", f"an export to {out_dir}"):
-        # every live writer of this target holds the lock: what is here was left by killed ones
-        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
-            log.warning("removing %s, left behind by a killed export", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            yield tmp
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
 def export_checkpoint(
     run: dict,
     iteration: int,
@@ -599,7 +570,7 @@ def export_checkpoint(
     if not checkpointing.is_complete(ckpt):
         raise FileNotFoundError(f"{ckpt}: no {checkpointing.COMPLETE_MARKER}; not a complete checkpoint")
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "an export") as tmp:
         _write_hf_files(tmp, run, spec, ckpt, save_dtype)
         token_ids = parity_token_ids(
             _resolve(run["tokenizer"]["path"]),

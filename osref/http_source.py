@@ -29,7 +29,6 @@ import binascii
 import email.utils
 import gzip
 import http.client
-import os
 import sys
 import time
 import urllib.error
@@ -37,6 +36,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from osref.files import commit_partial, partial_path
 
 CHUNK = 1 << 20
 HTTP_ATTEMPTS = 5  # per request; a file transfer resumes where the last attempt stopped
@@ -290,7 +291,7 @@ def fetch(url: str, target: Path, fmt: str | None, progress: Progress) -> Remote
             )
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = partial_path(target)
     for attempt in range(1, HTTP_ATTEMPTS + 1):
         progress.file_discarded()  # recount from what is on disk
         try:
@@ -310,5 +311,5 @@ def fetch(url: str, target: Path, fmt: str | None, progress: Progress) -> Remote
         # contradict the server's own digest are a broken transfer instead: the caller fetches them again.
         partial.unlink()
         raise SourceFormatError(f"{url}: not {fmt}: {problem} (content type {remote.content_type}); nothing was kept")
-    os.replace(partial, target)
+    commit_partial(partial, target)
     return remote

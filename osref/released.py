@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from osref import export
+from osref.files import atomic_directory
 from osref.model_spec import ModelSpec
 from osref.remote_code import QKNorm, RemoteCodeError, modeling_file, read_qk_norm
 
@@ -527,7 +528,7 @@ def convert_released(
 
     eod = int(config.get("eos_token_id", 0))
     tokenizer_info = {"eod_id": eod}
-    with export.atomic_directory(out) as tmp:
+    with atomic_directory(out, "a conversion") as tmp:
         save_file(
             {name: t.to(save_dtype).contiguous() for name, t in hf_state.items()},
             str(tmp / "model.safetensors"),

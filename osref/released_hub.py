@@ -24,13 +24,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from osref.download import _hub_endpoint, fetch_group
-from osref.files import write_json_atomic
+from osref.files import commit_partial, partial_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 _ITER_BRANCH = re.compile(r"^iter_(\d+)$")
@@ -206,7 +205,7 @@ def fetch_revision(listing_path: str | Path, revision: str, out_dir: str | Path)
             f"{', '.join(listing['revisions'])}); list again: snakemake --forcerun list_released"
         )
     out_dir = Path(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")  # a fixed name: a retried job reuses what it holds
+    partial = partial_path(out_dir)  # a fixed name: a retried job reuses what it holds
     partial.mkdir(parents=True, exist_ok=True)
     files = entry["files"]
     group_listing = {
@@ -229,7 +228,5 @@ def fetch_revision(listing_path: str | Path, revision: str, out_dir: str | Path)
         "files": [{**record, "path": os.path.relpath(record["path"], partial)} for record in manifest["files"]],
     }
     write_json_atomic(partial / "manifest.json", manifest, indent=1)
-    if out_dir.exists():  # only when run by hand: Snakemake removes a directory output before the job
-        shutil.rmtree(out_dir)
-    os.replace(partial, out_dir)
+    commit_partial(partial, out_dir)  # replaces out_dir only when run by hand (Snakemake removes it first)
     return manifest

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from osref import checkpointing, kernels
+from osref.files import write_text_atomic
 from osref.locks import LockHeld, LockUnsupported, exclusive_lock
 from osref.megatron_compat import enable_cpu_guards
 from osref.megatron_model import attention_backend, build_gpt_model
@@ -326,9 +327,7 @@ def truncate_metrics(path: Path, keep_up_to: int) -> None:
             continue
         if record["iteration"] <= keep_up_to:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _append_json_line(path: Path, record: dict) -> None:

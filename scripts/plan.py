@@ -12,21 +12,18 @@ checkpoints, bytes to download, GPU-hours of evaluation) and prints a summary:
 
 import argparse
 import csv
-import os
 import sys
 from pathlib import Path
 
+from osref.files import atomic_target
 from osref.grid import PLAN_COLUMNS, load_grid, plan_rows
 
 
 def write_plan(rows: list[dict], out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_target(out) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=PLAN_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out)
 
 
 def summary(rows: list[dict]) -> str:

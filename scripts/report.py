@@ -20,9 +20,10 @@ Examples (from the repository root):
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+
+from osref.files import write_json_atomic
 
 
 def run(manifest: dict, reference_dir: Path, out_dir: Path) -> list[str]:
@@ -60,11 +61,7 @@ def snakemake_main(smk) -> None:
         filename=smk.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     manifest = smk.params.manifest
-    manifest_out = Path(smk.output.manifest)
-    manifest_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = manifest_out.with_name(f".{manifest_out.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, manifest_out)
+    write_json_atomic(smk.output.manifest, manifest, indent=2, sort_keys=True)
     try:
         run(manifest, Path(smk.params.reference_dir), Path(smk.params.out_dir))
     except Exception:
