@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-fast plan dryrun bench-dryrun clean-demo
+.PHONY: env demo test test-unit test-no-e2e lint plan dryrun bench-dryrun clean-demo
 
 env: $(STAMP)
 
@@ -39,9 +39,25 @@ test: env
 	[ -z "$${OSREF_SLURM_UNAVAILABLE:-}" ] || echo "make test: the Slurm tier will be skipped: $$OSREF_SLURM_UNAVAILABLE"; \
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
-# no Slurm, no end-to-end runs: minutes
-test-fast: env
+# The fast tests: no training, export, evaluation or Snakemake run (config, grid, plan, paths,
+# contracts, download/http/hub against local servers, tokenizer, report, statistics).
+UNIT_TESTS := tests/test_config.py tests/test_contracts.py tests/test_shard_groups.py tests/test_download.py \
+	tests/test_download_http.py tests/test_fingerprints.py tests/test_locks.py tests/test_run_identity.py \
+	tests/test_report.py tests/test_compare.py tests/test_released_results.py tests/test_lint_workflow.py
+test-unit: env
+	$(BIN)/python -m pytest -q -rs -m "not slow and not slurm" $(UNIT_TESTS) $(PYTEST_ARGS)
+
+# Everything but the end-to-end (slow) tests and the Slurm tier: tiny real models trained, exported
+# and evaluated on the CPU, Snakemake dry-runs and small real runs (measured: see README, Tests).
+test-no-e2e: env
 	$(BIN)/python -m pytest -q -rs -m "not slow and not slurm" $(PYTEST_ARGS)
+
+# The style gate (.ci/run runs it before the tests): ruff lint + format, snakefmt, snakemake --lint
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/python scripts/lint_workflow.py
 
 plan: env
 	$(BIN)/snakemake plan --profile profiles/local

@@ -6,7 +6,7 @@
 #   {runs}/{run_id}/checkpoints/iter_{i}/        torch_dist checkpoints (never deleted by Snakemake)
 #   {runs}/{run_id}/train/segment_{i}.json       one marker per training job
 #   {runs}/{run_id}/hf/iter_{i}/                 Hugging Face exports (parity-checked)
-#   {runs}/{run_id}/eval/iter_{i}/{k}shot.json   lm-eval results per shot group
+#   {runs}/{run_id}/eval/iter_{i}/{k}shot.json   lm-eval results per shot set
 #   {runs}/released/{name}/...                   released checkpoints: listing, fetched/, hf/, eval/
 #   {results}/plan.csv, {results}/report/        the plan and the report
 #
@@ -21,7 +21,8 @@ import json
 
 from osref.grid import load_grid
 from osref.config import check_config_files, read_yaml, repo_relative
-from osref.workflow import EVALUATE_WILDCARD_CONSTRAINTS, WILDCARD_CONSTRAINTS, WorkflowIndex, repo_path
+from osref.paths import repo_path
+from osref.workflow import EVALUATE_WILDCARD_CONSTRAINTS, WILDCARD_CONSTRAINTS, WorkflowIndex
 
 check_config_files(workflow.configfiles)  # Snakemake's own reading keeps the last of two equal keys
 if "experiments" not in config:

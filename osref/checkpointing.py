@@ -30,13 +30,17 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from osref.contracts import RunDocument
 from osref.files import write_json_atomic
+from osref.paths import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +51,13 @@ _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    """``{run_dir}/checkpoints`` (:class:`osref.paths.RunLayout`)."""
+    return Path(RunLayout(str(run_dir)).checkpoints)
 
 
 def checkpoint_dir(run_dir: str | Path, iteration: int) -> Path:
-    return checkpoint_root(run_dir) / f"iter_{iteration:07d}"
+    """``{run_dir}/checkpoints/iter_XXXXXXX`` (:class:`osref.paths.RunLayout`)."""
+    return Path(RunLayout(str(run_dir)).checkpoint(iteration))
 
 
 def is_complete(ckpt_dir: str | Path) -> bool:
@@ -232,7 +238,7 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, *, dist_o
 # ---- inference -------------------------------------------------------------------------------
 
 
-def load_model_for_inference(run: dict, iteration: int):
+def load_model_for_inference(run: RunDocument | Mapping[str, Any], iteration: int):
     """The megatron ``GPTModel`` of ``run`` at ``iteration``: one process, CPU, fp32, eval mode.
 
     Reads only the model weights from the torch_dist checkpoint, whatever world size or TP layout
@@ -242,15 +248,14 @@ def load_model_for_inference(run: dict, iteration: int):
 
     from osref.megatron_compat import enable_cpu_guards, init_single_process_parallel
     from osref.megatron_model import build_gpt_model
-    from osref.model_spec import ModelSpec
 
-    ckpt_dir = checkpoint_dir(run["paths"]["run_dir"], iteration)
+    run = RunDocument.coerce(run)
+    ckpt_dir = Path(run.layout.checkpoint(iteration))
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: no {COMPLETE_MARKER}; not a complete checkpoint")
     enable_cpu_guards()
     init_single_process_parallel()
-    spec = ModelSpec.from_run(run)
-    model = build_gpt_model(spec, seed=run["train"]["seed"], attention="local", device="cpu")
+    model = build_gpt_model(run.model, seed=run.train.seed, attention="local", device="cpu")
     with torch.no_grad():
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
         model.load_state_dict(loaded["model"])

@@ -27,7 +27,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from osref.paths import REPO_ROOT
+
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 _BUDGET_UNITS = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}

@@ -1,11 +1,11 @@
 """Evaluate one exported Hugging Face checkpoint with lm-eval, offline and reproducibly.
 
-The open-sci-ref protocol runs lm-evaluation-harness once per few-shot group on every saved
+The open-sci-ref protocol runs lm-evaluation-harness once per few-shot set on every saved
 checkpoint. lm-eval's own outputs are awkward for a workflow: files carry a timestamp in their
 name, stderr may be the string ``"N/A"``, and a hub task without a local cache retries the network
 instead of failing. This module wraps ``lm_eval.simple_evaluate`` so that one call
 
-* evaluates the tasks of one shot group (the protocol is passed in as data),
+* evaluates the tasks of one shot set (the protocol is passed in as data),
 * never touches the network (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``, optional private
   ``HF_HOME``) and fails before loading the model when a task's data is not available locally,
 * writes one JSON with a fixed name, atomically, holding the protocol metric per task plus the
@@ -51,7 +51,7 @@ class EvaluationError(RuntimeError):
 
 
 def validate_protocol_tasks(tasks: list[dict], num_fewshot: int | None = None) -> None:
-    """Check the task dicts' keys and that they all share ``num_fewshot`` (one call per shot group)."""
+    """Check the task dicts' keys and that they all share ``num_fewshot`` (one call per shot set)."""
     if not tasks:
         raise ValueError("no tasks given")
     for spec in tasks:
@@ -63,7 +63,7 @@ def validate_protocol_tasks(tasks: list[dict], num_fewshot: int | None = None) -
         if num_fewshot is not None and int(spec["shots"]) != int(num_fewshot):
             raise ValueError(
                 f"task {spec['task']!r} has shots={spec['shots']} but this call evaluates num_fewshot={num_fewshot}: "
-                "split the protocol into one call per shot group"
+                "split the protocol into one call per shot set"
             )
     names = [spec["task"] for spec in tasks]
     if len(set(names)) != len(names):
@@ -350,7 +350,7 @@ def evaluate_checkpoint(
     hf_home: Path | None = None,
     likelihood: bool = True,
 ) -> dict:
-    """Evaluate the tasks of one shot group on ``hf_dir``, write ``out_json`` and return its content.
+    """Evaluate the tasks of one shot set on ``hf_dir``, write ``out_json`` and return its content.
 
     ``likelihood``: also log lm-eval's samples and record :func:`likelihood_metrics` (the protocol
     metrics are the same either way).

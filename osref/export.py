@@ -39,6 +39,7 @@ for it this rounding changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ import math
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -53,12 +55,13 @@ from typing import Any
 import torch
 
 from osref import checkpointing
-from osref.files import atomic_directory
+from osref.contracts import RunDocument
+from osref.files import atomic_directory, write_json_atomic
 from osref.model_spec import ModelSpec
+from osref.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 HF_CAUSAL_LM_CLASS = {"hy_v3": "HYV3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -446,10 +449,10 @@ def _round_parameters_through(model, dtype: torch.dtype) -> None:
 # ---- the export ------------------------------------------------------------------------------
 
 
-def spec_from_run(run: dict) -> ModelSpec:
-    model = dict(run["model"])
-    name = model.pop("name", None) or run.get("scale", "model")
-    return ModelSpec.from_config(name, model, seq_length=run["train"].get("seq_length"))
+def spec_from_run(run: RunDocument | Mapping[str, Any]) -> ModelSpec:
+    """The run's model at its training sequence length."""
+    run = RunDocument.coerce(run)
+    return dataclasses.replace(run.model, seq_length=run.train.seq_length)
 
 
 def _resolve(path: str | Path) -> Path:
@@ -457,6 +460,42 @@ def _resolve(path: str | Path) -> Path:
     if path.is_absolute() or path.exists():
         return path
     return REPO_ROOT / path
+
+
+def write_hf_directory(
+    directory: Path,
+    hf_state: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    *,
+    eod_id: int,
+    tokenizer_dir: str | Path,
+    save_dtype: torch.dtype,
+) -> None:
+    """Everything a Hugging Face model directory holds, for our exports and the released converter
+    alike: ``model.safetensors`` (in ``save_dtype``), ``config.json`` (:func:`hf_config_for`, with
+    ``rope_theta`` for 4.x readers), ``generation_config.json`` (bos/eos/pad = ``eod_id``) and the
+    tokenizer files of ``tokenizer_dir``."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    tensors = {name: t.to(save_dtype).contiguous() for name, t in hf_state.items()}
+    # split views share storage, which safetensors refuses to save: those are copied
+    storages: dict[int, int] = {}
+    for t in tensors.values():
+        storages[t.untyped_storage().data_ptr()] = storages.get(t.untyped_storage().data_ptr(), 0) + 1
+    tensors = {name: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else t for name, t in tensors.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    config = hf_config_for(spec, {"eod_id": eod_id})
+    config.dtype = str(save_dtype).removeprefix("torch.")
+    _save_config(config, directory)
+    GenerationConfig(bos_token_id=eod_id, eos_token_id=eod_id, pad_token_id=eod_id).save_pretrained(directory)
+    _copy_tokenizer(Path(tokenizer_dir), directory)
+
+
+def software_versions() -> dict[str, Any]:
+    """``code_version`` (``git describe`` of this checkout) and ``libraries`` for a provenance.json."""
+    return {"code_version": _code_version(), "libraries": _library_versions()}
 
 
 def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
@@ -494,37 +533,35 @@ def _library_versions() -> dict[str, str | None]:
     return versions
 
 
-def config_hash(run: dict) -> str:
-    """Hash of the training-relevant run config (model + train blocks)."""
-    payload = json.dumps({"model": run["model"], "train": run["train"]}, sort_keys=True)
+def config_hash(run: RunDocument | Mapping[str, Any]) -> str:
+    """Hash of the training-relevant run config (model + train blocks of run.json)."""
+    document = RunDocument.coerce(run).to_json()
+    payload = json.dumps({"model": document["model"], "train": document["train"]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 _EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _write_hf_files(directory: Path, run: dict, spec: ModelSpec, ckpt: Path, save_dtype: torch.dtype) -> None:
+def _write_hf_files(directory: Path, run: RunDocument, spec: ModelSpec, ckpt: Path, save_dtype: torch.dtype) -> None:
     """model.safetensors, config.json, generation_config.json and the tokenizer files."""
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
-
     hf_state = megatron_to_hf_state_dict(read_torch_dist_checkpoint(ckpt), spec)
-    # clone: split views share storage, which safetensors refuses to save
-    save_file(
-        {name: t.to(save_dtype).contiguous().clone() for name, t in hf_state.items()},
-        str(directory / "model.safetensors"),
-        metadata={"format": "pt"},
+    write_hf_directory(
+        directory,
+        hf_state,
+        spec,
+        eod_id=run.tokenizer.eod_id,
+        tokenizer_dir=_resolve(run.tokenizer.path),
+        save_dtype=save_dtype,
     )
-    config = hf_config_for(spec, run["tokenizer"])
-    config.dtype = str(save_dtype).removeprefix("torch.")
-    _save_config(config, directory)
-    eod = int(run["tokenizer"].get("eod_id", 0))
-    GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod).save_pretrained(directory)
-    _copy_tokenizer(_resolve(run["tokenizer"]["path"]), directory)
 
 
 def measure_parity(
-    run: dict, iteration: int, hf_dir: Path, token_ids: torch.Tensor, weight_dtype: torch.dtype = torch.float32
+    run: RunDocument | Mapping[str, Any],
+    iteration: int,
+    hf_dir: Path,
+    token_ids: torch.Tensor,
+    weight_dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """max |Δlogit| between the megatron checkpoint and the HF directory, both computed in fp32
     (``max_abs_logit_diff``), and the largest |logit| for scale (``max_abs_logit``).
@@ -543,7 +580,7 @@ def measure_parity(
 
 
 def export_checkpoint(
-    run: dict,
+    run: RunDocument | Mapping[str, Any],
     iteration: int,
     out_dir: str | Path,
     *,
@@ -565,24 +602,25 @@ def export_checkpoint(
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"parity tolerance {tolerance!r}: must be a finite positive number")
     save_dtype = _EXPORT_DTYPES[dtype]
+    run = RunDocument.coerce(run)
     spec = spec_from_run(run)
-    ckpt = checkpointing.checkpoint_dir(run["paths"]["run_dir"], iteration)
+    ckpt = Path(run.layout.checkpoint(iteration))
     if not checkpointing.is_complete(ckpt):
         raise FileNotFoundError(f"{ckpt}: no {checkpointing.COMPLETE_MARKER}; not a complete checkpoint")
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, "an export") as tmp:
         _write_hf_files(tmp, run, spec, ckpt, save_dtype)
         token_ids = parity_token_ids(
-            _resolve(run["tokenizer"]["path"]),
+            _resolve(run.tokenizer.path),
             min(parity_tokens, spec.seq_length),
-            vocab_limit=int(run["tokenizer"].get("size", spec.vocab_size)),
+            vocab_limit=int(run.tokenizer.size),
         )
         parity = measure_parity(run, iteration, tmp, token_ids, save_dtype)
         max_diff = parity["max_abs_logit_diff"]
         hf_class = HF_CAUSAL_LM_CLASS[spec.family]
         log.info(
             "parity %s iter %d (%s): max |Δlogit| = %.3g, tolerance %.3g",
-            run.get("run_id"),
+            run.run_id,
             iteration,
             hf_class,
             max_diff,
@@ -590,21 +628,19 @@ def export_checkpoint(
         )
         if not max_diff <= tolerance:  # written this way round so that NaN fails too
             raise ParityError(
-                f"{run.get('run_id')} iter {iteration}: exported {hf_class} differs from megatron: "
+                f"{run.run_id} iter {iteration}: exported {hf_class} differs from megatron: "
                 f"max |Δlogit| = {max_diff:.4g} > tolerance {tolerance:.4g}",
                 max_diff,
             )
-        check_hf_config(tmp, spec, run["tokenizer"])  # what the logits cannot see
+        check_hf_config(tmp, spec, {"eod_id": run.tokenizer.eod_id})  # what the logits cannot see
 
-        train = run["train"]
         provenance = {
-            "run_id": run.get("run_id"),
+            "run_id": run.run_id,
             "iteration": iteration,
-            "tokens_seen": iteration * int(train["global_batch_size"]) * int(train["seq_length"]),
+            "tokens_seen": iteration * run.tokens_per_iteration,
             "checkpoint": str(ckpt),
             "config_hash": config_hash(run),
-            "code_version": _code_version(),
-            "libraries": _library_versions(),
+            **software_versions(),
             "hf_class": hf_class,
             "dtype": dtype,
             "parity": {
@@ -615,5 +651,5 @@ def export_checkpoint(
                 "token_ids_shape": list(token_ids.shape),
             },
         }
-        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        write_json_atomic(tmp / "provenance.json", provenance, indent=2)
     return provenance

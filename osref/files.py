@@ -115,6 +115,18 @@ def atomic_directory(out_dir: str | Path, what: str = "a writer") -> Iterator[Pa
             raise
 
 
+def stat_key(path: str | Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a regular file, None when it does not exist (yet): what the caches
+    (the report's, the reference data's) key a file's content on."""
+    from stat import S_ISREG
+
+    try:
+        stat = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (stat.st_mtime_ns, stat.st_size) if S_ISREG(stat.st_mode) else None
+
+
 def partial_path(target: str | Path) -> Path:
     """The fixed name (``<target>.partial``) under which a resumable download of ``target`` grows."""
     target = Path(target)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from osref.config import ConfigError, budget_tokens, load_config, repo_relative, validate, walltime_minutes
+from osref.contracts import BranchSettings, DataSettings, RunDocument, TokenizerSettings, TrainSettings
 from osref.model_spec import ModelSpec
 from osref.paths import Layout
-from osref.protocol import shot_groups
+from osref.protocol import shot_sets
 
 _SCALE_OVERRIDE_KEYS = {"rotary_base"}
 _RESOURCE_OVERRIDE_KEYS = {"nodes", "micro_batch_size"}
@@ -104,8 +105,9 @@ class Grid:
         return evaluation["protocols"][evaluation["protocol"]]
 
     @cached_property
-    def groups(self) -> dict[str, list[dict[str, Any]]]:
-        return shot_groups(self.protocol)
+    def shot_sets(self) -> dict[str, list[dict[str, Any]]]:
+        """The protocol's tasks by shot count (``"0shot"``, ``"10shot"``): one evaluation job each."""
+        return shot_sets(self.protocol)
 
     @cached_property
     def datasets_in_use(self) -> list[str]:
@@ -471,62 +473,51 @@ def load_grid(config: dict[str, Any] | str | Path) -> Grid:
 # ---- outputs --------------------------------------------------------------------------------------
 
 
-def run_document(grid: Grid, run: Run) -> dict[str, Any]:
-    """The resolved run JSON that the training, export and evaluation scripts read."""
+def run_document(grid: Grid, run: Run) -> RunDocument:
+    """The resolved run (``run.json``) that the training, export and evaluation scripts read."""
     recipe, resources, layout = run.recipe, run.resources, grid.layout
     config = grid.config
     device = config["cluster"]["device"]
-    return {
-        "run_id": run.run_id,
-        "experiment": run.experiment,
-        "scale": run.scale,
-        "dataset": run.dataset,
-        "budget": run.budget,
-        "tokens": run.tokens,
-        "model": run.spec.as_dict(),
-        "train": {
-            "schedule": recipe["schedule"],
-            "lr": recipe["lr"],
-            "min_lr": recipe["min_lr"],
-            "warmup_iters": recipe["warmup_iters"],
-            "cooldown_iters": run.cooldown_iters,
-            "train_iters": run.train_iters,
-            "global_batch_size": run.global_batch_size,
-            "micro_batch_size": resources["micro_batch_size"],
-            "seq_length": run.seq_length,
-            "adam_beta1": recipe["adam_beta1"],
-            "adam_beta2": recipe["adam_beta2"],
-            "adam_eps": recipe["adam_eps"],
-            "weight_decay": recipe["weight_decay"],
-            "clip_grad": recipe["clip_grad"],
-            "save_interval": recipe["save_interval"],
-            "checkpoint_iters": list(run.checkpoint_iters),
-            "segment_ends": list(run.segment_ends),
-            "seed": recipe["seed"],
-            "split": recipe["split"],
-            "precision": recipe["precision"] if device == "cuda" else "fp32",
-            "device": device,
-            "log_interval": recipe["log_interval"],
-            "eval_iters": recipe["eval_iters"],
-            "tensor_parallel": resources["tensor_parallel"],
-            "pipeline_parallel": resources["pipeline_parallel"],
-            # activation recompute saves GPU memory; on CPU it only costs time (and megatron's
-            # checkpointed attention builds its mask on CUDA)
-            "recompute": recipe["recompute"] if device == "cuda" else "none",
-            "distributed_optimizer": recipe["distributed_optimizer"] and device == "cuda",
-            "overlap_grad_reduce": recipe["overlap_grad_reduce"] and device == "cuda",
-            "tensorboard": recipe["tensorboard"],
-            "kernels": _kernels(recipe, device),
-        },
-        "data": {
-            "prefixes": grid.data_prefixes(run.dataset, run.run_id),
-            "weights": None,
-            "cache_dir": layout.index_cache(),
-        },
-        "tokenizer": {**config["tokenizer"], "path": repo_relative(config["tokenizer"]["path"])},
-        "paths": {"run_dir": layout.run_dir(run.run_id)},
-        "branch": _branch_block(grid, run),
-    }
+    on_gpu = device == "cuda"
+    # the recipe keys that reach run.json unchanged (the others are resolved below)
+    copied = ("schedule", "lr", "min_lr", "warmup_iters", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay",
+              "clip_grad", "save_interval", "seed", "split", "log_interval", "eval_iters", "tensorboard")  # fmt: skip
+    train = TrainSettings(
+        **{key: recipe[key] for key in copied},
+        cooldown_iters=run.cooldown_iters,
+        train_iters=run.train_iters,
+        global_batch_size=run.global_batch_size,
+        micro_batch_size=resources["micro_batch_size"],
+        seq_length=run.seq_length,
+        checkpoint_iters=run.checkpoint_iters,
+        segment_ends=run.segment_ends,
+        precision=recipe["precision"] if on_gpu else "fp32",
+        device=device,
+        tensor_parallel=resources["tensor_parallel"],
+        pipeline_parallel=resources["pipeline_parallel"],
+        # activation recompute saves GPU memory; on CPU it only costs time (and megatron's
+        # checkpointed attention builds its mask on CUDA)
+        recompute=recipe["recompute"] if on_gpu else "none",
+        distributed_optimizer=recipe["distributed_optimizer"] and on_gpu,
+        overlap_grad_reduce=recipe["overlap_grad_reduce"] and on_gpu,
+        kernels=_kernels(recipe, device),
+    )
+    return RunDocument(
+        run_id=run.run_id,
+        experiment=run.experiment,
+        scale=run.scale,
+        dataset=run.dataset,
+        budget=run.budget,
+        tokens=run.tokens,
+        model=run.spec,
+        train=train,
+        data=DataSettings(prefixes=tuple(grid.data_prefixes(run.dataset, run.run_id)), cache_dir=layout.index_cache()),
+        tokenizer=TokenizerSettings.from_json(
+            {**config["tokenizer"], "path": repo_relative(config["tokenizer"]["path"])}, "tokenizer"
+        ),
+        run_dir=layout.run_dir(run.run_id),
+        branch=_branch_settings(grid, run),
+    )
 
 
 def _kernels(recipe: dict[str, Any], device: str) -> dict[str, Any]:
@@ -539,187 +530,15 @@ def _kernels(recipe: dict[str, Any], device: str) -> dict[str, Any]:
     return kernels
 
 
-def _branch_block(grid: Grid, run: Run) -> dict[str, Any] | None:
+def _branch_settings(grid: Grid, run: Run) -> BranchSettings | None:
     """Where a cool-down branch starts: the parent's run directory and checkpoint iteration, and
     the parent's length, which sizes the data so that the branch reads the parent's sample order."""
     if not run.parent_run:
         return None
     parent = grid.runs[run.parent_run]
-    return {
-        "parent_run_id": parent.run_id,
-        "parent_run_dir": grid.layout.run_dir(parent.run_id),
-        "iteration": run.branch_iteration,
-        "parent_train_iters": parent.train_iters,
-    }
-
-
-PLAN_COLUMNS = [
-    "run_id",
-    "scale",
-    "dataset",
-    "tokens",
-    "seq_length",
-    "global_batch_size",
-    "params",
-    "train_iters",
-    "checkpoints",
-    "flops",
-    "gpu_hours",
-    "nodes",
-    "gpus_per_node",
-    "jobs",
-    "budget",
-    "warmup_iters",
-    "cooldown_iters",
-    "save_interval",
-    "segments",
-    "hours_per_segment",
-    "walltime",
-    "evaluated_checkpoints",
-    "data_groups",
-    "dataset_groups",
-    "shard_groups",
-    "dataset_tokens",
-    "dataset_tokens_source",
-    "epochs",
-    "warning",
-    "branch_of",
-    "branch_iteration",
-    "trained_iters",
-    "source",
-    "revisions",
-    "download_bytes",
-    "download_bytes_source",
-    "eval_gpu_hours",
-    "repo",
-    "repo_status",
-]
-
-
-def _counted_group_tokens(grid: Grid, dataset: str) -> dict[int, int]:
-    """Tokens per group from the dataset's tokenized manifest (empty until it exists)."""
-    manifest = Path(grid.layout.tokenized_manifest(dataset))
-    if not manifest.exists():
-        return {}
-    import json
-
-    return {
-        int(g["group"]): int(g["tokens"])
-        for g in json.loads(manifest.read_text())["per_group"]
-        if g.get("group") is not None
-    }
-
-
-def listed_bytes(grid: Grid, dataset: str) -> int | None:
-    """Total size in the dataset's listing.json, once the listing job has run (else None)."""
-    listing = Path(grid.layout.listing(dataset))
-    if not listing.exists():
-        return None
-    import json
-
-    return sum(f["size"] or 0 for f in json.loads(listing.read_text())["files"])
-
-
-def dataset_tokens(
-    grid: Grid, dataset: str, groups: list[int] | None = None, counted: dict[int, int] | None = None
-) -> tuple[float | None, str]:
-    """Tokens in ``groups`` of a dataset (default: every group it is cut into): counted once
-    tokenized, else the catalog's estimate x groups / shard_groups."""
-    block = grid.config["datasets"][dataset]
-    groups = list(range(block["shard_groups"])) if groups is None else groups
-    counted = _counted_group_tokens(grid, dataset) if counted is None else counted
-    known = [counted[g] for g in groups if g in counted]
-    if known and len(known) == len(groups):
-        return float(sum(known)), "tokenized"
-    if known:
-        return sum(known) / len(known) * len(groups), f"tokenized ({len(known)} of {len(groups)} groups), extrapolated"
-    estimate = approx_tokens(block)
-    if estimate is None:
-        return None, "unknown"
-    return estimate * len(groups) / block["shard_groups"], "catalog estimate"
-
-
-def plan_rows(grid: Grid) -> list[dict[str, Any]]:
-    """One row per training run, then one per released model (``source`` train / released)."""
-    from osref.released_models import evaluation_gpu_hours
-
-    n_groups = len(grid.groups)
-    warn_epochs = grid.config["plan"]["warn_epochs"]
-    counted = {d: _counted_group_tokens(grid, d) for d in grid.datasets_in_use}
-    size_warnings = {}
-    for d in grid.datasets_in_use:
-        listed, approx = listed_bytes(grid, d), grid.config["datasets"][d]["approx_bytes"]
-        if listed and approx and not 1 / 1.5 <= listed / approx <= 1.5:
-            size_warnings[d] = (
-                f"{d} lists {listed:.3g} bytes, datasets.{d}.approx_bytes says {approx:.3g}: "
-                "correct it, the number of groups a run reads relies on it"
-            )
-    rows = []
-    for run in grid.runs.values():
-        jobs = len(run.segment_ends) + len(run.eval_iters) * (1 + n_groups)
-        groups = grid.run_groups(run.run_id)
-        total_groups = grid.config["datasets"][run.dataset]["shard_groups"]
-        size, size_source = dataset_tokens(grid, run.dataset, groups, counted[run.dataset])
-        epochs = run.train_iters * run.tokens_per_iteration / size if size else None
-        warnings = []
-        if epochs is not None and epochs > warn_epochs:
-            warnings.append(
-                f"needs {epochs:.1f} epochs of {run.dataset} (more than plan.warn_epochs = {warn_epochs:g})"
-            )
-        elif epochs is not None and epochs > 1 and len(groups) < total_groups:
-            warnings.append(
-                f"repeats data ({epochs:.2f} epochs of its {len(groups)} of {total_groups} shard groups) although "
-                f"{run.dataset} has more: raise datasets.{run.dataset}.data_safety or correct its approx_bytes / "
-                "tokens_per_byte"
-            )
-        if run.dataset in size_warnings and len(groups) < total_groups:
-            warnings.append(size_warnings[run.dataset])
-        warning = "; ".join(warnings)
-        rows.append(
-            {
-                "run_id": run.run_id,
-                "scale": run.scale,
-                "dataset": run.dataset,
-                "tokens": run.tokens,
-                "seq_length": run.seq_length,
-                "global_batch_size": run.global_batch_size,
-                "params": run.params,
-                "train_iters": run.train_iters,
-                "checkpoints": len(run.checkpoint_iters),
-                "flops": run.flops,
-                "gpu_hours": round(run.gpu_hours, 1),
-                "nodes": run.resources["nodes"],
-                "gpus_per_node": run.resources["gpus_per_node"],
-                "jobs": jobs,
-                "budget": run.budget,
-                "warmup_iters": run.recipe["warmup_iters"],
-                "cooldown_iters": run.cooldown_iters,
-                "save_interval": run.recipe["save_interval"],
-                "segments": len(run.segment_ends),
-                "hours_per_segment": round(run.hours_per_segment, 2),
-                "walltime": run.resources["walltime"],
-                "evaluated_checkpoints": len(run.eval_iters),
-                "data_groups": len(groups),
-                "dataset_groups": len(grid.shard_groups(run.dataset)),
-                "shard_groups": total_groups,
-                "dataset_tokens": size,
-                "dataset_tokens_source": size_source,
-                "epochs": round(epochs, 3) if epochs is not None else None,
-                "warning": warning,
-                "branch_of": run.parent_run or "",
-                "branch_iteration": run.branch_iteration or "",
-                "trained_iters": run.trained_iters,
-                "source": "train",
-                "revisions": "",
-                "download_bytes": "",
-                "download_bytes_source": "",
-                "eval_gpu_hours": round(
-                    evaluation_gpu_hours(grid.config, run.params, len(run.eval_iters), n_groups), 1
-                ),
-                "repo": "",
-                "repo_status": "",
-            }
-        )
-    from osref.released_models import released_plan_rows
-
-    return rows + released_plan_rows(grid)
+    return BranchSettings(
+        parent_run_id=parent.run_id,
+        parent_run_dir=grid.layout.run_dir(parent.run_id),
+        iteration=run.branch_iteration,
+        parent_train_iters=parent.train_iters,
+    )

@@ -47,12 +47,6 @@ class ModelSpec:
             kwargs["seq_length"] = seq_length
         return cls(name=name, **kwargs)
 
-    @classmethod
-    def from_run(cls, run: dict[str, Any]) -> ModelSpec:
-        """The spec stored in a resolved run JSON (its ``model`` block; unknown keys ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in run["model"].items() if k in fields})
-
     # ---- derived shape facts -------------------------------------------------------------
     @property
     def query_groups(self) -> int:

@@ -32,15 +32,16 @@ OPEN_SCI_REF_TASKS = {
 LOCAL_DEMO_TASKS = {"demo_lastword", "demo_continuation"}
 
 
-def group_name(shots: int) -> str:
+def shot_set_name(shots: int) -> str:
+    """The name of the tasks with ``shots`` shots, and of their evaluation file: ``"10shot"``."""
     return f"{shots}shot"
 
 
-def shot_groups(tasks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def shot_sets(tasks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Tasks of one protocol grouped by shot count, in order of first appearance."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
-        groups.setdefault(group_name(task["shots"]), []).append(task)
+        groups.setdefault(shot_set_name(task["shots"]), []).append(task)
     return groups
 
 
@@ -84,14 +85,14 @@ def check_tasks(tasks: list[dict[str, Any]], evaluation: dict[str, Any]) -> list
     return problems
 
 
-EXTRA_GROUP = re.compile(r"^extra-(?P<task>[A-Za-z0-9_.\-]+)-(?P<shots>\d+)shot$")
+EXTRA_SHOT_SET = re.compile(r"^extra-(?P<task>[A-Za-z0-9_.\-]+)-(?P<shots>\d+)shot$")
 
 
-def parse_group(group: str) -> tuple[int, str | None]:
+def parse_shot_set(group: str) -> tuple[int, str | None]:
     """(shots, task) of an evaluation file name: ``5shot`` -> (5, None); ``extra-mmlu_pro-5shot`` ->
-    (5, "mmlu_pro"), the one-task file of an extra task (osref.released_models.extra_group_name)."""
+    (5, "mmlu_pro"), the one-task file of an extra task (osref.released_models.extra_shot_set_name)."""
     if match := re.fullmatch(r"(\d+)shot", group):
         return int(match.group(1)), None
-    if match := EXTRA_GROUP.match(group):
+    if match := EXTRA_SHOT_SET.match(group):
         return int(match.group("shots")), match.group("task")
     raise ValueError(f"evaluation group {group!r}: expected '<k>shot' or 'extra-<task>-<k>shot'")

@@ -58,14 +58,15 @@ from typing import Any
 import torch
 
 from osref import export
-from osref.files import atomic_directory
+from osref.files import atomic_directory, write_json_atomic
 from osref.model_spec import ModelSpec
+from osref.paths import REPO_ROOT
 from osref.remote_code import QKNorm, RemoteCodeError, modeling_file, read_qk_norm
 
 log = logging.getLogger(__name__)
 
 RELEASED_MODEL_TYPE = "opensci"
-DEFAULT_TOKENIZER_DIR = export.REPO_ROOT / "assets" / "gpt-neox-20b"
+DEFAULT_TOKENIZER_DIR = REPO_ROOT / "assets" / "gpt-neox-20b"
 
 # Every key a released config.json may carry. An unknown key may change the architecture, so it is
 # an error until someone has read what it means and added it here (and, if it matters, to the mapping).
@@ -477,9 +478,6 @@ def convert_released(
     reload (no missing/unexpected/mismatched key) and the reference-forward gate (max |Δlogit| ≤
     ``tolerance`` in fp32 against :func:`reference_logits`).
     """
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
-
     src, out = Path(src), Path(out)
     config_path = src / "config.json"
     if not config_path.is_file():
@@ -527,19 +525,9 @@ def convert_released(
         source_commit = manifest.get("commit")
 
     eod = int(config.get("eos_token_id", 0))
-    tokenizer_info = {"eod_id": eod}
     with atomic_directory(out, "a conversion") as tmp:
-        save_file(
-            {name: t.to(save_dtype).contiguous() for name, t in hf_state.items()},
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        export.write_hf_directory(tmp, hf_state, spec, eod_id=eod, tokenizer_dir=tokenizer_dir, save_dtype=save_dtype)
         del hf_state
-        hf_config = export.hf_config_for(spec, tokenizer_info)
-        hf_config.dtype = dtype
-        export._save_config(hf_config, tmp)
-        GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod).save_pretrained(tmp)
-        export._copy_tokenizer(Path(tokenizer_dir), tmp)
         if remote_code:  # kept for provenance only: a subfolder transformers never looks into
             (tmp / REMOTE_CODE_DIR).mkdir()
             for path in remote_code:
@@ -592,8 +580,7 @@ def convert_released(
                 "tokens": ids.numel(),
                 "dtype": "float32",
             },
-            "code_version": export._code_version(),
-            "libraries": export._library_versions(),
+            **export.software_versions(),
         }
-        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        write_json_atomic(tmp / "provenance.json", provenance, indent=2)
     return provenance

@@ -27,14 +27,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from osref.config import REPO_ROOT, ConfigError, repo_relative
-from osref.protocol import group_name, shot_groups, task_problem
+from osref.config import ConfigError, repo_relative
+from osref.contracts import ReleasedRunDocument, ReleasedTrainSettings
+from osref.protocol import shot_set_name, shot_sets, task_problem
+from osref.reference import REFERENCE_DIR, ReferenceData
 
 RELEASED_PREFIX = "released"  # released runs live under {runs}/released/{name}/
 MAPPING_COLUMNS = ("name", "slurm_job_id", "repo", "repo_status", "save_interval", "alternatives", "note")
 REPO_STATUSES = ("seen", "inferred")
 FINAL_REVISION = "main"
-EXTRA_GROUP_PREFIX = "extra-"
+EXTRA_SHOT_SET_PREFIX = "extra-"
 _ENTRY_FIELDS = (
     "repo",
     "reference_run",
@@ -126,9 +128,7 @@ def read_mapping(path: str) -> dict[str, tuple[int, dict[str, str]]]:
 
 @lru_cache(maxsize=1)
 def _reference_data():
-    from osref.report import ReferenceData  # pandas: only when released models are configured
-
-    return ReferenceData(REPO_ROOT / "config" / "reference")
+    return ReferenceData(REFERENCE_DIR)
 
 
 def reference_fields(reference_run: str | int, where: str) -> dict[str, Any]:
@@ -261,9 +261,9 @@ def build_released(config: dict[str, Any]) -> dict[str, ReleasedModel]:
 # ---- evaluation: the protocol plus extra tasks -----------------------------------------------------
 
 
-def extra_group_name(task: str, shots: int) -> str:
+def extra_shot_set_name(task: str, shots: int) -> str:
     """The evaluation file of one extra task: ``extra-{task}-{k}shot`` (one job per task and checkpoint)."""
-    return f"{EXTRA_GROUP_PREFIX}{task}-{group_name(shots)}"
+    return f"{EXTRA_SHOT_SET_PREFIX}{task}-{shot_set_name(shots)}"
 
 
 def check_extra_tasks(config: dict[str, Any]) -> None:
@@ -284,36 +284,35 @@ def check_extra_tasks(config: dict[str, Any]) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-def extra_groups(config: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def extra_shot_sets(config: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """``extra-{task}-{k}shot`` -> [that task] for every extra task (never in an average)."""
     return {
-        extra_group_name(t["task"], int(t["shots"])): [{**t, "in_average": False}]
+        extra_shot_set_name(t["task"], int(t["shots"])): [{**t, "in_average": False}]
         for t in (config.get("released") or {}).get("extra_tasks", [])
     }
 
 
-def evaluation_groups(config: dict[str, Any], protocol: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Every evaluation file of a released checkpoint: the protocol's shot groups, then the extra tasks."""
-    return {**shot_groups(protocol), **extra_groups(config)}
+def evaluation_shot_sets(config: dict[str, Any], protocol: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every evaluation file of a released checkpoint: the protocol's shot sets, then the extra tasks."""
+    return {**shot_sets(protocol), **extra_shot_sets(config)}
 
 
-def run_document(model: ReleasedModel) -> dict[str, Any]:
+def run_document(model: ReleasedModel) -> ReleasedRunDocument:
     """The run JSON of a released run: what evaluation reads (run_id, tokens per iteration) and what it is.
 
     Only fields that identify the evaluated model: a change here re-runs its evaluations.
     """
-    return {
-        "run_id": model.run_id,
-        "source": "released",
-        "repo": model.repo,
-        "reference_run": model.reference_run,
-        "train": {
-            "global_batch_size": model.global_batch_size,
-            "seq_length": model.seq_length,
-            "train_iters": model.train_iters,
-            "save_interval": model.save_interval,
-        },
-    }
+    return ReleasedRunDocument(
+        run_id=model.run_id,
+        repo=model.repo,
+        reference_run=model.reference_run,
+        train=ReleasedTrainSettings(
+            global_batch_size=model.global_batch_size,
+            seq_length=model.seq_length,
+            train_iters=model.train_iters,
+            save_interval=model.save_interval,
+        ),
+    )
 
 
 def listing_request(model: ReleasedModel) -> dict[str, Any]:
@@ -373,8 +372,8 @@ def released_plan_rows(grid: Any) -> list[dict[str, Any]]:
     """
     config = grid.config
     section = config["released"]
-    groups = evaluation_groups(config, grid.protocol)
-    n_extra = len(extra_groups(config))
+    groups = evaluation_shot_sets(config, grid.protocol)
+    n_extra = len(extra_shot_sets(config))
     rows = []
     for model in grid.released.values():
         listed = _listed_bytes(Path(grid.layout.released_listing(model.name)))

@@ -28,7 +28,9 @@ from typing import Any
 
 import pandas as pd
 
-from osref.report import AVG_TASK, RESULT_COLUMNS, ReferenceData, load_eval_json, tidy_table
+from osref.files import write_frame_atomic
+from osref.reference import ReferenceData
+from osref.report.tables import AVG_TASK, RESULT_COLUMNS, load_eval_json, normalise_protocol, tidy_table
 
 REPRODUCTION_COLUMNS = [
     "run_id", "reference_run", "iteration", "task", "shots", "metric", "value", "stderr", "n", "published",
@@ -83,7 +85,6 @@ def released_rows(manifest: dict[str, Any]) -> pd.DataFrame:
     ``manifest``: ``{"protocol": [...], "models": [{"name", "run_id", "reference_run", "dataset",
     "scale", "budget", "params", "eval_files": [...]}, ...]}`` (``osref.workflow.WorkflowIndex.released_manifest``).
     """
-    from osref.report import normalise_protocol
 
     protocol = normalise_protocol(manifest["protocol"])
     frame = pd.DataFrame(_records(manifest), columns=[*RESULT_COLUMNS, "n"])[RESULT_COLUMNS]
@@ -162,7 +163,6 @@ def protocol_reproduction(ours: pd.DataFrame, published: pd.DataFrame, z: float 
 
 def write_results(manifest: dict[str, Any], reference_dir: Path, out_dir: Path) -> dict[str, Path]:
     """``results.csv`` (tidy released rows) and ``reproduction.csv`` under ``out_dir``, atomically."""
-    from osref.report import _write_frame
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +175,6 @@ def write_results(manifest: dict[str, Any], reference_dir: Path, out_dir: Path) 
     )
     reproduction = protocol_reproduction(records, published)
     return {
-        "results": _write_frame(released_rows(manifest), out_dir / "results.csv"),
-        "reproduction": _write_frame(reproduction, out_dir / "reproduction.csv"),
+        "results": write_frame_atomic(released_rows(manifest), out_dir / "results.csv"),
+        "reproduction": write_frame_atomic(reproduction, out_dir / "reproduction.csv"),
     }

@@ -1,7 +1,7 @@
 """The training stage: train one run's megatron-core GPT model up to a given iteration.
 
-``train(run, until_iteration)`` is the whole stage, driven only by the resolved run JSON
-(``model``/``train``/``data``/``tokenizer``/``paths``). It resumes from the newest complete
+``train(run, until_iteration)`` is the whole stage, driven only by the resolved run
+(:class:`osref.contracts.RunDocument`, ``run.json``; a ``run.json`` dict is read into one). It resumes from the newest complete
 checkpoint, so a resubmitted or preempted job continues where the last one stopped, and on the
 CPU a resumed run is bit-identical to an uninterrupted one (weights and logged losses).
 
@@ -42,41 +42,37 @@ import math
 import os
 import resource
 import time
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from osref import checkpointing, kernels
+from osref.contracts import BranchSettings, DataSettings, RunDocument, TrainSettings
 from osref.files import write_text_atomic
 from osref.locks import LockHeld, LockUnsupported, exclusive_lock
 from osref.megatron_compat import enable_cpu_guards
 from osref.megatron_model import attention_backend, build_gpt_model
-from osref.model_spec import ModelSpec
+from osref.paths import RunLayout
 
 log = logging.getLogger(__name__)
-
-VALID_BATCHES_DEFAULT = 2
 
 
 # ---- configuration helpers ----------------------------------------------------------------------
 
 
-def _require(section: dict, key: str, where: str):
-    if key not in section:
-        raise KeyError(f"run JSON: missing key {where}.{key}")
-    return section[key]
-
-
-def scheduled_lr(train_cfg: dict, step: int) -> float:
+def scheduled_lr(train_cfg: TrainSettings | Mapping[str, Any], step: int) -> float:
     """Closed-form learning rate for the update after ``step`` completed iterations."""
-    peak, floor = train_cfg["lr"], train_cfg["min_lr"]
-    warmup, total = train_cfg["warmup_iters"], train_cfg["train_iters"]
+    train_cfg = TrainSettings.coerce(train_cfg)
+    peak, floor = train_cfg.lr, train_cfg.min_lr
+    warmup, total = train_cfg.warmup_iters, train_cfg.train_iters
     if warmup > 0 and step < warmup:
         return peak * step / warmup
-    if train_cfg["schedule"] == "wsd":
-        cooldown = train_cfg["cooldown_iters"]
+    if train_cfg.schedule == "wsd":
+        cooldown = train_cfg.cooldown_iters
         if step <= total - cooldown:
             return peak
         return floor + (peak - floor) * (total - step) / cooldown
@@ -113,21 +109,18 @@ def is_rank0() -> bool:
     return dist.get_rank() == 0
 
 
-RUN_LOCK = "train.lock"
-
-
 @contextlib.contextmanager
-def segment_lock(run: dict, until_iteration: int):
+def segment_lock(run: RunDocument | Mapping[str, Any], until_iteration: int):
     """Rank 0 holds ``{run_dir}/train.lock`` for the block; collective. Every rank raises
     :class:`osref.locks.LockHeld` (naming the holder) when another job already trains this run,
     :class:`osref.locks.LockUnsupported` when the filesystem refuses locks."""
-    run_dir = Path(run["paths"]["run_dir"])
-    what = f"the training segment of run {run.get('run_id')} up to iteration {until_iteration}"
+    run = RunDocument.coerce(run)
+    what = f"the training segment of run {run.run_id} up to iteration {until_iteration}"
     with contextlib.ExitStack() as stack:
         refusal = [None]
         if is_rank0():
             try:
-                stack.enter_context(exclusive_lock(run_dir / RUN_LOCK, what))
+                stack.enter_context(exclusive_lock(run.layout.train_lock, what))
             except (LockHeld, OSError, RuntimeError) as exc:
                 refusal[0] = f"{type(exc).__name__}: {exc}"
         if dist.get_world_size() > 1:
@@ -136,7 +129,7 @@ def segment_lock(run: dict, until_iteration: int):
             kind, _, message = refusal[0].partition(": ")
             if kind == "LockHeld":
                 raise LockHeld(
-                    f"run {run.get('run_id')}: another job trains this run: {message}; this job changes "
+                    f"run {run.run_id}: another job trains this run: {message}; this job changes "
                     "nothing (it resumes when started again after that job has ended)"
                 )
             raise LockUnsupported(message) if kind == "LockUnsupported" else RuntimeError(message)
@@ -163,39 +156,38 @@ class _EodTokenizer:
         return {"class": "osref-eod-tokenizer", "path": self.path, "eod": self.eod}
 
 
-def _blend(data_cfg: dict) -> tuple[list[str], list[float] | None]:
+def _blend(data: DataSettings) -> tuple[list[str], list[float] | None]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    prefixes = list(_require(data_cfg, "prefixes", "data"))
+    prefixes = list(data.prefixes)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 raise FileNotFoundError(f"data.prefixes: {prefix}{suffix} does not exist")
-    weights = data_cfg.get("weights")
+    weights = None if data.weights is None else list(data.weights)
     if weights is None and len(prefixes) > 1:
         weights = [float(IndexedDataset(p).sequence_lengths.sum()) for p in prefixes]
     return prefixes, weights
 
 
-def valid_batches(train_cfg: dict) -> int:
-    return max(1, int(train_cfg.get("eval_iters") or VALID_BATCHES_DEFAULT))
+def valid_batches(train_cfg: TrainSettings) -> int:
+    return train_cfg.validation_batches
 
 
-def build_datasets(run: dict):
+def build_datasets(run: RunDocument | Mapping[str, Any]):
     """(train, valid) ``GPTDataset``/``BlendedDataset`` of the run, built collectively."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    train_cfg, data_cfg = run["train"], run["data"]
-    tokenizer = _EodTokenizer(
-        vocab_size=run["tokenizer"]["size"], eod=run["tokenizer"]["eod_id"], path=str(run["tokenizer"]["path"])
-    )
+    run = RunDocument.coerce(run)
+    train_cfg = run.train
+    tokenizer = _EodTokenizer(vocab_size=run.tokenizer.size, eod=run.tokenizer.eod_id, path=str(run.tokenizer.path))
     config = GPTDatasetConfig(
-        random_seed=train_cfg["seed"],
-        sequence_length=train_cfg["seq_length"],
-        blend=_blend(data_cfg),
-        split=train_cfg["split"],
-        path_to_cache=_require(data_cfg, "cache_dir", "data"),
+        random_seed=train_cfg.seed,
+        sequence_length=train_cfg.seq_length,
+        blend=_blend(run.data),
+        split=train_cfg.split,
+        path_to_cache=run.data.cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -205,22 +197,22 @@ def build_datasets(run: dict):
     # The test share stays held out but is never built: on small corpora it can hold no
     # document, and megatron then loops forever looking for tokens.
     config.split_matrix[2] = None
-    gbs = train_cfg["global_batch_size"]
+    gbs = train_cfg.global_batch_size
     # a cool-down branch builds its parent's dataset: same size, hence the same sample order
-    data_iters = (run.get("branch") or {}).get("parent_train_iters") or train_cfg["train_iters"]
+    data_iters = run.branch.parent_train_iters if run.branch else train_cfg.train_iters
     sizes = [data_iters * gbs, valid_batches(train_cfg) * gbs, 0]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return train_ds, valid_ds
 
 
-def micro_batches(dataset, batch_index: int, train_cfg: dict, device):
+def micro_batches(dataset, batch_index: int, train_cfg: TrainSettings, device):
     """This rank's micro-batches of global batch ``batch_index`` (samples are laid out per
     micro-batch step as ``[dp rank 0 | dp rank 1 | ...]``, megatron's pretraining sampler order)."""
     from megatron.core import parallel_state
 
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    mbs, gbs = train_cfg["micro_batch_size"], train_cfg["global_batch_size"]
+    mbs, gbs = train_cfg.micro_batch_size, train_cfg.global_batch_size
     for micro in range(gbs // (mbs * dp_size)):
         start = batch_index * gbs + (micro * dp_size + dp_rank) * mbs
         samples = [dataset[i] for i in range(start, start + mbs)]
@@ -245,20 +237,20 @@ def _masked_mean_loss(loss_mask, per_token_loss):
 # ---- optimizer and schedule -----------------------------------------------------------------------
 
 
-def build_optimizer(model, train_cfg: dict, params_dtype: torch.dtype):
+def build_optimizer(model, train_cfg: TrainSettings, params_dtype: torch.dtype):
     """Megatron's AdamW (no weight decay on biases and norms; bf16 with fp32 main weights when
     ``params_dtype`` is bf16) and its learning-rate scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
         optimizer="adam",
-        lr=train_cfg["lr"],
-        min_lr=train_cfg["min_lr"],
-        weight_decay=train_cfg["weight_decay"],
-        adam_beta1=train_cfg["adam_beta1"],
-        adam_beta2=train_cfg["adam_beta2"],
-        adam_eps=train_cfg["adam_eps"],
-        clip_grad=train_cfg["clip_grad"],
+        lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        weight_decay=train_cfg.weight_decay,
+        adam_beta1=train_cfg.adam_beta1,
+        adam_beta2=train_cfg.adam_beta2,
+        adam_eps=train_cfg.adam_eps,
+        clip_grad=train_cfg.clip_grad,
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
         use_distributed_optimizer=use_distributed_optimizer(train_cfg),
@@ -267,50 +259,47 @@ def build_optimizer(model, train_cfg: dict, params_dtype: torch.dtype):
     return optimizer, build_scheduler(optimizer, train_cfg)
 
 
-def build_scheduler(optimizer, train_cfg: dict):
+def build_scheduler(optimizer, train_cfg: TrainSettings | Mapping[str, Any]):
     """Megatron's ``OptimizerParamScheduler`` for ``train.schedule`` (wsd or cosine), in iterations.
 
     Its constructor already applies step 0, so the first update uses ``lr(0) = 0``.
     """
+    train_cfg = TrainSettings.coerce(train_cfg)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    total = train_cfg["train_iters"]
-    wsd = train_cfg["schedule"] == "wsd"
-    if train_cfg["schedule"] not in ("wsd", "cosine"):
-        raise ValueError(f"train.schedule={train_cfg['schedule']!r}: expected 'wsd' or 'cosine'")
+    total = train_cfg.train_iters
+    wsd = train_cfg.schedule == "wsd"
+    if train_cfg.schedule not in ("wsd", "cosine"):
+        raise ValueError(f"train.schedule={train_cfg.schedule!r}: expected 'wsd' or 'cosine'")
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=train_cfg["lr"],
-        min_lr=train_cfg["min_lr"],
-        lr_warmup_steps=train_cfg["warmup_iters"],
+        max_lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        lr_warmup_steps=train_cfg.warmup_iters,
         lr_decay_steps=total,
         lr_decay_style="WSD" if wsd else "cosine",
-        start_wd=train_cfg["weight_decay"],
-        end_wd=train_cfg["weight_decay"],
+        start_wd=train_cfg.weight_decay,
+        end_wd=train_cfg.weight_decay,
         wd_incr_steps=total,
         wd_incr_style="constant",
-        wsd_decay_steps=train_cfg["cooldown_iters"] if wsd else None,
+        wsd_decay_steps=train_cfg.cooldown_iters if wsd else None,
         lr_wsd_decay_style="linear" if wsd else None,
     )
 
 
-def use_distributed_optimizer(train_cfg: dict) -> bool:
+def use_distributed_optimizer(train_cfg: TrainSettings) -> bool:
     # On the CPU the distributed optimizer needs extra resume work (notes §6): plain optimizer there.
-    return bool(train_cfg.get("distributed_optimizer")) and torch.cuda.is_available()
+    return train_cfg.distributed_optimizer and torch.cuda.is_available()
 
 
-def training_dtype(train_cfg: dict) -> torch.dtype:
-    if train_cfg.get("precision") == "bf16" and torch.cuda.is_available():
+def training_dtype(train_cfg: TrainSettings) -> torch.dtype:
+    if train_cfg.precision == "bf16" and torch.cuda.is_available():
         return torch.bfloat16
     return torch.float32
 
 
 # ---- metrics -------------------------------------------------------------------------------------
-
-
-def _metrics_path(run_dir: Path, name: str) -> Path:
-    return run_dir / "logs" / name
 
 
 def truncate_metrics(path: Path, keep_up_to: int) -> None:
@@ -355,11 +344,12 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def peak_tflops_per_device(train_cfg: dict | None = None) -> float | None:
-    """The peak that MFU is measured against: ``train.peak_tflops`` when the run sets it, else
-    the bf16 peak of this GPU from :data:`BF16_PEAK_TFLOPS`; None on the CPU or an unknown GPU."""
-    if train_cfg and train_cfg.get("peak_tflops"):
-        return float(train_cfg["peak_tflops"])
+def peak_tflops_per_device(peak_tflops: float | None = None) -> float | None:
+    """The peak that MFU is measured against: ``peak_tflops`` (``train.peak_tflops``) when the run
+    sets it, else the bf16 peak of this GPU from :data:`BF16_PEAK_TFLOPS`; None on the CPU or an
+    unknown GPU."""
+    if peak_tflops:
+        return float(peak_tflops)
     if not torch.cuda.is_available():
         return None
     name = device_name()
@@ -398,7 +388,7 @@ class Trainer:
     """One rank's model, optimizer and data, and the optimizer update (also driven by
     ``scripts/bench_train.py`` on random tokens)."""
 
-    run: dict
+    run: RunDocument
     model: object  # megatron DDP wrapper
     optimizer: object
     scheduler: object
@@ -407,8 +397,8 @@ class Trainer:
     device: torch.device
 
     @property
-    def cfg(self) -> dict:
-        return self.run["train"]
+    def cfg(self) -> TrainSettings:
+        return self.run.train
 
     @functools.cached_property
     def variants(self) -> kernels.Kernels:
@@ -417,7 +407,7 @@ class Trainer:
 
     @property
     def tokens_per_iteration(self) -> int:
-        return self.cfg["global_batch_size"] * self.cfg["seq_length"]
+        return self.cfg.tokens_per_iteration
 
     def _run_batches(self, batches, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -430,8 +420,8 @@ class Trainer:
                 data_iterator=iter(batches),
                 model=[self.model],
                 num_microbatches=len(batches),
-                seq_length=cfg["seq_length"],
-                micro_batch_size=cfg["micro_batch_size"],
+                seq_length=cfg.seq_length,
+                micro_batch_size=cfg.micro_batch_size,
                 forward_only=forward_only,
             )
 
@@ -471,22 +461,24 @@ class Trainer:
         return _mean_loss_across_dp(losses, self.device)
 
 
-def _build_trainer(run: dict) -> Trainer:
+def _build_trainer(run: RunDocument | Mapping[str, Any]) -> Trainer:
+    run = RunDocument.coerce(run)
     model, optimizer, scheduler, device = build_model_and_optimizer(run)
     train_ds, valid_ds = build_datasets(run)
     return Trainer(run, model, optimizer, scheduler, train_ds, valid_ds, device)
 
 
-def build_model_and_optimizer(run: dict):
+def build_model_and_optimizer(run: RunDocument | Mapping[str, Any]):
     """(megatron DDP model, optimizer, scheduler, device) of ``run``, as training uses them.
 
     Shared with ``scripts/bench_train.py`` so that the benchmark measures the training stack.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    cfg = run["train"]
+    run = RunDocument.coerce(run)
+    cfg = run.train
     enable_cpu_guards()
-    init_distributed(cfg.get("tensor_parallel", 1))
+    init_distributed(cfg.tensor_parallel)
     _check_batch_sizes(cfg)
     dtype = training_dtype(cfg)
     chosen = resolve_kernels(cfg)
@@ -495,19 +487,19 @@ def build_model_and_optimizer(run: dict):
     if chosen.compile_layers or chosen.megatron_fusions or chosen.fused_cross_entropy:
         kernels.prepare_compile(torch.cuda.is_available())
     module = build_gpt_model(
-        ModelSpec.from_run(run),
-        tensor_parallel=cfg.get("tensor_parallel", 1),
+        run.model,
+        tensor_parallel=cfg.tensor_parallel,
         params_dtype=dtype,
-        seed=cfg["seed"],
-        attention=cfg.get("attention"),
+        seed=cfg.seed,
+        attention=cfg.attention,
         compile_layers=chosen.compile_layers,
-        **recompute_overrides(cfg.get("recompute", "none")),
+        **recompute_overrides(cfg.recompute),
         **chosen.transformer_config_overrides(),
     )
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         # buckets are reduced as the backward pass fills them (finished in finalize_model_grads)
-        overlap_grad_reduce=bool(cfg.get("overlap_grad_reduce", False)),
+        overlap_grad_reduce=bool(cfg.overlap_grad_reduce),
         use_distributed_optimizer=use_distributed_optimizer(cfg),
     )
     model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
@@ -520,13 +512,13 @@ def build_model_and_optimizer(run: dict):
     return model, optimizer, scheduler, device
 
 
-def resolve_kernels(cfg: dict) -> kernels.Kernels:
+def resolve_kernels(cfg: TrainSettings) -> kernels.Kernels:
     """The kernel variants this process trains with: ``train.kernels`` (missing: all on a GPU, none
     on the CPU) minus what this device and attention backend cannot run; see :mod:`osref.kernels`."""
     return kernels.resolve(
-        cfg.get("kernels"),
+        cfg.kernels,
         on_gpu=torch.cuda.is_available(),
-        attention=cfg.get("attention") or attention_backend(),
+        attention=cfg.attention or attention_backend(),
         bf16=training_dtype(cfg) == torch.bfloat16,
     )
 
@@ -543,28 +535,28 @@ def recompute_overrides(recompute: str) -> dict:
     return choices[recompute]
 
 
-def _check_batch_sizes(cfg: dict) -> None:
+def _check_batch_sizes(cfg: TrainSettings) -> None:
     from megatron.core import parallel_state
 
     dp_size = parallel_state.get_data_parallel_world_size()
-    per_step = cfg["micro_batch_size"] * dp_size
-    if cfg["global_batch_size"] % per_step:
+    per_step = cfg.micro_batch_size * dp_size
+    if cfg.global_batch_size % per_step:
         raise ValueError(
-            f"train.global_batch_size={cfg['global_batch_size']} is not divisible by "
-            f"train.micro_batch_size × data-parallel size = {cfg['micro_batch_size']} × {dp_size}"
+            f"train.global_batch_size={cfg.global_batch_size} is not divisible by "
+            f"train.micro_batch_size × data-parallel size = {cfg.micro_batch_size} × {dp_size}"
         )
 
 
-def save_iterations(cfg: dict, start: int, until: int) -> set[int]:
-    return {i for i in cfg.get("checkpoint_iters", []) if start < i <= until} | {until}
+def save_iterations(cfg: TrainSettings, start: int, until: int) -> set[int]:
+    return {i for i in cfg.checkpoint_iters if start < i <= until} | {until}
 
 
-def train(run: dict, until_iteration: int) -> dict:
+def train(run: RunDocument | Mapping[str, Any], until_iteration: int) -> dict:
     """Train ``run`` up to ``until_iteration``; see :func:`train_and_return_model`."""
     return train_and_return_model(run, until_iteration)[0]
 
 
-def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, object]:
+def train_and_return_model(run: RunDocument | Mapping[str, Any], until_iteration: int) -> tuple[dict, object]:
     """Train ``run`` from its newest complete checkpoint (``<= until_iteration``) up to
     ``until_iteration``, saving at the scheduled ``train.checkpoint_iters`` and at the end.
 
@@ -572,17 +564,18 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
     "checkpoint", "resumed_from", "valid_loss", "kernels"}`` and the trained megatron module (None when
     the checkpoint at ``until_iteration`` already existed).
     """
-    cfg = run["train"]
-    if not 0 < until_iteration <= cfg["train_iters"]:
-        raise ValueError(f"until_iteration={until_iteration} outside 1..train.train_iters={cfg['train_iters']}")
-    run_dir = Path(run["paths"]["run_dir"])
+    run = RunDocument.coerce(run)
+    cfg = run.train
+    if not 0 < until_iteration <= cfg.train_iters:
+        raise ValueError(f"until_iteration={until_iteration} outside 1..train.train_iters={cfg.train_iters}")
+    run_dir = Path(run.run_dir)
     complete = [
         i for i in checkpointing.complete_iterations(checkpointing.checkpoint_root(run_dir)) if i <= until_iteration
     ]
     if complete and complete[-1] == until_iteration and _checked_finite(run_dir, until_iteration):
         log.info("checkpoint for iteration %d is already complete: nothing to train", until_iteration)
         return _summary(cfg, run_dir, until_iteration, until_iteration, valid_loss=None), None
-    branch = run.get("branch")
+    branch = run.branch
     trainer = _build_trainer(run)
     start = _resume_from_latest_finite(trainer, run_dir, complete)
     if start is None and complete:  # every checkpoint was non-finite and has been loaded: start afresh
@@ -594,7 +587,7 @@ def train_and_return_model(run: dict, until_iteration: int) -> tuple[dict, objec
         start = _start_branch(trainer, branch, until_iteration)
     start = start or 0
 
-    metrics = MetricsLog(run_dir, start, tensorboard=bool(cfg.get("tensorboard"))) if is_rank0() else None
+    metrics = MetricsLog(run.layout, start, tensorboard=cfg.tensorboard) if is_rank0() else None
     try:
         _train_segment(trainer, run_dir, start, until_iteration, metrics)
         valid_loss = trainer.validation_loss()
@@ -615,9 +608,9 @@ class MetricsLog:
 
     SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "mem_gb")
 
-    def __init__(self, run_dir: Path, start: int, tensorboard: bool = False):
-        self.train_file = _metrics_path(run_dir, "train_metrics.jsonl")
-        self.valid_file = _metrics_path(run_dir, "valid_metrics.jsonl")
+    def __init__(self, layout: RunLayout, start: int, tensorboard: bool = False):
+        self.train_file = Path(layout.train_metrics)
+        self.valid_file = Path(layout.valid_metrics)
         self.train_file.parent.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.train_file, start)
         truncate_metrics(self.valid_file, start)
@@ -629,7 +622,7 @@ class MetricsLog:
                 raise RuntimeError(
                     "train.tensorboard is true but the tensorboard package is not installed (pip install tensorboard)"
                 ) from err
-            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start + 1)
+            self.tensorboard = SummaryWriter(layout.tensorboard, purge_step=start + 1)
 
     def train(self, record: dict) -> None:
         _append_json_line(self.train_file, record)
@@ -679,20 +672,20 @@ def _resume_from_latest_finite(trainer: Trainer, run_dir: Path, complete: list[i
     return None
 
 
-def _start_branch(trainer: Trainer, branch: dict, until_iteration: int) -> int:
+def _start_branch(trainer: Trainer, branch: BranchSettings, until_iteration: int) -> int:
     """Load the parent's checkpoint at the branch point into a cool-down branch's first job.
 
     Weights, optimizer moments and RNG come from the parent; the scheduler is the branch's own
     (its WSD total and cool-down differ from the parent's), advanced to the branch point — where
     both schedules are still at the constant peak, so the first branch step equals the parent's.
     """
-    iteration = branch["iteration"]
+    iteration = branch.iteration
     if until_iteration <= iteration:
         raise ValueError(f"until_iteration={until_iteration}: a branch trains after its branch point {iteration}")
-    source = checkpointing.checkpoint_dir(branch["parent_run_dir"], iteration)
+    source = checkpointing.checkpoint_dir(branch.parent_run_dir, iteration)
     if not checkpointing.is_complete(source):
         raise FileNotFoundError(
-            f"{source}: the parent run {branch['parent_run_id']} has no complete checkpoint at the branch "
+            f"{source}: the parent run {branch.parent_run_id} has no complete checkpoint at the branch "
             f"point {iteration}; train the parent past it first"
         )
     checkpointing.load_checkpoint(
@@ -705,16 +698,16 @@ def _start_branch(trainer: Trainer, branch: dict, until_iteration: int) -> int:
     if not checkpointing.model_is_finite(trainer.model.module):
         raise checkpointing.NonFiniteCheckpoint(f"{source}: the parent's checkpoint at the branch point holds NaN/inf")
     trainer.scheduler.step(increment=iteration)
-    log.info("branched from %s (run %s)", source, branch["parent_run_id"])
+    log.info("branched from %s (run %s)", source, branch.parent_run_id)
     return iteration
 
 
 def _train_segment(trainer: Trainer, run_dir: Path, start: int, until: int, metrics: MetricsLog | None) -> None:
     cfg = trainer.cfg
     to_save = save_iterations(cfg, start, until)
-    log_interval = max(1, cfg.get("log_interval", 1))
-    flops_per_token = ModelSpec.from_run(trainer.run).flops_per_token(with_attention=True)
-    peak_tflops = peak_tflops_per_device(cfg)
+    log_interval = max(1, cfg.log_interval)
+    flops_per_token = trainer.run.model.flops_per_token(with_attention=True)
+    peak_tflops = peak_tflops_per_device(cfg.peak_tflops)
     segment_start = interval_start = time.perf_counter()
     interval_steps = 0
     for iteration in range(start + 1, until + 1):
@@ -728,7 +721,7 @@ def _train_segment(trainer: Trainer, run_dir: Path, start: int, until: int, metr
             )
             if metrics:
                 metrics.train(record)
-                log.info(_console_line(record, cfg["train_iters"]))
+                log.info(_console_line(record, cfg.train_iters))
             interval_start, interval_steps = time.perf_counter(), 0
         if iteration in to_save:
             checkpointing.save_checkpoint(
@@ -759,7 +752,7 @@ def _metrics_record(trainer, iteration, stats, step_s, elapsed_s, flops_per_toke
         "mfu": tflops_per_gpu / peak_tflops if peak_tflops else None,
         "mem_gb": _memory_gb(),
         "elapsed_s": elapsed_s,
-        "eta_s": step_s * (trainer.cfg["train_iters"] - iteration),
+        "eta_s": step_s * (trainer.cfg.train_iters - iteration),
         "kernels": trainer.variants.record(),
     }
 
@@ -789,10 +782,10 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _summary(cfg: dict, run_dir: Path, iteration: int, resumed_from: int, valid_loss) -> dict:
+def _summary(cfg: TrainSettings, run_dir: Path, iteration: int, resumed_from: int, valid_loss) -> dict:
     return {
         "iteration": iteration,
-        "consumed_tokens": iteration * cfg["global_batch_size"] * cfg["seq_length"],
+        "consumed_tokens": iteration * cfg.global_batch_size * cfg.seq_length,
         "checkpoint": str(checkpointing.checkpoint_dir(run_dir, iteration)),
         "resumed_from": resumed_from,
         "valid_loss": valid_loss,

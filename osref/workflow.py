@@ -9,25 +9,34 @@ grid close to Snakemake's own cost per job.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
 import sys
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
-from osref.config import REPO_ROOT, walltime_minutes
+from osref.config import walltime_minutes
+from osref.contracts import ReportManifest, ReportRun, parse_protocol
 from osref.fingerprint import SourceCheck, check_local_sources, describe_changes
-from osref.grid import Grid, Run, plan_rows, run_document
-from osref.paths import fmt_iter
-from osref.protocol import parse_group
+from osref.grid import Grid, Run, run_document
+from osref.paths import REPO_ROOT, fmt_iter, repo_path
+from osref.plan import PLAN_DATA_COLUMNS, plan_rows
+from osref.protocol import parse_shot_set
+from osref.reference import reference_run_ids
 
-# plan.csv columns that read the data on disk (listing, tokenized counts): they change once the data
-# exists, so they are left out of the plan rule's params (else every first run after a complete one
-# would re-schedule `plan`).
-PLAN_DATA_COLUMNS = ("dataset_tokens", "dataset_tokens_source", "epochs", "warning")
+# what the report's manifest says of a run, straight from osref.grid.Run
+REPORT_RUN_FIELDS = (
+    "run_id",
+    "dataset",
+    "scale",
+    "budget",
+    "tokens",
+    "seq_length",
+    "global_batch_size",
+    "params",
+    "train_iters",
+)
 LISTING_KEYS = (
     "source",
     "repo_id",
@@ -121,10 +130,10 @@ class WorkflowIndex:
     @cached_property
     def evaluations(self) -> list[str]:
         return [
-            self.layout.eval_json(r.run_id, i, group)
+            self.layout.eval_json(r.run_id, i, shots)
             for r in self.runs.values()
             for i in r.eval_iters
-            for group in self.grid.groups
+            for shots in self.grid.shot_sets
         ]
 
     # ---- per-job lookups --------------------------------------------------------------------------
@@ -185,7 +194,8 @@ class WorkflowIndex:
         return self._segment_of_checkpoint[(run_id, iteration)]
 
     def run_document(self, run_id: str) -> dict[str, Any]:
-        return run_document(self.grid, self.runs[run_id])
+        """The run_config rule's params: run.json (:class:`osref.contracts.RunDocument` as JSON)."""
+        return run_document(self.grid, self.runs[run_id]).to_json()
 
     @cached_property
     def local_tasks_corpus(self) -> list[str]:
@@ -194,18 +204,14 @@ class WorkflowIndex:
         return [self.layout.download_manifest(name, 0)] if name else []
 
     @cached_property
-    def eval_hf_home(self) -> str:
-        """HF cache shared by all evaluation jobs (filled once by `prefetch_eval_data`)."""
-        return f"{self.layout.results}/hf_home"
-
-    @cached_property
     def prefetch_marker(self) -> list[str]:
         """Hub tasks need their data prefetched on a node with network; local tasks do not."""
-        return [] if self.local_tasks_corpus else [f"{self.eval_hf_home}/prefetched.json"]
+        return [] if self.local_tasks_corpus else [self.layout.prefetch_marker()]
 
     @cached_property
     def eval_tasks_marker(self) -> list[str]:
-        return [f"{self.layout.eval_tasks_dir()}/tasks.json"] if self.local_tasks_corpus else []
+        """The demo's local lm-eval tasks, when the config builds them (``evaluation.local_tasks``)."""
+        return [self.layout.eval_tasks_marker()] if self.local_tasks_corpus else []
 
     @property
     def python(self) -> str:
@@ -274,11 +280,11 @@ class WorkflowIndex:
         return " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
 
     # ---- evaluation: our runs and released checkpoints ----------------------------------------------
-    def eval_tasks_json(self, run_id: str, group: str) -> str:
-        """--tasks-json of one evaluation job: the protocol (the script picks the shot group), or the
+    def eval_tasks_json(self, run_id: str, shots: str) -> str:
+        """--tasks-json of one evaluation job: the protocol (the script picks the shot set), or the
         one extra task of an ``extra-{task}-{k}shot`` file of a released checkpoint."""
-        if parse_group(group)[1] is not None:
-            return json.dumps(self.released_groups[group])
+        if parse_shot_set(shots)[1] is not None:
+            return json.dumps(self.released_shot_sets[shots])
         return json.dumps(self.grid.protocol)
 
     @cached_property
@@ -286,19 +292,19 @@ class WorkflowIndex:
         """Every task whose data evaluation jobs need: the protocol, then the released extra tasks."""
         tasks = list(self.grid.protocol)
         names = {t["task"] for t in tasks}
-        for group, group_tasks in self.released_groups.items():
-            for task in group_tasks:
-                if parse_group(group)[1] is not None and task["task"] not in names:  # one prefetch per dataset
+        for shots, shot_set in self.released_shot_sets.items():
+            for task in shot_set:
+                if parse_shot_set(shots)[1] is not None and task["task"] not in names:  # one prefetch per dataset
                     tasks.append(task)
                     names.add(task["task"])
         return json.dumps(tasks)
 
     # ---- released checkpoints ----------------------------------------------------------------------
     @cached_property
-    def released_groups(self) -> dict[str, list[dict[str, Any]]]:
-        from osref.released_models import evaluation_groups
+    def released_shot_sets(self) -> dict[str, list[dict[str, Any]]]:
+        from osref.released_models import evaluation_shot_sets
 
-        return evaluation_groups(self.config, self.grid.protocol) if self.grid.released else {}
+        return evaluation_shot_sets(self.config, self.grid.protocol) if self.grid.released else {}
 
     @cached_property
     def released_listings(self) -> list[str]:
@@ -311,19 +317,16 @@ class WorkflowIndex:
     @cached_property
     def released_evaluations(self) -> list[str]:
         return [
-            self.layout.eval_json(m.run_id, i, group)
+            self.layout.eval_json(m.run_id, i, shots)
             for m in self.grid.released.values()
             for i in m.iterations
-            for group in self.released_groups
+            for shots in self.released_shot_sets
         ]
 
     @cached_property
     def released_results(self) -> list[str]:
         """The tidy released rows and the protocol-reproduction table (none without released models)."""
-        if not self.grid.released:
-            return []
-        out = self.layout.released_results_dir()
-        return [f"{out}/results.csv", f"{out}/reproduction.csv"]
+        return list(self.layout.released_results().values()) if self.grid.released else []
 
     def released_model(self, name: str):
         try:
@@ -345,7 +348,7 @@ class WorkflowIndex:
     def released_run_document(self, name: str) -> dict[str, Any]:
         from osref.released_models import run_document as released_document
 
-        return released_document(self.released_model(name))
+        return released_document(self.released_model(name)).to_json()
 
     def released_convert_mem_mb(self, name: str) -> int:
         """Released tensors + the exported model + the reference forward's activations: ~10 bytes per
@@ -360,7 +363,7 @@ class WorkflowIndex:
         """What scripts/released.py results reads: the protocol, extra tasks and every model's files."""
         return {
             "protocol": self.grid.protocol,
-            "groups": self.released_groups,
+            "shot_sets": self.released_shot_sets,
             "models": [
                 {
                     "name": m.name,
@@ -373,7 +376,7 @@ class WorkflowIndex:
                     "params": m.params,
                     "iterations": list(m.iterations),
                     "eval_files": [
-                        self.layout.eval_json(m.run_id, i, g) for i in m.iterations for g in self.released_groups
+                        self.layout.eval_json(m.run_id, i, g) for i in m.iterations for g in self.released_shot_sets
                     ],
                 }
                 for m in self.grid.released.values()
@@ -381,22 +384,12 @@ class WorkflowIndex:
         }
 
     # ---- report ------------------------------------------------------------------------------------
-    @cached_property
-    def _reference_runs(self) -> dict[tuple[str, str, str], str]:
-        path = REPO_ROOT / "config" / "reference" / "runs.csv"
-        refs = {}
-        with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row["reference"] == "True":
-                    refs[(row["size"], row["dataset"], row["tokens"])] = row["run_id"]
-        return refs
-
     def reference_run_for(self, run: Run) -> str | None:
         if run.reference_run is not None:
             return run.reference_run
         if run.seq_length != 4096:
             return None
-        return self._reference_runs.get((run.scale, run.dataset, run.budget))
+        return reference_run_ids().get((run.scale, run.dataset, run.budget))
 
     def present_evaluations(self) -> list[str]:
         """The scheduled evaluation files that exist now, each with its mtime (for report_partial)."""
@@ -409,30 +402,18 @@ class WorkflowIndex:
         return present
 
     def report_manifest(self) -> dict[str, Any]:
+        """The report rule's params: :class:`osref.contracts.ReportManifest` as JSON."""
         runs = []
         for run in self.runs.values():
+            files = self.layout.run(run.run_id)
             runs.append(
-                {
-                    "run_id": run.run_id,
-                    "dataset": run.dataset,
-                    "scale": run.scale,
-                    "budget": run.budget,
-                    "tokens": run.tokens,
-                    "seq_length": run.seq_length,
-                    "global_batch_size": run.global_batch_size,
-                    "params": run.params,
-                    "train_iters": run.train_iters,
-                    "checkpoint_iters": list(run.eval_iters),
-                    "reference_run": self.reference_run_for(run),
-                    "eval_files": [
-                        self.layout.eval_json(run.run_id, i, g) for i in run.eval_iters for g in self.grid.groups
-                    ],
-                    "train_metrics": self.layout.train_metrics(run.run_id),
-                    "valid_metrics": self.layout.valid_metrics(run.run_id),
-                }
+                ReportRun(
+                    **{key: getattr(run, key) for key in REPORT_RUN_FIELDS},
+                    checkpoint_iters=run.eval_iters,
+                    reference_run=self.reference_run_for(run),
+                    eval_files=tuple(files.eval_json(i, s) for i in run.eval_iters for s in self.grid.shot_sets),
+                    train_metrics=files.train_metrics,
+                    valid_metrics=files.valid_metrics,
+                )
             )
-        return {"protocol": self.grid.protocol, "runs": runs}
-
-
-def repo_path(*parts: str) -> str:
-    return str(Path(REPO_ROOT, *parts))
+        return ReportManifest(protocol=parse_protocol(self.grid.protocol), runs=tuple(runs)).to_json()

@@ -3,7 +3,7 @@
 The demo and CI evaluate on CPU, where the batch size decides whether evaluation takes seconds or
 minutes; `batch_size: auto` always picks the maximum on CPU, so the config names a number. This
 script gives the number behind that choice: the demo's tiny model shape (random weights, 0.01 block,
-HYV3, vocab 50304) on the demo's two local tasks (osref/eval_tasks.py), each shot group evaluated as
+HYV3, vocab 50304) on the demo's two local tasks (osref/eval_tasks.py), each shot set evaluated as
 the pipeline does (demo_lastword 0-shot, demo_continuation 2-shot), once per batch size. Timing
 covers lm-eval's simple_evaluate (request building, model calls, scoring), not model or task loading,
 and separately the model calls alone. lm-eval's stderr bootstrap (100000 resamples by default, for
@@ -63,19 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_tiny_model(directory: Path) -> Path:
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from osref.export import _copy_tokenizer, _save_config, hf_config_for
+    from osref.export import hf_config_for, write_hf_directory
     from osref.model_spec import ModelSpec
 
     torch.manual_seed(0)
-    config = hf_config_for(ModelSpec(name="bench-tiny", **TINY_SHAPE), {"eod_id": 0})
-    model = AutoModelForCausalLM.from_config(config)
-    state = {k: v.contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    _save_config(config, directory)
-    _copy_tokenizer(TOKENIZER, directory)
+    spec = ModelSpec(name="bench-tiny", **TINY_SHAPE)
+    model = AutoModelForCausalLM.from_config(hf_config_for(spec, {"eod_id": 0}))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    write_hf_directory(directory, state, spec, eod_id=0, tokenizer_dir=TOKENIZER, save_dtype=torch.float32)
     return directory
 
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from osref.download import list_dataset
 from osref.fingerprint import check_local_sources
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from osref.paths import REPO_ROOT
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 The report is rebuilt every time an evaluation finishes, so the rebuild must cost seconds even for
 the release grid. This script writes a synthetic grid shaped like the release: the 36 reference
 runs of ``config/reference/runs.csv`` × 37 checkpoints × the 12 protocol tasks, as one evaluation
-JSON per checkpoint and shot group (0/5/10-shot, 3 996 files) in the format of
+JSON per checkpoint and shot set (0/5/10-shot, 3 996 files) in the format of
 :func:`osref.evaluate.evaluate_checkpoint` (a trimmed lm-eval ``raw`` dict included, so files have
 a realistic size), plus a training-loss log per run, all next to the real reference data.
 It then times
@@ -79,11 +79,11 @@ def write_synthetic_grid(
     """
     import pandas as pd
 
-    from osref.protocol import shot_groups
-    from osref.report import ReferenceData
+    from osref.protocol import shot_sets
+    from osref.reference import ReferenceData
 
     protocol = release_protocol()
-    groups = shot_groups(protocol)
+    groups = shot_sets(protocol)
     reference = ReferenceData(REFERENCE_DIR)
     ref_runs = reference.runs[reference.runs["reference"]].sort_values(["tokens", "size", "dataset"])
     ref_runs = ref_runs.head(n_runs)  # the 50B reference has no published curve: a run with ours only

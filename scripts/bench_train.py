@@ -118,9 +118,10 @@ def variant_request(name: str) -> dict:
 
 def bench_run(
     args, on_gpu: bool, world_size: int, kernels: dict | None = None, micro_batch_size: int | None = None
-) -> dict:
+) -> tuple[dict, int]:
     """A run document (model + train blocks) for the benchmark: the scale's architecture and
-    training settings, with the batch, schedule, precision and kernels set for a short benchmark."""
+    training settings, with the batch, schedule, precision and kernels set for a short benchmark;
+    and the data-parallel size of the scale on the cluster (the optimizer state's sharding)."""
     if args.tiny:
         run = json.loads(TINY_RUN.read_text())
         cluster_dp = 1
@@ -132,7 +133,7 @@ def bench_run(
         if not runs:
             scales = sorted({r.scale for r in grid.runs.values()})
             raise SystemExit(f"--scale {args.scale}: no run of that scale in {args.config} (have {scales})")
-        run = run_document(grid, runs[0])
+        run = run_document(grid, runs[0]).to_json()  # a dict: the benchmark edits it below
         resources = runs[0].resources
         cluster_dp = resources["nodes"] * resources["gpus_per_node"] // resources["tensor_parallel"]
     train = run["train"]
@@ -152,12 +153,11 @@ def bench_run(
         peak_tflops=args.peak_tflops,
         attention=args.attention,
         kernels=kernels,
-        cluster_dp=args.cluster_dp or cluster_dp,
     )
     run["model"]["seq_length"] = max(run["model"]["seq_length"], seq_length)
     if args.no_dropout:
         run["model"].update(hidden_dropout=0.0, attention_dropout=0.0)
-    return run
+    return run, args.cluster_dp or cluster_dp
 
 
 class RandomTokens:
@@ -217,27 +217,28 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def measure(args, name: str, run: dict, baseline_losses: list[float] | None) -> dict:
+def measure(args, name: str, run: dict, baseline_losses: list[float] | None, cluster_dp: int = 1) -> dict:
     """Build the training stack of ``run``, warm up, time ``args.steps`` steps; the result row."""
     import torch
     import torch.distributed as dist
 
+    from osref.contracts import RunDocument
     from osref.kernels import optimizer_state_bytes
     from osref.megatron_model import attention_backend
-    from osref.model_spec import ModelSpec
     from osref.training import Trainer, build_model_and_optimizer, device_name, peak_tflops_per_device
 
     on_gpu = torch.cuda.is_available()
-    train_cfg = run["train"]
+    run = RunDocument.coerce(run)
+    train_cfg = run.train
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     model, optimizer, scheduler, device = build_model_and_optimizer(run)
     total = args.warmup_steps + args.steps
     if args.data == "demo":
-        data = DemoTokens(train_cfg["seq_length"], total * train_cfg["global_batch_size"] + 1)
+        data = DemoTokens(train_cfg.seq_length, total * train_cfg.global_batch_size + 1)
     else:
-        data = RandomTokens(run["model"]["vocab_size"], train_cfg["seq_length"])
+        data = RandomTokens(run.model.vocab_size, train_cfg.seq_length)
     trainer = Trainer(run, model, optimizer, scheduler, data, None, device)
     build_s = time.perf_counter() - started
 
@@ -254,17 +255,16 @@ def measure(args, name: str, run: dict, baseline_losses: list[float] | None) -> 
             step_seconds.append(time.perf_counter() - started)
     attention_kernels = profile_attention(trainer, total + 1) if args.profile else None
 
-    spec = ModelSpec.from_run(run)
+    spec = run.model
     step_s = statistics.median(step_seconds)
     tokens_per_s = trainer.tokens_per_iteration / step_s
     world = dist.get_world_size()
     tflops = spec.flops_per_token(with_attention=True) * tokens_per_s / world / 1e12
     tflops_causal = spec.flops_per_token(with_attention=True, causal=True) * tokens_per_s / world / 1e12
-    peak = peak_tflops_per_device(train_cfg)
+    peak = peak_tflops_per_device(train_cfg.peak_tflops)
     state_gb = optimizer_state_bytes(optimizer) / 2**30
     mem_gb = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
-    dp = dist.get_world_size() // train_cfg.get("tensor_parallel", 1)
-    cluster_dp = train_cfg["cluster_dp"]
+    dp = dist.get_world_size() // train_cfg.tensor_parallel
     reference = losses if baseline_losses is None else baseline_losses  # the first variant is its own reference
     differences = [abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=False)]
     return {
@@ -273,14 +273,14 @@ def measure(args, name: str, run: dict, baseline_losses: list[float] | None) -> 
         "kernel_notes": list(trainer.variants.notes),
         "device": device_name(),
         "devices": world,
-        "dtype": "bf16" if train_cfg["precision"] == "bf16" else "fp32",
-        "attention": train_cfg["attention"] or attention_backend(),
+        "dtype": "bf16" if train_cfg.precision == "bf16" else "fp32",
+        "attention": train_cfg.attention or attention_backend(),
         "model": spec.name,
         "parameters": spec.parameter_count(),
-        "seq_length": train_cfg["seq_length"],
-        "micro_batch_size": train_cfg["micro_batch_size"],
-        "global_batch_size": train_cfg["global_batch_size"],
-        "recompute": train_cfg["recompute"],
+        "seq_length": train_cfg.seq_length,
+        "micro_batch_size": train_cfg.micro_batch_size,
+        "global_batch_size": train_cfg.global_batch_size,
+        "recompute": train_cfg.recompute,
         "data": args.data,
         "dropout": not args.no_dropout,
         "steps": len(step_seconds),
@@ -336,10 +336,10 @@ def bench_variant(args, name: str, on_gpu: bool, world_size: int, baseline: list
     request = variant_request(name)
     mbs = None
     while True:
-        run = bench_run(args, on_gpu, world_size, request, mbs)
+        run, cluster_dp = bench_run(args, on_gpu, world_size, request, mbs)
         mbs = run["train"]["micro_batch_size"]
         try:
-            return measure(args, name, run, baseline)
+            return measure(args, name, run, baseline, cluster_dp)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from osref.download import fetch_group, list_dataset
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from osref.paths import REPO_ROOT
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Evaluate one exported checkpoint on one shot group of the protocol (lm-eval, offline).
+"""Evaluate one exported checkpoint on one shot set of the protocol (lm-eval, offline).
 
 Writes one JSON (fixed name, atomic) with the protocol metric per task and, from lm-eval's logged
 samples, per-item likelihood metrics (`likelihood`); see osref/evaluate.py.
@@ -9,18 +9,18 @@ Examples (from the repository root):
     python scripts/build_eval_tasks.py --corpus assets/demo-corpus/pydocs311_rst_corpus.jsonl.zst \
         --out results/data/eval_tasks
     python scripts/evaluate.py --hf-dir results/runs/tiny-demo-0.25M-128/hf/iter_0000040 \
-        --run-json tests/data/tiny_run.json --iteration 40 --group 0shot \
+        --run-json tests/data/tiny_run.json --iteration 40 --shots 0shot \
         --tasks-json '[{"task": "demo_lastword", "shots": 0, "metric": "acc"},
                        {"task": "demo_continuation", "shots": 0, "metric": "acc_norm"}]' \
         --include-path results/data/eval_tasks --limit 20 --out /tmp/eval_0shot.json
 
-    # open-sci-ref protocol, 10-shot group, on a GPU, datasets pre-fetched into HF_HOME
+    # open-sci-ref protocol, 10-shot set, on a GPU, datasets pre-fetched into HF_HOME
     python scripts/evaluate.py --hf-dir results/runs/RUN/hf/iter_0072661 --run-json results/runs/RUN/run.json \
-        --iteration 72661 --group 10shot --tasks-json protocol.json --device cuda --dtype bfloat16 \
+        --iteration 72661 --shots 10shot --tasks-json protocol.json --device cuda --dtype bfloat16 \
         --batch-size 32 --hf-home /path/to/hf_home --out results/runs/RUN/eval/iter_0072661/10shot.json
 
---tasks-json is a file or an inline JSON list of {"task", "shots", "metric", "in_average"}; --group
-"<k>shot" selects the tasks with k shots from it (all of them must then share k); --group
+--tasks-json is a file or an inline JSON list of {"task", "shots", "metric", "in_average"}; --shots
+"<k>shot" selects the tasks with k shots from it (all of them must then share k); --shots
 "extra-<task>-<k>shot" selects that one task (the extra tasks of released checkpoints, one file each).
 tokens_seen = iteration * train.global_batch_size * train.seq_length of the run JSON.
 """
@@ -46,33 +46,23 @@ def read_tasks(tasks_json: str) -> list[dict]:
     return tasks
 
 
-def select_group(tasks: list[dict], group: str) -> tuple[list[dict], int]:
-    from osref.protocol import parse_group, shot_groups
+def select_shot_set(tasks: list[dict], name: str) -> tuple[list[dict], int]:
+    from osref.protocol import parse_shot_set, shot_sets
 
     try:
-        shots, task = parse_group(group)
+        shots, task = parse_shot_set(name)
     except ValueError as error:
-        raise SystemExit(f"--group: {error}") from None
+        raise SystemExit(f"--shots: {error}") from None
     if task is not None:  # one extra task (released checkpoints): extra-<task>-<k>shot
         selected = [t for t in tasks if t["task"] == task and int(t["shots"]) == shots]
         if len(selected) != 1:
-            raise SystemExit(f"--group {group!r}: --tasks-json has no single task {task!r} with {shots} shots")
+            raise SystemExit(f"--shots {name!r}: --tasks-json has no single task {task!r} with {shots} shots")
         return selected, shots
-    groups = shot_groups(tasks)
-    if group not in groups:
-        raise SystemExit(f"--group {group!r}: the tasks form the groups {sorted(groups)}")
-    selected = groups[group]
+    sets = shot_sets(tasks)
+    if name not in sets:
+        raise SystemExit(f"--shots {name!r}: the tasks form the shot sets {sorted(sets)}")
+    selected = sets[name]
     return selected, int(selected[0]["shots"])
-
-
-def tokens_seen(run: dict, iteration: int, run_json: str) -> int:
-    try:
-        train = run["train"]
-        return iteration * int(train["global_batch_size"]) * int(train["seq_length"])
-    except KeyError as error:
-        raise SystemExit(
-            f"{run_json}: missing key {error} (need train.global_batch_size and train.seq_length)"
-        ) from None
 
 
 def batch_size_arg(text: str) -> int | str:
@@ -86,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         "--run-json", required=True, help="resolved run JSON (run_id, train.global_batch_size, train.seq_length)"
     )
     parser.add_argument("--iteration", type=int, required=True, help="training iteration of the checkpoint")
-    parser.add_argument("--group", required=True, help="shot group to evaluate, '<k>shot' (e.g. 0shot, 10shot)")
+    # --group: the name before "shot set" (jobs submitted by an older Snakefile still pass it)
+    parser.add_argument(
+        "--shots", "--group", dest="shots", required=True, help="shot set to evaluate, '<k>shot' (e.g. 0shot, 10shot)"
+    )
     parser.add_argument("--tasks-json", required=True, help="protocol task list: a file or inline JSON")
     parser.add_argument("--out", required=True, help="output JSON (written atomically)")
     parser.add_argument("--include-path", default=None, help="folder of local task YAMLs (only these are used)")
@@ -111,21 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError) as error:
         raise SystemExit(f"--device {args.device!r} (config evaluation.device): not a torch device: {error}") from None
 
+    from osref.contracts import ContractError, load_run_document
     from osref.evaluate import evaluate_checkpoint
 
-    run = json.loads(Path(args.run_json).read_text(encoding="utf-8"))
-    if "run_id" not in run:
-        raise SystemExit(f"{args.run_json}: missing key 'run_id'")
-    tasks, num_fewshot = select_group(read_tasks(args.tasks_json), args.group)
+    try:  # ours or a released checkpoint's: both say their run id and tokens per iteration
+        run = load_run_document(args.run_json)
+    except ContractError as error:
+        raise SystemExit(str(error)) from None
+    tasks, num_fewshot = select_shot_set(read_tasks(args.tasks_json), args.shots)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     result = evaluate_checkpoint(
         Path(args.hf_dir),
         tasks,
         num_fewshot=num_fewshot,
         out_json=Path(args.out),
-        run_id=run["run_id"],
+        run_id=run.run_id,
         iteration=args.iteration,
-        tokens_seen=tokens_seen(run, args.iteration, args.run_json),
+        tokens_seen=args.iteration * run.tokens_per_iteration,
         include_path=Path(args.include_path) if args.include_path else None,
         batch_size=args.batch_size,
         device=args.device,

@@ -29,12 +29,12 @@ Temporaries of the same target left by killed exports (.iter_XXXXXXX.tmp-PID) ar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
 from pathlib import Path
 
+from osref.contracts import ContractError, load_run_document
 from osref.export import DEFAULT_PARITY_TOKENS, DEFAULT_TOLERANCE, ParityError, export_checkpoint
 from osref.locks import LockHeld
 
@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    run = json.loads(args.run_json.read_text())
+    try:
+        run = load_run_document(args.run_json)
+    except ContractError as error:
+        print(error, file=sys.stderr)
+        return 1
     try:
         provenance = export_checkpoint(
             run, args.iteration, args.out, dtype=args.dtype, tolerance=args.tolerance, parity_tokens=args.parity_tokens
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"another export of {args.out} is running, nothing done: {error}", file=sys.stderr)
         return 3
     print(
-        f"exported {run.get('run_id')} iter {args.iteration} to {args.out} "
+        f"exported {run.run_id} iter {args.iteration} to {args.out} "
         f"({provenance['hf_class']}, {args.dtype}, max |Δlogit| {provenance['parity']['max_abs_logit_diff']:.3g})"
     )
     return 0

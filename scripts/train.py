@@ -31,7 +31,6 @@ is saved, a rerun resumes from the newest finite checkpoint); 1 anything else.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -65,25 +64,32 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from osref.checkpointing import NonFiniteCheckpoint, checkpoint_root
+    from osref.checkpointing import NonFiniteCheckpoint
+    from osref.contracts import ContractError, RunDocument, load_run_document
     from osref.files import write_json_atomic
     from osref.locks import LockHeld, LockUnsupported
     from osref.run_identity import RunIdentityError, check_or_record
     from osref.training import NonFiniteLoss, init_distributed, segment_lock, train_and_return_model
 
-    run = json.loads(args.run_json.read_text())
     try:
-        check_or_record(run, checkpoint_root(run["paths"]["run_dir"]))
+        run = load_run_document(args.run_json)
+        if not isinstance(run, RunDocument):
+            raise ContractError(f"{args.run_json}: a released checkpoint's run document; nothing to train")
+    except ContractError as exc:
+        logging.error("%s", exc)
+        return 2
+    try:
+        check_or_record(run)
     except RunIdentityError as exc:
         logging.error("%s", exc)
         return 3
-    init_distributed(run["train"].get("tensor_parallel", 1))
+    init_distributed(run.train.tensor_parallel)
     try:
         with segment_lock(run, args.until):
             result, model = train_and_return_model(run, args.until)
             if args.dump_final_weights and model is not None:
                 weights = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-                torch.save(weights, Path(run["paths"]["run_dir"]) / f"weights_rank{dist.get_rank()}.pt")
+                torch.save(weights, run.layout.path(f"weights_rank{dist.get_rank()}.pt"))
             if dist.get_rank() == 0 and args.marker:
                 args.marker.parent.mkdir(parents=True, exist_ok=True)
                 marker = {k: result[k] for k in ("iteration", "consumed_tokens", "checkpoint", "kernels")}
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
         logging.error("%s", exc)
         return 4
     except (NonFiniteLoss, NonFiniteCheckpoint) as exc:
-        logging.error("run %s: %s", run.get("run_id"), exc)
+        logging.error("run %s: %s", run.run_id, exc)
         return 5
     dist.destroy_process_group()
     return 0

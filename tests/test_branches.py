@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO, make_run, read_jsonl
 
 from osref.config import ConfigError, load_config
-from osref.grid import expand_grid, load_grid, plan_rows, run_document, segments_from
+from osref.grid import expand_grid, load_grid, run_document, segments_from
+from osref.plan import plan_rows
 from osref.workflow import WorkflowIndex
 
 BRANCHES = {
@@ -83,17 +84,17 @@ def test_branch_waits_for_the_parent_segment_that_saves_the_branch_point(release
         grid.layout.segment_marker(branch.run_id, branch.segment_ends[0])
     ]
     document = run_document(grid, branch)
-    assert document["branch"] == {
+    assert document.to_json()["branch"] == {
         "parent_run_id": parent.run_id,
         "parent_run_dir": grid.layout.run_dir(parent.run_id),
         "iteration": 58129,
         "parent_train_iters": parent.train_iters,
     }
-    assert run_document(grid, parent)["branch"] is None
+    assert run_document(grid, parent).branch is None
     # the branch trains on its parent's shard groups (a 300B run alone would read fewer)
-    assert document["data"]["prefixes"] == run_document(grid, parent)["data"]["prefixes"]
+    assert document.data.prefixes == run_document(grid, parent).data.prefixes
     alone = grid_with(release_config, {**BRANCHES, "branch_from": None})
-    assert len(run_document(alone, alone.runs[branch.run_id])["data"]["prefixes"]) < len(document["data"]["prefixes"])
+    assert len(run_document(alone, alone.runs[branch.run_id]).data.prefixes) < len(document.data.prefixes)
 
 
 def test_selecting_a_branch_keeps_its_parent(release_config):

@@ -179,7 +179,7 @@ def test_references_alone_reproduce_the_release_ranking(references):
 
 def _user_results(run_id: str, dataset: str, source_job: int, stderr_factor: float) -> pd.DataFrame:
     """A results.csv-shaped table whose 'ours' rows are a published run's final scores, relabelled."""
-    from osref.report import ReferenceData
+    from osref.reference import ReferenceData
 
     reference = ReferenceData(REFERENCE)
     curves = reference.curves

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from osref.config import ConfigError, budget_tokens, load_config
-from osref.grid import load_grid, plan_rows, run_document
+from osref.grid import load_grid, run_document
 from osref.model_spec import ModelSpec, padded_vocab_size
+from osref.plan import plan_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "config" / "config.yaml"
@@ -122,12 +123,12 @@ def test_plan_rows_have_the_contract_columns(release_grid):
 
 def test_run_document_is_complete_and_stable(release_grid):
     doc = run_document(release_grid, release_grid.runs["0.13b-pile-300B-4096"])
-    assert doc["model"]["num_layers"] == 22 and doc["model"]["vocab_size"] == 50304
-    assert doc["train"]["lr"] == 4e-3 and doc["train"]["warmup_iters"] == 25000
-    assert doc["train"]["checkpoint_iters"][-1] == doc["train"]["train_iters"] == 72661
-    assert doc["data"]["prefixes"] == [
+    assert doc.model.num_layers == 22 and doc.model.vocab_size == 50304
+    assert doc.train.lr == 4e-3 and doc.train.warmup_iters == 25000
+    assert doc.train.checkpoint_iters[-1] == doc.train.train_iters == 72661
+    assert doc.data.prefixes == tuple(
         f"results/data/tokenized/pile/group_{g:03d}" for g in range(30)
-    ]  # all 30 (one file each)
+    )  # all 30 (one file each)
     assert doc == run_document(load_grid(RELEASE), load_grid(RELEASE).runs["0.13b-pile-300B-4096"])
 
 
@@ -154,7 +155,7 @@ def test_demo_config_is_valid():
     assert run.run_id == "tiny-pydocs-0.25M-128"
     assert run.train_iters == 245 and run.checkpoint_iters == (50, 100, 150, 200, 245)
     assert run.segment_ends == (100, 200, 245)
-    assert set(grid.groups) == {"0shot", "2shot"}
+    assert set(grid.shot_sets) == {"0shot", "2shot"}
 
 
 def test_budget_units():
@@ -311,7 +312,7 @@ def test_kernel_variants_per_device_and_precision(release_raw):
     """GPU runs get every fused kernel (osref/kernels.py), CPU runs none; megatron's fused
     cross-entropy only with bf16 (its logit gradient is bf16)."""
     grid = load_grid(release_raw)
-    gpu = run_document(grid, grid.runs["1.7b-c4-300B-4096"])["train"]["kernels"]
+    gpu = run_document(grid, grid.runs["1.7b-c4-300B-4096"]).train.kernels
     assert gpu == {
         "megatron_fusions": True,
         "fused_cross_entropy": True,
@@ -322,11 +323,11 @@ def test_kernel_variants_per_device_and_precision(release_raw):
     fp32 = copy.deepcopy(release_raw)
     fp32["recipes"]["open-sci-ref-0.01"].update(precision="fp32", kernels={"compile_layers": False})
     grid = load_grid(fp32)
-    kernels = run_document(grid, grid.runs["1.7b-c4-300B-4096"])["train"]["kernels"]
+    kernels = run_document(grid, grid.runs["1.7b-c4-300B-4096"]).train.kernels
     assert kernels["fused_cross_entropy"] is False and kernels["compile_layers"] is False and kernels["fused_adamw"]
     demo = load_grid(DEMO)
     (run,) = demo.runs.values()
-    assert not any(v for v in run_document(demo, run)["train"]["kernels"].values())
+    assert not any(v for v in run_document(demo, run).train.kernels.values())
 
 
 def test_unknown_kernel_key_is_named(release_raw):

@@ -29,8 +29,8 @@ from hub_server import HubServer, Repo, git_blob_sha1  # tests/ is on sys.path u
 from huggingface_hub.errors import HfHubHTTPError
 
 from osref.download import fetch_group, list_dataset, sha256_file
+from osref.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "toy-org/toy-web"
 TOKEN = "hf_TESTtokenNEVERwrittenANYWHERE0123"
 V1 = "a" * 40  # the commit tag v1.0.0 points to

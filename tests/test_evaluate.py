@@ -78,7 +78,7 @@ def test_average_of():
 
 
 def test_one_call_per_shot_group():
-    with pytest.raises(ValueError, match="one call per shot group"):
+    with pytest.raises(ValueError, match="one call per shot set"):
         validate_protocol_tasks(DEMO_PROTOCOL + [{"task": "copa", "shots": 10, "metric": "acc"}], 0)
     with pytest.raises(ValueError, match="metric"):
         validate_protocol_tasks([{"task": "copa", "shots": 0, "metric": "f1"}], 0)

@@ -17,9 +17,9 @@ import pytest
 from hub_server import HubServer  # tests/ is on sys.path under pytest
 from released_repo import other_repo, released_repo
 
+from osref.paths import REPO_ROOT
 from osref.released_hub import ReleasedHubError, closest_refs, list_released
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO = "open-sci/open-sci-ref-v0.01-tiny-synthetic-40-4096"
 ITERATIONS, FINAL = (10, 20, 30), 40
 PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model"]

@@ -27,7 +27,8 @@ from released_repo import other_repo, released_repo
 from test_workflow import job_counts, snakemake
 
 from osref.config import ConfigError, load_config
-from osref.grid import load_grid, plan_rows
+from osref.grid import load_grid
+from osref.plan import plan_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASED_YAML = ROOT / "config" / "released.yaml"
@@ -159,7 +160,7 @@ RELEASED_JOBS = {
     "released_run_config": 36,
     "fetch_released": 1562,
     "convert_released": 1562,
-    "evaluate_group": 4686,  # 1562 checkpoints x 3 shot groups, the same rule as our runs
+    "evaluate_shots": 4686,  # 1562 checkpoints x 3 shot sets, the same rule as our runs
     "released_results": 1,
     "prefetch_eval_data": 1,
     "plan": 1,
@@ -204,7 +205,7 @@ def test_released_plan_says_what_it_costs():
 
 TINY_REPO = "open-sci/open-sci-ref-v0.01-tiny-synthetic-40-4096"
 ITERATIONS, FINAL = (10, 20, 30), 40
-GROUPS = ("2shot", "extra-demo_lastword-0shot")  # the protocol's one shot group, one extra task
+GROUPS = ("2shot", "extra-demo_lastword-0shot")  # the protocol's one shot set, one extra task
 
 
 def e2e_config(tmp_path: Path) -> Path:
@@ -241,7 +242,7 @@ def e2e_config(tmp_path: Path) -> Path:
 
 def test_small_released_config_dry_run_and_extra_task_files(tmp_path):
     """Offline, from config alone: one listing, per revision a fetch, a conversion and one evaluation
-    per protocol shot group and per extra task (the same evaluate_group rule)."""
+    per protocol shot set and per extra task (the same evaluate_shots rule)."""
     proc = snakemake(
         "-n",
         "-s",
@@ -260,7 +261,7 @@ def test_small_released_config_dry_run_and_extra_task_files(tmp_path):
             "released_run_config",
             "fetch_released",
             "convert_released",
-            "evaluate_group",
+            "evaluate_shots",
             "released_results",
         )
     } == {
@@ -268,11 +269,11 @@ def test_small_released_config_dry_run_and_extra_task_files(tmp_path):
         "released_run_config": 1,
         "fetch_released": 4,
         "convert_released": 4,
-        "evaluate_group": 8,
+        "evaluate_shots": 8,
         "released_results": 1,
     }
     assert "train_segment" not in counts and "export_hf" not in counts and "report" not in counts
-    extra = next(b for b in proc.stdout.split("rule evaluate_group:")[1:] if "shots=extra-demo_lastword-0shot" in b)
+    extra = next(b for b in proc.stdout.split("rule evaluate_shots:")[1:] if "shots=extra-demo_lastword-0shot" in b)
     assert (
         "run_id=released/tiny-synthetic" in extra
         and "eval/iter_" in extra
@@ -291,7 +292,7 @@ def test_adding_an_extra_task_evaluates_only_its_new_files(tmp_path):
     work = tmp_path / "work"
     index = WorkflowIndex(load_grid(copy.deepcopy(smoke)))
     layout = index.layout
-    prefetched = work / index.eval_hf_home / "prefetched.json"
+    prefetched = work / index.layout.prefetch_marker()
     done = [
         *index.released_listings,
         *(layout.run_json(m.run_id) for m in index.grid.released.values()),
@@ -328,8 +329,8 @@ def test_adding_an_extra_task_evaluates_only_its_new_files(tmp_path):
     os.utime(prefetched, (future, future))
     proc = snakemake("-n", *common, env={"HF_HUB_OFFLINE": "1"})
     counts = job_counts(proc.stdout)
-    assert counts.get("evaluate_group") == 2, proc.stdout[-3000:]  # the two revisions' extra-sciq-0shot.json
-    assert set(counts) <= {"evaluate_group", "released_results", "all"}
+    assert counts.get("evaluate_shots") == 2, proc.stdout[-3000:]  # the two revisions' extra-sciq-0shot.json
+    assert set(counts) <= {"evaluate_shots", "released_results", "all"}
     assert proc.stdout.count("shots=extra-sciq-0shot") == 2
 
 
@@ -343,10 +344,10 @@ def test_evaluate_script_selects_one_extra_task_by_its_file_name():
         {"task": "hellaswag", "shots": 10, "metric": "acc_norm"},
         {"task": "hellaswag", "shots": 0, "metric": "acc_norm"},
     ]
-    assert cli.select_group(tasks, "extra-hellaswag-0shot") == ([tasks[1]], 0)
-    assert cli.select_group(tasks[:1], "10shot") == (tasks[:1], 10)
+    assert cli.select_shot_set(tasks, "extra-hellaswag-0shot") == ([tasks[1]], 0)
+    assert cli.select_shot_set(tasks[:1], "10shot") == (tasks[:1], 10)
     with pytest.raises(SystemExit, match="no single task 'sciq' with 0 shots"):
-        cli.select_group(tasks, "extra-sciq-0shot")
+        cli.select_shot_set(tasks, "extra-sciq-0shot")
 
 
 @pytest.mark.slow
@@ -440,12 +441,12 @@ def test_released_checkpoints_end_to_end(tmp_path):
         again = subprocess.run([*cmd, "-n"], capture_output=True, text=True, env=env, timeout=600)
         assert set(job_counts(again.stdout)) <= {"plan", "all"}, again.stdout[-3000:]
         forced = subprocess.run(
-            [*cmd, "-n", "--forcerun", "evaluate_group", "--", "released"],
+            [*cmd, "-n", "--forcerun", "evaluate_shots", "--", "released"],
             capture_output=True,
             text=True,
             env=env,
             timeout=600,
         )
         counts = job_counts(forced.stdout)
-        assert counts.get("evaluate_group") == 4 * len(GROUPS) and "fetch_released" not in counts, forced.stdout[-3000:]
+        assert counts.get("evaluate_shots") == 4 * len(GROUPS) and "fetch_released" not in counts, forced.stdout[-3000:]
     assert not marker.exists(), marker.read_text()

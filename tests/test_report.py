@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -240,6 +241,43 @@ def test_incremental_rebuild_reads_and_draws_only_what_changed(tmp_path: Path):
         assert (out / name).read_text() == (tmp_path / "cold" / name).read_text(), name
 
 
+def test_plot_cache_is_keyed_on_the_plotting_code_only(tmp_path: Path):
+    """An edit of the page or the tables keeps every cached plot; an edit of the plotting code
+    redraws them all (before osref/report/ was a package, any edit of report.py redrew every plot)."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    package = tmp_path / "code"
+    shutil.copytree(REPO / "osref", package / "osref", ignore=shutil.ignore_patterns("__pycache__"))
+    a10 = _eval_json(tmp_path / "a/10.json", "run-a", 10, {"copa": 0.6, "lambada_openai": 0.2, "social_iqa": 0.4})
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"protocol": SMALL_PROTOCOL, "runs": [_run("run-a", [a10])]}))
+    build = (
+        "import json, sys, osref; from osref.report import build_report; print(osref.__file__); "
+        "print(json.dumps(build_report(json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3])['cache']))"
+    )
+
+    def plots_drawn_and_reused() -> tuple[int, int]:
+        # the edited copy, not the installed package: -S skips the .pth of the editable install
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), sysconfig.get_paths()["purelib"]])}
+        command = [sys.executable, "-S", "-c", build, str(manifest), str(REFERENCE), str(tmp_path / "report")]
+        proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+        where, cache = proc.stdout.strip().splitlines()[-2:]
+        assert where == str(package / "osref" / "__init__.py")
+        cache = json.loads(cache)
+        return cache["plots_drawn"], cache["plots_reused"]
+
+    assert plots_drawn_and_reused() == (3, 0)
+    for module in ("html.py", "entry.py", "tables.py"):
+        with open(package / "osref" / "report" / module, "a") as fh:
+            fh.write("\n# an edit that is not plotting code\n")
+    assert plots_drawn_and_reused() == (0, 3)
+    with open(package / "osref" / "report" / "plots.py", "a") as fh:
+        fh.write("\n# an edit of the plotting code\n")
+    assert plots_drawn_and_reused() == (3, 0)
+
+
 def test_training_logs_are_folded_in(tmp_path):
     from osref.report import training_log, training_summary
 
@@ -262,18 +300,23 @@ def test_training_logs_are_folded_in(tmp_path):
     )
     valid = tmp_path / "valid_metrics.jsonl"
     valid.write_text(json.dumps({"iteration": 7, "consumed_tokens": 70, "valid_loss": 3.5}) + "\n")
-    manifest = {
-        "runs": [
-            {
-                "run_id": "r",
-                "train_metrics": str(metrics),
-                "valid_metrics": str(valid),
-                "global_batch_size": 1,
-                "seq_length": 10,
-            },
-            {"run_id": "not-started", "train_metrics": str(tmp_path / "absent.jsonl")},
-        ]
-    }
+    from osref.contracts import ReportManifest, ReportRun
+
+    runs = (
+        ReportRun(
+            run_id="r",
+            checkpoint_iters=(),
+            eval_files=(),
+            train_metrics=str(metrics),
+            valid_metrics=str(valid),
+            global_batch_size=1,
+            seq_length=10,
+        ),
+        ReportRun(
+            run_id="not-started", checkpoint_iters=(), eval_files=(), train_metrics=str(tmp_path / "absent.jsonl")
+        ),
+    )
+    manifest = ReportManifest(protocol=(), runs=runs)
     log = training_log(manifest)
     assert list(log["iteration"]) == list(range(1, 8)) and set(log["run_id"]) == {"r"}
     summary = training_summary(manifest, log).set_index("run_id")

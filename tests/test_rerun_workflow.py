@@ -100,8 +100,8 @@ def test_deleted_export_and_evaluation_are_rebuilt_by_the_default_target(interru
     proc = run(interrupted.cmd)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    # the export, both shot groups of that checkpoint (their input is new) and the report
-    assert job_counts(output) == {"export_hf": 1, "evaluate_group": 2, "report": 1, "all": 1}, output[-4000:]
+    # the export, both shot sets of that checkpoint (their input is new) and the report
+    assert job_counts(output) == {"export_hf": 1, "evaluate_shots": 2, "report": 1, "all": 1}, output[-4000:]
     assert (export / "provenance.json").is_file() and (export / "config.json").is_file()
     assert evaluation.is_file() and report.stat().st_mtime_ns > before
     again = run(interrupted.cmd + ["-n"])

@@ -16,7 +16,8 @@ import yaml
 
 from osref.config import ConfigError
 from osref.download import assign_groups
-from osref.grid import groups_needed, load_grid, plan_rows, run_document, run_group_count, tokens_read
+from osref.grid import groups_needed, load_grid, run_document, run_group_count, tokens_read
+from osref.plan import plan_rows
 from osref.workflow import WorkflowIndex
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def test_training_reads_only_the_groups_of_its_run(release_raw):
     assert inputs[-1].endswith(f"/tokenized/dclm/group_{n - 1:03d}.idx")
     assert not any(f"group_{n:03d}." in p for p in inputs)
     document = run_document(grid, grid.runs["0.13b-dclm-300B-4096"])
-    assert document["data"]["prefixes"] == [grid.layout.tokenized_prefix("dclm", g) for g in range(n)]
+    assert document.data.prefixes == tuple(grid.layout.tokenized_prefix("dclm", g) for g in range(n))
     # the dataset's tokenize jobs cover the 1T run's groups
     assert len(index.tokenized_stats("dclm")) == len(grid.run_groups("1.7b-dclm-1T-4096")) > n
 

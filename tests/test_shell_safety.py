@@ -145,20 +145,20 @@ def test_odd_strings_in_every_free_text_field_run_nothing(tmp_path):
     dry = snakemake(work, path, "-n", "-p")
     assert dry.returncode == 0, dry.stderr[-3000:]
     commands = shell_commands(dry.stdout + dry.stderr)
-    assert {"train_segment", "export_hf", "build_eval_tasks", "evaluate_group"} <= set(commands), sorted(commands)
+    assert {"train_segment", "export_hf", "build_eval_tasks", "evaluate_shots"} <= set(commands), sorted(commands)
     hf_dir = f"{runs}/{RUN_ID}/hf/iter_0000002"
     (train,) = commands["train_segment"]
     assert f"--run-json={run_json}" in train and f"--marker={runs}/{RUN_ID}/train/segment_0000002.json" in train
     (export,) = commands["export_hf"]
     assert f"--out={hf_dir}" in export and f"--run-json={run_json}" in export
-    for evaluate in commands["evaluate_group"]:
+    for evaluate in commands["evaluate_shots"]:
         assert f"--hf-dir={hf_dir}" in evaluate and f"--include-path={data}/eval_tasks" in evaluate
         assert f"--hf-home={results}/hf_home" in evaluate and "--device=cpu" in evaluate
         protocol = json.loads(next(w for w in evaluate if w.startswith("--tasks-json="))[len("--tasks-json=") :])
         assert [t["task"] for t in protocol] == [t["task"] for t in config["evaluation"]["protocols"][ODD]]
     (tasks,) = commands["build_eval_tasks"]
     assert f"--out={data}/eval_tasks" in tasks
-    for words in (train, export, tasks, *commands["evaluate_group"]):
+    for words in (train, export, tasks, *commands["evaluate_shots"]):
         assert words[-1] == "2>&1"  # the redirections are the only shell syntax left
         assert not {";", "|", "&"} & set(words), words
 
@@ -184,7 +184,7 @@ def test_odd_strings_in_every_free_text_field_run_nothing(tmp_path):
     (listing,) = [words for words in commands["list_dataset"] if f"--name={DATASET}" in words]
     listing = json.loads(next(w for w in listing if w.startswith("--dataset-json="))[len("--dataset-json=") :])
     assert listing["paths"] == config["datasets"][DATASET]["paths"]
-    assert all(f"--device=cuda {ODD}" in words for words in commands["evaluate_group"])
+    assert all(f"--device=cuda {ODD}" in words for words in commands["evaluate_shots"])
     assert_no_canary(tmp_path, work)
 
 
@@ -208,7 +208,7 @@ def test_odd_paths_carry_the_whole_chain_and_an_odd_device_is_refused_whole(tmp_
     odd_device = dict(config, evaluation={**config["evaluation"], "device": device})
     target = f"{runs}/{RUN_ID}/eval/iter_0000002/0shot.json"
     proc = snakemake(
-        work, write_config(tmp_path, odd_device, "odd_device.yaml"), target, "--forcerun", "evaluate_group"
+        work, write_config(tmp_path, odd_device, "odd_device.yaml"), target, "--forcerun", "evaluate_shots"
     )
     assert proc.returncode != 0
     log = (results / "logs" / "evaluate" / RUN_ID / "iter_0000002" / "0shot.log").read_text()

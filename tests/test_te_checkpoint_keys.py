@@ -83,11 +83,11 @@ def _moments(optimizer) -> list[torch.Tensor]:
 
 
 def test_local_spec_checkpoint_keys_are_te_keys(data_root, tmp_path):
-    from osref.model_spec import ModelSpec
+    from osref.contracts import RunDocument
     from osref.training import _build_trainer
 
     run = make_run(data_root, tmp_path)
-    spec = ModelSpec.from_run(run)
+    spec = RunDocument.from_json(run).model
     module = _build_trainer(run).model.module
     tensors, objects = _split(module.sharded_state_dict())
     h, f, n, d, g, layers = (

@@ -122,8 +122,8 @@ def test_metrics_records_have_throughput_and_progress_keys(full_run):
 def test_mfu_peak_from_run_or_device_name(monkeypatch):
     from osref.training import peak_tflops_per_device
 
-    assert peak_tflops_per_device({"peak_tflops": 500}) == 500.0
-    assert peak_tflops_per_device({}) is None  # CPU
+    assert peak_tflops_per_device(500) == 500.0
+    assert peak_tflops_per_device() is None  # CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, peak in [
         ("NVIDIA H100 80GB HBM3", 989.0),
@@ -133,7 +133,7 @@ def test_mfu_peak_from_run_or_device_name(monkeypatch):
         ("NVIDIA L4", None),
     ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
-        assert peak_tflops_per_device({"peak_tflops": None}) == peak, name
+        assert peak_tflops_per_device(None) == peak, name
 
 
 def test_bench_train_runs_tiny_on_cpu():

@@ -37,7 +37,7 @@ RELEASE_JOBS = {
     "run_config": 36,
     "train_segment": 64,
     "export_hf": 1562,
-    "evaluate_group": 4686,
+    "evaluate_shots": 4686,
     "report": 1,
     "plan": 1,
     "prefetch_eval_data": 1,
@@ -142,7 +142,7 @@ def test_local_profile_and_demo_dry_run(tmp_path):
         str(ROOT / "config" / "demo.yaml"),
     )
     counts = job_counts(proc.stdout)
-    assert counts["train_segment"] == 3 and counts["export_hf"] == 5 and counts["evaluate_group"] == 10
+    assert counts["train_segment"] == 3 and counts["export_hf"] == 5 and counts["evaluate_shots"] == 10
     assert counts["build_eval_tasks"] == 1 and counts["report"] == 1
 
 

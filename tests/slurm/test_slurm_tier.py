@@ -256,7 +256,7 @@ def test_demo_through_slurm_scancel_rerun_and_no_token_leak(tmp_path):
         "rule_tokenize_group",
         "rule_train_segment",
         "rule_export_hf",
-        "rule_evaluate_group",
+        "rule_evaluate_shots",
     } <= rules, rules
     jobs = {r["JobID"]: r for r in sacct_jobs() if r["JobID"] in job_rule}
     assert set(jobs) == set(job_rule), (sorted(jobs), sorted(job_rule))
@@ -273,7 +273,7 @@ def test_demo_through_slurm_scancel_rerun_and_no_token_leak(tmp_path):
         else:
             assert row["State"] == "COMPLETED", row
         assert row["Account"] == ACCOUNT, row
-        expected = "gpu" if job_rule[job_id] in ("rule_train_segment", "rule_evaluate_group") else "debug"
+        expected = "gpu" if job_rule[job_id] in ("rule_train_segment", "rule_evaluate_shots") else "debug"
         assert row["Partition"] == expected, row
 
     # every training job ran over both nodes, its srun step with one task per node

@@ -1,4 +1,4 @@
-# Evaluate: lm-eval-harness on an export, one job per (checkpoint, shot group), offline.
+# Evaluate: lm-eval-harness on an export, one job per (checkpoint, shot set), offline.
 
 
 if INDEX.eval_tasks_marker:
@@ -11,14 +11,14 @@ if INDEX.eval_tasks_marker:
         log:
             LAYOUT.log("evaluate", "build_eval_tasks"),
         params:
-            out_dir=LAYOUT.eval_tasks_dir(),
+            out_dir=lambda wc: LAYOUT.eval_tasks_dir(),
         shell:
             "{PYTHON} {SCRIPTS:q}/build_eval_tasks.py --manifest={input.corpus:q} --out={params.out_dir:q} > {log:q} 2>&1"
 
 
 # Also evaluates released checkpoints (run_id "released/{name}", workflow/rules/released.smk) and
 # their extra tasks (shots "extra-{task}-{k}shot", one task per file).
-rule evaluate_group:
+rule evaluate_shots:
     input:
         hf=LAYOUT.hf_dir("{run_id}", "{iteration}"),
         run=LAYOUT.run_json("{run_id}"),
@@ -41,10 +41,10 @@ rule evaluate_group:
         device=config["evaluation"]["device"],
         dtype=config["evaluation"]["dtype"],
         limit=[f"--limit={config['evaluation']['limit']}"] if config["evaluation"]["limit"] else [],
-        hf_home=INDEX.eval_hf_home,
+        hf_home=lambda wc: LAYOUT.eval_hf_home(),
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} {SCRIPTS:q}/evaluate.py --hf-dir={input.hf:q} --run-json={input.run:q} "
-        "--iteration={wildcards.iteration:q} --group={wildcards.shots:q} --tasks-json={params.protocol:q} {params.include:q} "
+        "--iteration={wildcards.iteration:q} --shots={wildcards.shots:q} --tasks-json={params.protocol:q} {params.include:q} "
         "--batch-size={params.batch_size:q} --device={params.device:q} --dtype={params.dtype:q} {params.limit:q} "
         "--hf-home={params.hf_home:q} --out={output:q} > {log:q} 2>&1"
 
@@ -59,13 +59,13 @@ rule evaluate:
 #   snakemake prefetch_eval_data
 rule prefetch_eval_data:
     output:
-        f"{INDEX.eval_hf_home}/prefetched.json",
+        LAYOUT.prefetch_marker(),
     log:
         LAYOUT.log("evaluate", "prefetch_eval_data"),
     localrule: True
     params:
         protocol=INDEX.prefetch_tasks_json,
-        hf_home=INDEX.eval_hf_home,
+        hf_home=lambda wc: LAYOUT.eval_hf_home(),
     shell:
         "{PYTHON} {SCRIPTS:q}/prefetch_eval_data.py --tasks-json={params.protocol:q} --hf-home={params.hf_home:q} "
         "--out={output:q} > {log:q} 2>&1"

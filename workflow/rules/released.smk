@@ -1,5 +1,5 @@
 # Released checkpoints (config `released`): list a hub repo's refs once, fetch each selected revision,
-# convert it to our export (reference-forward gate), then the same evaluate_group rule as our runs
+# convert it to our export (reference-forward gate), then the same evaluate_shots rule as our runs
 # (run_id "released/{release}"). Paths: {runs}/released/{release}/... (osref/paths.py).
 
 
@@ -82,8 +82,7 @@ rule released_results:
     input:
         INDEX.released_evaluations,
     output:
-        results=f"{LAYOUT.released_results_dir()}/results.csv",
-        reproduction=f"{LAYOUT.released_results_dir()}/reproduction.csv",
+        **LAYOUT.released_results(),
     log:
         LAYOUT.log("released", "results"),
     localrule: True

@@ -10,20 +10,20 @@ rule report:
         training=INDEX.final_segments,
     output:
         html=report(
-            f"{LAYOUT.report_dir()}/index.html",
+            LAYOUT.report_file("index.html"),
             caption="../report/report.rst",
             category="Report",
         ),
         plots=report(
-            directory(f"{LAYOUT.report_dir()}/plots"),
+            directory(LAYOUT.report_file("plots")),
             patterns=["{name}.png"],
             category="Plots",
         ),
         final=report(
-            f"{LAYOUT.report_dir()}/final_scores.csv",
+            LAYOUT.report_file("final_scores.csv"),
             category="Report",
         ),
-        csv=f"{LAYOUT.report_dir()}/results.csv",
+        csv=LAYOUT.report_file("results.csv"),
         manifest=LAYOUT.report_manifest(),
     log:
         LAYOUT.log("report", "report"),
@@ -31,7 +31,7 @@ rule report:
     params:
         manifest=lambda wc: INDEX.report_manifest(),
         reference_dir=repo_path("config", "reference"),
-        out_dir=LAYOUT.report_dir(),
+        out_dir=lambda wc: LAYOUT.report_dir(),
     script:
         "../../scripts/report.py"
 
@@ -43,10 +43,10 @@ rule report:
 # `snakemake report_partial` rebuilds it exactly when that set changes. Output: <results>/report_partial/.
 rule report_partial:
     output:
-        html=f"{LAYOUT.report_dir()}_partial/index.html",
-        csv=f"{LAYOUT.report_dir()}_partial/results.csv",
-        missing=f"{LAYOUT.report_dir()}_partial/missing.csv",
-        manifest=f"{LAYOUT.report_dir()}_partial/manifest.json",
+        html=LAYOUT.report_file("index.html", partial=True),
+        csv=LAYOUT.report_file("results.csv", partial=True),
+        missing=LAYOUT.report_file("missing.csv", partial=True),
+        manifest=LAYOUT.report_manifest(partial=True),
     log:
         LAYOUT.log("report", "report_partial"),
     localrule: True
@@ -54,6 +54,6 @@ rule report_partial:
         manifest=lambda wc: INDEX.report_manifest(),
         present=lambda wc: INDEX.present_evaluations(),
         reference_dir=repo_path("config", "reference"),
-        out_dir=f"{LAYOUT.report_dir()}_partial",
+        out_dir=lambda wc: LAYOUT.report_dir(partial=True),
     script:
         "../../scripts/report.py"
