@@ -39,13 +39,14 @@ test: env
 	[ -z "$${OSREF_SLURM_UNAVAILABLE:-}" ] || echo "make test: the Slurm tier will be skipped: $$OSREF_SLURM_UNAVAILABLE"; \
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
-# The fast tests: no training, export, evaluation or Snakemake run (config, grid, plan, paths,
-# contracts, download/http/hub against local servers, tokenizer, report, statistics).
+# The fast tests (~1 min on 2 cores): no torch model, no training, export, evaluation or Snakemake
+# run (config, grid, plan, contracts, download/http against local servers, locks, report, statistics).
 UNIT_TESTS := tests/test_config.py tests/test_contracts.py tests/test_shard_groups.py tests/test_download.py \
 	tests/test_download_http.py tests/test_fingerprints.py tests/test_locks.py tests/test_run_identity.py \
 	tests/test_report.py tests/test_compare.py tests/test_released_results.py tests/test_lint_workflow.py
+UNIT_SKIP := --deselect tests/test_fingerprints.py::test_a_corpus_edited_in_place_is_re_tokenized_and_a_touched_one_is_not
 test-unit: env
-	$(BIN)/python -m pytest -q -rs -m "not slow and not slurm" $(UNIT_TESTS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not slow and not slurm" $(UNIT_TESTS) $(UNIT_SKIP) $(PYTEST_ARGS)
 
 # Everything but the end-to-end (slow) tests and the Slurm tier: tiny real models trained, exported
 # and evaluated on the CPU, Snakemake dry-runs and small real runs (measured: see README, Tests).

@@ -29,12 +29,13 @@ from pathlib import Path
 import yaml
 
 from osref.files import write_json_atomic, write_text_atomic
+from osref.paths import EVAL_TASKS_MARKER
 
 LASTWORD_TASK = "demo_lastword"
 CONTINUATION_TASK = "demo_continuation"
 DEMO_TASKS = (LASTWORD_TASK, CONTINUATION_TASK)
 
-MARKER_NAME = "tasks.json"  # written last: its presence means the include folder is complete
+MARKER_NAME = EVAL_TASKS_MARKER  # written last: its presence means the include folder is complete
 N_FEWSHOT_POOL = 16  # items in the "train" split that few-shot examples are drawn from
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _WORD = re.compile(r"^[A-Za-z][a-z]{2,}$")  # plain lower-case word, optionally capitalised

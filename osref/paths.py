@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IDENTITY_FILE = "run_identity.json"  # in a run's checkpoints/ (osref.run_identity)
+EVAL_TASKS_MARKER = "tasks.json"  # written last into the local tasks' folder (osref.eval_tasks)
 
 
 def repo_path(*parts: str) -> str:
@@ -156,7 +157,7 @@ class Layout:
         return f"{self.data}/eval_tasks"
 
     def eval_tasks_marker(self) -> str:
-        return f"{self.eval_tasks_dir()}/tasks.json"
+        return f"{self.eval_tasks_dir()}/{EVAL_TASKS_MARKER}"
 
     # ---- runs (each a RunLayout) -------------------------------------------------------------
     def run(self, run_id: str) -> RunLayout:

@@ -17,6 +17,8 @@ from typing import Any
 from osref.files import atomic_target
 from osref.grid import Grid, approx_tokens
 
+# the plan columns that are a Run's own fields, as they are (the rest is derived below)
+PLAN_RUN_FIELDS = ("run_id", "scale", "dataset", "tokens", "seq_length", "global_batch_size", "params", "train_iters")
 # plan.csv columns that read the data on disk (listing, tokenized counts): they change once the data
 # exists, so they are left out of the plan rule's params (else every first run after a complete one
 # would re-schedule `plan`).
@@ -142,14 +144,7 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
         warning = "; ".join(warnings)
         rows.append(
             {
-                "run_id": run.run_id,
-                "scale": run.scale,
-                "dataset": run.dataset,
-                "tokens": run.tokens,
-                "seq_length": run.seq_length,
-                "global_batch_size": run.global_batch_size,
-                "params": run.params,
-                "train_iters": run.train_iters,
+                **{key: getattr(run, key) for key in PLAN_RUN_FIELDS},
                 "checkpoints": len(run.checkpoint_iters),
                 "flops": run.flops,
                 "gpu_hours": round(run.gpu_hours, 1),

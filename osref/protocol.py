@@ -1,8 +1,9 @@
 """Evaluation protocols as data: which tasks, with how many shots, scored by which metric.
 
 The 0.01 protocol (copa … boolq, social_iqa outside the average) lives in ``config/config.yaml``;
-this module only groups tasks into jobs (one lm-eval call per shot count, as in the original) and
-checks that every task name is one lm-eval or our local task builder knows.
+this module only splits them into *shot sets*, one evaluation job and file each (``"0shot"``,
+``"10shot"``: one lm-eval call per shot count, as in the original; "group" is kept for the data's
+shard groups), and checks that every task name is one lm-eval or our local task builder knows.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ def shot_set_name(shots: int) -> str:
 
 
 def shot_sets(tasks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Tasks of one protocol grouped by shot count, in order of first appearance."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """The protocol's tasks by shot count (its shot sets), in order of first appearance."""
+    sets: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
-        groups.setdefault(shot_set_name(task["shots"]), []).append(task)
-    return groups
+        sets.setdefault(shot_set_name(task["shots"]), []).append(task)
+    return sets
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,11 +89,11 @@ def check_tasks(tasks: list[dict[str, Any]], evaluation: dict[str, Any]) -> list
 EXTRA_SHOT_SET = re.compile(r"^extra-(?P<task>[A-Za-z0-9_.\-]+)-(?P<shots>\d+)shot$")
 
 
-def parse_shot_set(group: str) -> tuple[int, str | None]:
+def parse_shot_set(name: str) -> tuple[int, str | None]:
     """(shots, task) of an evaluation file name: ``5shot`` -> (5, None); ``extra-mmlu_pro-5shot`` ->
     (5, "mmlu_pro"), the one-task file of an extra task (osref.released_models.extra_shot_set_name)."""
-    if match := re.fullmatch(r"(\d+)shot", group):
+    if match := re.fullmatch(r"(\d+)shot", name):
         return int(match.group(1)), None
-    if match := EXTRA_SHOT_SET.match(group):
+    if match := EXTRA_SHOT_SET.match(name):
         return int(match.group("shots")), match.group("task")
-    raise ValueError(f"evaluation group {group!r}: expected '<k>shot' or 'extra-<task>-<k>shot'")
+    raise ValueError(f"shot set {name!r}: expected '<k>shot' or 'extra-<task>-<k>shot'")

@@ -372,7 +372,7 @@ def released_plan_rows(grid: Any) -> list[dict[str, Any]]:
     """
     config = grid.config
     section = config["released"]
-    groups = evaluation_shot_sets(config, grid.protocol)
+    shot_sets = evaluation_shot_sets(config, grid.protocol)
     n_extra = len(extra_shot_sets(config))
     rows = []
     for model in grid.released.values():
@@ -403,7 +403,8 @@ def released_plan_rows(grid: Any) -> list[dict[str, Any]]:
                 "gpu_hours": 0.0,
                 "nodes": 0,
                 "gpus_per_node": 0,
-                "jobs": 2 + len(model.iterations) * (2 + len(groups)),  # listing, run.json; fetch, convert, evaluations
+                "jobs": 2
+                + len(model.iterations) * (2 + len(shot_sets)),  # listing, run.json; fetch, convert, evaluations
                 "budget": model.budget or "",
                 "warmup_iters": "",
                 "cooldown_iters": "",
@@ -427,7 +428,7 @@ def released_plan_rows(grid: Any) -> list[dict[str, Any]]:
                 "download_bytes": total,
                 "download_bytes_source": source,
                 "eval_gpu_hours": round(
-                    evaluation_gpu_hours(config, model.params, len(model.iterations), len(groups), n_extra), 1
+                    evaluation_gpu_hours(config, model.params, len(model.iterations), len(shot_sets), n_extra), 1
                 ),
                 "repo": model.repo,
                 "repo_status": model.repo_status,

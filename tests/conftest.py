@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,14 @@ def make_run(data_root: Path, run_dir: Path) -> dict:
     run["tokenizer"]["path"] = str(REPO / run["tokenizer"]["path"])
     run["paths"]["run_dir"] = str(run_dir)
     return run
+
+
+def snakemake_cmd(work: Path, config: Path, *args: str, cores: str = "2") -> list[str]:
+    """A real Snakemake run of this checkout's workflow in ``work`` with the local profile."""
+    return [
+        sys.executable, "-m", "snakemake", *args, "-s", str(REPO / "Snakefile"), "-d", str(work),
+        "--profile", str(REPO / "profiles" / "local"), "--cores", cores, "--configfile", str(config),
+    ]  # fmt: skip
 
 
 def checkpoint_tensors(run_dir: Path, iteration: int) -> dict[str, torch.Tensor]:

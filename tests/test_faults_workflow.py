@@ -17,35 +17,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import snakemake_cmd
 from demo_pipeline import CHECKPOINTS, RUN_ID, assert_demo_outputs, reduced_demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 1500
-
-
-def snakemake_cmd(work: Path, config: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *args,
-        "-s",
-        str(ROOT / "Snakefile"),
-        "-d",
-        str(work),
-        "--profile",
-        str(ROOT / "profiles" / "local"),
-        "--cores",
-        "2",
-        "--configfile",
-        str(config),
-    ]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:

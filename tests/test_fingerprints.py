@@ -10,10 +10,10 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from conftest import snakemake_cmd
 
 from osref.download import list_dataset
 from osref.fingerprint import check_local_sources
@@ -89,22 +89,7 @@ def test_the_cheap_check_reads_nothing_until_size_or_mtime_change_then_only_cont
 
 def snakemake(work: Path, config: Path, *args: str) -> str:
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "tokenize",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "-d",
-            str(work),
-            "--profile",
-            str(ROOT / "profiles" / "local"),
-            "-c1",
-            "--configfile",
-            str(config),
-            *args,
-        ],
+        snakemake_cmd(work, config, "tokenize", *args, cores="1"),
         capture_output=True,
         text=True,
         timeout=600,

@@ -16,11 +16,11 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import snakemake_cmd
 from demo_pipeline import reduced_demo_config
 from hub_server import HubServer
 from released_repo import other_repo, released_repo
@@ -365,21 +365,7 @@ def test_released_checkpoints_end_to_end(tmp_path):
         }
         env = {**{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}, **env}
         work = tmp_path / "work"
-        cmd = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "-d",
-            str(work),
-            "--profile",
-            str(ROOT / "profiles" / "local"),
-            "--cores",
-            "2",
-            "--configfile",
-            str(config),
-        ]
+        cmd = snakemake_cmd(work, config)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
         repo = hub.models[TINY_REPO]

@@ -24,12 +24,11 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import _read_documents
+from conftest import _read_documents, snakemake_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARIES = ("pwned-semi", "pwned-dollar", "pwned-tick", "pwned-pipe")
@@ -86,22 +85,7 @@ def write_config(tmp_path: Path, config: dict, name: str = "odd.yaml") -> Path:
 
 
 def snakemake(work: Path, config: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *args,
-        "-s",
-        str(ROOT / "Snakefile"),
-        "-d",
-        str(work),
-        "--profile",
-        str(ROOT / "profiles" / "local"),
-        "--cores",
-        "2",
-        "--configfile",
-        str(config),
-    ]
+    cmd = snakemake_cmd(work, config, *args)
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
