@@ -131,7 +131,7 @@ def group_target(name: str, out_dir: Path, relative: str) -> Path:
 # ---- listing ---------------------------------------------------------------------------------------
 
 
-def _hub_endpoint() -> str | None:
+def hub_endpoint() -> str | None:
     """``HF_ENDPOINT`` as set now; huggingface_hub itself reads it only once, at import."""
     endpoint = os.environ.get("HF_ENDPOINT")
     return endpoint.rstrip("/") if endpoint else None
@@ -142,7 +142,7 @@ def _list_hub(name: str, dataset: dict) -> tuple[list[dict], str]:
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
 
-    api = HfApi(endpoint=_hub_endpoint())
+    api = HfApi(endpoint=hub_endpoint())
     commit = api.dataset_info(dataset["repo_id"], revision=dataset["revision"]).sha
     tree = api.list_repo_tree(dataset["repo_id"], revision=commit, repo_type="dataset", recursive=True)
     selected = filter_repo_objects(
@@ -348,7 +348,7 @@ def _fetch_hub(name: str, listing: dict, entry: dict, out_dir: Path, progress: _
             repo_type=listing.get("repo_type", "dataset"),  # "model": a released checkpoint (osref.released_hub)
             revision=listing["revision"],
             local_dir=out_dir,
-            endpoint=_hub_endpoint(),
+            endpoint=hub_endpoint(),
             tqdm_class=progress.as_tqdm_class(),
         )
     )

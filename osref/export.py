@@ -28,8 +28,10 @@ a wrong field that barely moves them: an RMSNorm eps of 1e-6 instead of 1e-5, or
 ``max_position_embeddings`` that no parity sequence reaches.
 
 An export holds a lock next to its target (``.iter_XXXXXXX.lock``, ``osref.locks``) while it writes
-``.iter_XXXXXXX.tmp-PID``; so every temporary of that target found while holding it was left by a
-killed export, and is removed (a full model's size each).
+``.iter_XXXXXXX.tmp-PID`` (:func:`osref.files.atomic_directory`); so every temporary of that target
+found while holding it was left by a killed export, and is removed (a full model's size each).
+:func:`write_hf_directory` is the one writer of a Hugging Face directory: the released converter
+(:mod:`osref.released`) and the benchmarks use it too.
 
 The parity gate compares in fp32 on both sides. For a bf16 export the megatron reference's weights
 are rounded through bf16 first, so the gate checks the file as saved (not a fp32 twin of it) while

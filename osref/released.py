@@ -6,9 +6,9 @@ they are ``model_type: opensci`` with remote code (``OpensciForCausalLM``) writt
 4.x development snapshot, which breaks on transformers 5.x and, once patched to load, silently
 zeroes the RoPE ``inv_freq`` buffer (logits off by about 0.66, no error). The architecture is the
 one our exporter already targets exactly with ``HYV3ForCausalLM`` (see :mod:`osref.export`), so
-this module renames the released tensors into that class and writes the same directory layout as
-:func:`osref.export.export_checkpoint`: config from a :class:`~osref.model_spec.ModelSpec` via
-:func:`osref.export.hf_config_for`, ``model.safetensors``, the GPT-NeoX tokenizer files and a
+this module renames the released tensors into that class and writes the directory with the writer
+:func:`osref.export.export_checkpoint` uses (:func:`osref.export.write_hf_directory`: config from a
+:class:`~osref.model_spec.ModelSpec`, ``model.safetensors``, the GPT-NeoX tokenizer files), plus a
 ``provenance.json`` with ``"converted_from": "released"``.
 
 Released tensor names (``LAION-AI/Open-Sci-hf``, ``modeling_opensci.py``: a Llama-style module tree

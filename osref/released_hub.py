@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from osref.download import _hub_endpoint, fetch_group
+from osref.download import fetch_group, hub_endpoint
 from osref.files import commit_partial, partial_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class ReleasedHubError(RuntimeError):
 def _api():
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=_hub_endpoint())
+    return HfApi(endpoint=hub_endpoint())
 
 
 def closest_repos(api, repo: str, n: int = 5) -> list[str]:

@@ -19,11 +19,12 @@ from osref.plan import plan_rows, summary, write_plan
 
 if __name__ == "__main__":
     if "snakemake" in globals():
+        smk = snakemake  # noqa: F821 (injected by Snakemake's script: directive)
         # the params hold only the config's part; the data-dependent columns are read now
-        rows = plan_rows(load_grid(snakemake.config))  # noqa: F821
-        write_plan(rows, snakemake.output[0])  # noqa: F821
+        rows = plan_rows(load_grid(smk.config))
+        write_plan(rows, smk.output[0])
         text = summary(rows)
-        Path(snakemake.log[0]).write_text(text + "\n")  # noqa: F821
+        Path(smk.log[0]).write_text(text + "\n")
         print(text, file=sys.stderr)
     else:
         parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

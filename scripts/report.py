@@ -12,7 +12,7 @@ Examples (from the repository root):
     python scripts/report.py --manifest results/report/manifest.json --reference-dir config/reference \
         --out-dir results/report
 
-    # tiny CPU example: a manifest by hand (format: see osref/report.py), a few seconds
+    # tiny CPU example: a manifest by hand (format: osref/report/__init__.py, osref.contracts.ReportManifest), a few seconds
     python scripts/report.py --manifest /tmp/manifest.json --reference-dir config/reference --out-dir /tmp/report
     xdg-open /tmp/report/index.html   # a static file, no server needed
 """

@@ -15,6 +15,7 @@ from osref.files import write_json_atomic
 
 if __name__ == "__main__":
     if "snakemake" in globals():
-        write_json_atomic(snakemake.output[0], snakemake.params.document)  # noqa: F821
+        smk = snakemake  # noqa: F821 (injected by Snakemake's script: directive)
+        write_json_atomic(smk.output[0], smk.params.document)
     else:
         write_json_atomic(sys.argv[1], json.loads(sys.argv[2]))
