@@ -12,8 +12,11 @@ Usage:
     # first --verify-documents documents, 1000 as in the pipeline: ~1 s of HF tokenizers per group)
     python scripts/bench_tokenize.py --backend gigatoken --rounds 3
 
+    # ... and the N-worker job without its HF sample check too (its cost per token)
+    python scripts/bench_tokenize.py --backend gigatoken --rounds 3 --compare-no-sample
+
     # the same on the small input, where the job's fixed costs (HF sample, gigatoken set-up) weigh most
-    python scripts/bench_tokenize.py --backend gigatoken --repeat 4
+    python scripts/bench_tokenize.py --backend gigatoken --repeat 4 --compare-no-sample
 
 Four measurements on the same input, each in a fresh process (a tokenizer's thread pool is sized
 once per process), alternated over the rounds so that load from other work hits all of them:
@@ -27,6 +30,9 @@ once per process), alternated over the rounds so that load from other work hits 
                     re-import and re-parse the tokenizer: what the fork start saves
     job N threads   (--compare-threads) one process: the tokenizer's own N threads encode one batch
                     at a time on a background thread while the main thread reads and writes
+    job N no sample (--compare-no-sample, a non-HF backend) the N-worker job without its HF sample
+                    check (--verify-documents 0): the job's cost per token, without the fixed cost
+                    per group of the sample
 
 Printed per measurement: best and median tokens/s (wall), tokens per CPU-second (all its processes), and for
 the jobs the CPU seconds of the job's process and of its workers, the time spent on the HF sample and
@@ -87,6 +93,8 @@ def measure_raw(args) -> dict:
 def measure_job(args) -> dict:
     from osref.tokenize import load_tokenizer, tokenize_files
 
+    if args.backend == "gigatoken":
+        import gigatoken  # noqa: F401  (imported before the clock, as for the raw measurement)
     tokenizer = load_tokenizer(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         main_cpu, started = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
@@ -103,15 +111,15 @@ def measure_job(args) -> dict:
             "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if args.cores > 1 else 0.0}
 
 
-def run_child(args, kind: str, cores: int, start_method: str | None = None) -> dict:
-    env = dict(os.environ, RAYON_NUM_THREADS=str(cores if kind == "raw" or start_method == "threads" else 1),
+def run_child(args, kind: str, cores: int, variant: str | None = None) -> dict:
+    env = dict(os.environ, RAYON_NUM_THREADS=str(cores if kind == "raw" or variant == "threads" else 1),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, __file__, "--child", kind, "--cores", str(cores), "--input", str(args.input),
                "--format", args.format, "--repeat", str(args.repeat), "--batch-size", str(args.batch_size),
                "--backend", args.backend, "--tokenizer", str(args.tokenizer),
-               "--verify-documents", str(args.verify_documents)]
-    if start_method:
-        command += ["--start-method", start_method]
+               "--verify-documents", str(0 if variant == "no sample" else args.verify_documents)]
+    if variant in ("spawn", "threads"):
+        command += ["--start-method", variant]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"bench: {kind} {cores} failed:\n{done.stderr}")
@@ -134,6 +142,8 @@ def main() -> None:
     parser.add_argument("--compare-spawn", action="store_true", help="also run the N-worker job with spawned workers")
     parser.add_argument("--compare-threads", action="store_true",
                         help="also run the job in one process: a background encode thread, the tokenizer's own N threads")
+    parser.add_argument("--compare-no-sample", action="store_true",
+                        help="also run the N-worker job without the HF sample check (a non-HF backend)")
     parser.add_argument("--child", choices=("raw", "job"), help=argparse.SUPPRESS)
     parser.add_argument("--start-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cores", type=int, default=1, help=argparse.SUPPRESS)
@@ -154,8 +164,11 @@ def main() -> None:
         cases.append(("job", args.workers, "spawn"))
     if args.compare_threads:
         cases.append(("job", args.workers, "threads"))
+    if args.compare_no_sample and args.backend != "hf":
+        cases.append(("job", args.workers, "no sample"))
     results: dict[tuple, list[dict]] = {case: [] for case in cases}
-    ratios: dict[int, list[float]] = {1: [], args.workers: []}
+    ratios: dict[tuple, list[float]] = {(cores, variant): [] for kind, cores, variant in cases
+                                        if kind == "job" and variant in (None, "no sample")}
     for round_no in range(1, args.rounds + 1):
         this_round = {}
         for case in cases:
@@ -169,11 +182,12 @@ def main() -> None:
                      if case[0] == "job" else "") + f"; load {os.getloadavg()[0]:.2f})", flush=True)
             this_round[case] = result
             results[case].append(result)
-        for cores in ratios:
-            job, raw = this_round[("job", cores, None)], this_round[("raw", cores, None)]
-            ratios[cores].append(job["tok_s"] / raw["tok_s"])
-            print(f"  round {round_no} job / raw at {cores} core(s), back to back: {ratios[cores][-1]:.3f} (wall), "
-                  f"{job['tok_cpu_s'] / raw['tok_cpu_s']:.3f} (per CPU-second)", flush=True)
+        for cores, variant in ratios:
+            job, raw = this_round[("job", cores, variant)], this_round[("raw", cores, None)]
+            ratios[cores, variant].append(job["tok_s"] / raw["tok_s"])
+            print(f"  round {round_no} job{' (' + variant + ')' if variant else ''} / raw at {cores} core(s), back to "
+                  f"back: {ratios[cores, variant][-1]:.3f} (wall), {job['tok_cpu_s'] / raw['tok_cpu_s']:.3f} "
+                  "(per CPU-second)", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}; over {args.rounds} rounds:")
     print(f"{'measurement':<28}{'best M tok/s':>13}{'median':>9}{'M tok/CPU-s':>13}{'peak RSS main/worker MB':>26}")
     for case in cases:
@@ -184,18 +198,18 @@ def main() -> None:
         print(f"{label_of(case, args.backend):<28}{best['tok_s'] / 1e6:>13.3f}"
               f"{statistics.median(r['tok_s'] for r in runs) / 1e6:>9.3f}"
               f"{max(r['tok_cpu_s'] for r in runs) / 1e6:>13.3f}{rss:>26}")
-    for cores, values in ratios.items():
-        best_job = max(r["tok_s"] for r in results[("job", cores, None)])
+    for (cores, variant), values in ratios.items():
+        best_job = max(r["tok_s"] for r in results[("job", cores, variant)])
         best_raw = max(r["tok_s"] for r in results[("raw", cores, None)])
-        print(f"job / raw at {cores} core(s): best job / best raw {best_job / best_raw:.3f}, "
-              f"median of the back-to-back ratios {statistics.median(values):.3f} (wall)")
+        print(f"job{' (' + variant + ')' if variant else ''} / raw at {cores} core(s): best job / best raw "
+              f"{best_job / best_raw:.3f}, median of the back-to-back ratios {statistics.median(values):.3f} (wall)")
 
 
 def label_of(case: tuple, backend: str) -> str:
-    kind, cores, start = case
+    kind, cores, variant = case
     if kind == "raw":
         return f"raw {backend}, {cores} thread(s)"
-    return f"job, {cores} worker(s)" + (f", {start}" if start else "")
+    return f"job, {cores} worker(s)" + (f", {variant}" if variant else "")
 
 
 if __name__ == "__main__":
