@@ -593,7 +593,10 @@ class ChunkEncoder:
         if chunk.shared is not None:
             offset, size = chunk.shared
             chunk = chunk._replace(data=self.shared[offset:offset + size], shared=None)
-        parsed = parse_chunk(chunk, self.text_field)
+        return self.encode_parsed(parse_chunk(chunk, self.text_field), verify)
+
+    def encode_parsed(self, parsed: Parsed, verify: int = 0) -> ChunkResult:
+        """The second half of :meth:`__call__`, for a chunk parsed already."""
         texts = [text for text in parsed.texts if text]  # empty documents are never encoded
         lengths = np.zeros(len(parsed.texts), dtype=np.int32)
         tokens = np.zeros(0, dtype=self.dtype)
@@ -742,7 +745,7 @@ def tokenize_files(
     taken are not read.
     A non-HF backend's first ``verify_documents`` non-empty documents are also encoded with HF tokenizers
     (by whoever encodes their chunk) and must agree, or :class:`BackendMismatch`; ``verify_seconds`` in
-    the stats is the time that took.
+    the stats is the time that took, summed over the workers.
     """
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -773,22 +776,6 @@ def tokenize_files(
     shared: SharedChunks | None = None
     bar = tqdm(total=max_documents, unit="doc", disable=not progress, mininterval=2.0, desc=Path(out_prefix).name)
     pool = None
-    if workers > 1 and parallelism == "threads":
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(1)  # the encode releases the GIL; its threads are the backend's
-    elif workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        context = multiprocessing.get_context(start_method or _worker_start_method())
-        if context.get_start_method() == "fork":
-            if hasattr(encoder, "warm_up"):
-                encoder.warm_up()  # once here instead of once per worker
-            shared = SharedChunks(2 * workers, 2 * chunk_bytes)
-            work.shared = shared.buffer  # inherited by the workers at the fork
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(work,))
-    max_in_flight = (2 if parallelism == "threads" else 2 * workers) if pool else 1
     seen = 0  # documents written (empty ones included); rows = these + the bad ones
     checked = 0  # sample documents compared with HF so far
     verify_seconds = 0.0
@@ -824,16 +811,32 @@ def tokenize_files(
         stats["text_bytes"] += int(sizes.sum())
         bar.update(len(lengths))
 
-    def submit(chunk: Chunk, verify: int):
+    def submit(chunk: Chunk, verify: int, parsed: Parsed | None):
         if pool is None:
-            return _Ready(work(owned(chunk), verify))
-        if parallelism == "threads":
-            return pool.submit(work, owned(chunk), verify)
+            return _Ready(work.encode_parsed(parsed or parse_chunk(owned(chunk), text_field), verify))
+        if parallelism == "threads":  # parsed here, encoded there: parsing holds the GIL, encoding does not
+            return pool.submit(work.encode_parsed, parsed or parse_chunk(owned(chunk), text_field), verify)
         if shared is not None:  # the slot is free: fewer than max_in_flight (= its slots) chunks are pending
             chunk = shared.place(chunk)
         return pool.submit(_encode_in_worker, owned(chunk), verify)
 
     try:
+        if workers > 1 and parallelism == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1)  # the encode releases the GIL; its threads are the backend's
+        elif workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context(start_method or _worker_start_method())
+            if context.get_start_method() == "fork":
+                if hasattr(encoder, "warm_up"):
+                    encoder.warm_up()  # once here instead of once per worker
+                shared = SharedChunks(2 * workers, 2 * chunk_bytes)
+                work.shared = shared.buffer  # inherited by the workers at the fork
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(work,))
+        max_in_flight = (2 if parallelism == "threads" else 2 * workers) if pool else 1
         to_verify = verify_documents if reference is not None else 0
         read = 0  # documents read (counted only while needed: the sample, or up to max_documents)
         done = max_documents is not None and max_documents <= 0
@@ -843,13 +846,14 @@ def tokenize_files(
             chunks = read_chunks(path, fmt, text_field, batch_size, chunk_bytes, copy=False)
             try:
                 for chunk in chunks:
-                    verify, take = 0, None
+                    verify, take, parsed = 0, None, None
                     if to_verify > 0 or max_documents is not None:
                         # parsed here too (cheap next to encoding) to know how many of its documents
                         # belong to the sample and where max_documents falls; its bad rows are reported
-                        # by whoever encodes it
+                        # when its result is written
                         chunk = owned(chunk)
-                        texts = parse_chunk(chunk, text_field).texts
+                        parsed = parse_chunk(chunk, text_field)
+                        texts = parsed.texts
                         if max_documents is not None and read + len(texts) >= max_documents:
                             take = max_documents - read
                             texts = texts[:take]
@@ -857,7 +861,7 @@ def tokenize_files(
                         read += len(texts)
                         verify = min(to_verify, sum(1 for text in texts if text))
                         to_verify -= verify
-                    pending.append((submit(chunk, verify), file_index, verify, take))
+                    pending.append((submit(chunk, verify, parsed), file_index, verify, take))
                     while len(pending) >= max_in_flight:
                         write_oldest()
                     if done:
