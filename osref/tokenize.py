@@ -43,7 +43,7 @@ marks (U+1ACA, U+135E), because gigatoken's Unicode data version differs from th
 ``tokenizers`` normalizes with. So a gigatoken shard is accepted only if its first
 ``verify_documents`` non-empty documents tokenize exactly as with HF; otherwise it is refused
 (:class:`BackendMismatch`) and nothing is written. A mismatch later in the shard is not caught. The
-sample is encoded with HF by the worker that encodes its chunk; its cost (~1 s for 1000 documents of
+sample is encoded with HF by the worker that encodes its chunk; its cost (1-2 CPU-s for 1000 documents of
 ~1000 tokens) is fixed per group, small next to a real group (~5 B tokens) but not next to a benchmark's.
 
 :func:`dataset_manifest` sums the per-group stats of a dataset into one manifest.

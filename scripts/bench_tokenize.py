@@ -9,7 +9,7 @@ Usage:
     python scripts/bench_tokenize.py --input shard.jsonl.zst --repeat 1 --workers 8 --rounds 3
 
     # gigatoken for both the raw limit and the job (the job also runs its HF sample check of the
-    # first --verify-documents documents, 1000 as in the pipeline: ~1 s of HF tokenizers per group)
+    # first --verify-documents documents, 1000 as in the pipeline: ~2 CPU-s of HF tokenizers per group)
     python scripts/bench_tokenize.py --backend gigatoken --rounds 3
 
     # ... and the N-worker job without its HF sample check too (its cost per token)
