@@ -398,10 +398,15 @@ class ReportRun:
     reference_run: str | int | None = None  # a runs.csv run_id or slurm_job_id
     train_metrics: str | None = None
     valid_metrics: str | None = None
+    # training-relevant values that differ from the reference run's recipe, each
+    # {"key": "global_batch_size", "run": 1008, "reference": 1024}; () when the recipe is the same
+    # (or there is no reference run)
+    recipe_differences: tuple[dict[str, Any], ...] = ()
 
     KEY_ORDER: ClassVar[tuple[str, ...]] = (
         "run_id", "dataset", "scale", "budget", "tokens", "seq_length", "global_batch_size", "params",
         "train_iters", "checkpoint_iters", "reference_run", "eval_files", "train_metrics", "valid_metrics",
+        "recipe_differences",
     )  # fmt: skip
 
     @property
@@ -411,7 +416,10 @@ class ReportRun:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {key: list(v) if isinstance(v := getattr(self, key), tuple) else v for key in self.KEY_ORDER}
+        document = {key: list(v) if isinstance(v := getattr(self, key), tuple) else v for key in self.KEY_ORDER}
+        if not self.recipe_differences:
+            del document["recipe_differences"]  # a manifest of the previous version round-trips unchanged
+        return document
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,6 +430,13 @@ class ReportManifest:
 
     protocol: tuple[ProtocolTask, ...]
     runs: tuple[ReportRun, ...]
+    # datasets (runs.csv names) whose published curves and final scores the report shows whether or
+    # not they are scheduled; None: every dataset of config/reference/runs.csv
+    references: tuple[str, ...] | None = None
+    # the released-checkpoint results (workflow/rules/released.smk: results.csv and reproduction.csv
+    # of scripts/released.py results), None when the config names no released models
+    released_results: str | None = None
+    released_reproduction: str | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], where: str = "manifest") -> ReportManifest:
@@ -442,13 +457,31 @@ class ReportManifest:
                     ReportRun,
                     run,
                     f"{where} runs[{index}] ({run['run_id']})",
-                    {"checkpoint_iters": lambda values: tuple(int(i) for i in values), "eval_files": tuple},
+                    {
+                        "checkpoint_iters": lambda values: tuple(int(i) for i in values),
+                        "eval_files": tuple,
+                        "recipe_differences": lambda values: tuple(dict(v) for v in values),
+                    },
                 )
             )
-        return cls(protocol=protocol, runs=tuple(runs))
+        extra = {key: data.get(key) for key in ("references", "released_results", "released_reproduction")}
+        unknown = sorted(set(data) - {"protocol", "runs", *extra})
+        if unknown:
+            raise ContractError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
+        if extra["references"] is not None:
+            extra["references"] = tuple(str(name) for name in extra["references"])
+        return cls(protocol=protocol, runs=tuple(runs), **extra)
 
     def to_json(self) -> dict[str, Any]:
-        return {"protocol": [spec.to_json() for spec in self.protocol], "runs": [run.to_json() for run in self.runs]}
+        document = {
+            "protocol": [spec.to_json() for spec in self.protocol],
+            "runs": [run.to_json() for run in self.runs],
+        }
+        for key in ("references", "released_results", "released_reproduction"):
+            value = getattr(self, key)
+            if value is not None:
+                document[key] = list(value) if isinstance(value, tuple) else value
+        return document
 
     @classmethod
     def coerce(cls, manifest: ReportManifest | Mapping[str, Any]) -> ReportManifest:

@@ -146,3 +146,18 @@ def test_report_manifest_errors_name_the_run_and_key():
     broken["runs"].append(broken["runs"][0])
     with pytest.raises(ContractError, match="duplicate run_id"):
         ReportManifest.from_json(broken)
+
+
+def test_report_manifest_comparison_fields_round_trip():
+    old = _old("report_manifest_demo_v0.json")
+    document = json.loads(json.dumps(old))
+    document["references"] = ["c4", "dclm"]
+    document["released_results"] = "results/released/results.csv"
+    document["runs"][0]["recipe_differences"] = [{"key": "global_batch_size", "run": 1008, "reference": 1024}]
+    manifest = ReportManifest.from_json(document)
+    assert manifest.references == ("c4", "dclm")
+    assert manifest.runs[0].recipe_differences == ({"key": "global_batch_size", "run": 1008, "reference": 1024},)
+    assert ReportManifest.from_json(manifest.to_json()) == manifest
+    document["reference"] = ["c4"]  # a typo is named, not ignored
+    with pytest.raises(ContractError, match="'reference'"):
+        ReportManifest.from_json(document)
