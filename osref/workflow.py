@@ -416,4 +416,10 @@ class WorkflowIndex:
                     valid_metrics=files.valid_metrics,
                 )
             )
-        return ReportManifest(protocol=parse_protocol(self.grid.protocol), runs=tuple(runs)).to_json()
+        released = self.layout.released_results() if self.grid.released else {}
+        return ReportManifest(
+            protocol=parse_protocol(self.grid.protocol),
+            runs=tuple(runs),
+            released_results=released.get("results"),
+            released_reproduction=released.get("reproduction"),
+        ).to_json()

@@ -86,14 +86,15 @@ def test_written_files(synthetic):
     out, summary = synthetic
     names = {Path(p).relative_to(out).as_posix() for p in summary["files"]}
     assert {"results.csv", "results.parquet", "missing.csv", "final_scores.csv", "index.html"} <= names
-    plots = {name for name in names if name.startswith("plots/")}
-    assert plots == {
-        "plots/scores_run-a.png", "plots/loss_run-a.png", "plots/avg_vs_flops.png",
-        "plots/datasets_tiny_0.25M.png", "plots/losses_tiny_0.25M.png",
+    assert {"comparison.csv", "compute_multiplier.csv", "reference_finals.csv"} <= names
+    assert set(summary["plots"]) == {
+        "scores_run-a", "loss_run-a", "avg_vs_flops", "datasets_tiny_0.25M", "losses_tiny_0.25M",
+        "references_published",
     }  # run-b: nothing to plot yet  # fmt: skip
     assert all(Path(p).is_file() for p in summary["files"])
     page = (out / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("Plotly.newPlot(") == 6 and page.count("<img") == 0
+    assert page.count("* plotly.js v") == 1  # the library, inlined once
     assert "Missing cells" in page and "run-b" in page
     parquet = pd.read_parquet(out / "results.parquet")
     csv = pd.read_csv(out / "results.csv")
@@ -214,18 +215,17 @@ def test_incremental_rebuild_reads_and_draws_only_what_changed(tmp_path: Path):
     out = tmp_path / "report"
     first = build_report(manifest, REFERENCE, out)
     assert first["cache"]["eval_files_parsed"] == 1 and first["cache"]["plots_reused"] == 0
-    plots_first = {Path(p).name for p in first["files"] if "/plots/" in p}
-    assert plots_first == {"scores_run-a.png", "datasets_tiny_0.25M.png", "avg_vs_flops.png"}
+    assert set(first["plots"]) == {"scores_run-a", "datasets_tiny_0.25M", "avg_vs_flops", "references_published"}
 
     unchanged = build_report(manifest, REFERENCE, out)
-    assert unchanged["cache"] == {"eval_files_parsed": 0, "eval_files_reused": 1, "plots_drawn": 0, "plots_reused": 3}
+    assert unchanged["cache"] == {"eval_files_parsed": 0, "eval_files_reused": 1, "plots_drawn": 0, "plots_reused": 4}
 
     _eval_json(b10, "run-b", 10, {"copa": 0.5, "lambada_openai": 0.3, "social_iqa": 0.1})
-    shutil.rmtree(out / "plots")  # what Snakemake does with a directory output before a rerun
+    (out / "index.html").unlink()  # what Snakemake does with the outputs before a rerun
     added = build_report(manifest, REFERENCE, out)
-    # new: scores_run-b; changed: the scale's datasets plot and avg_vs_flops; scores_run-a reused
-    assert added["cache"] == {"eval_files_parsed": 1, "eval_files_reused": 1, "plots_drawn": 3, "plots_reused": 1}
-    assert (out / "plots" / "scores_run-a.png").is_file()
+    # new: scores_run-b; changed: the scale's datasets plot and avg_vs_flops; scores_run-a and the references reused
+    assert added["cache"] == {"eval_files_parsed": 1, "eval_files_reused": 1, "plots_drawn": 3, "plots_reused": 2}
+    assert "plot-scores_run-b" in (out / "index.html").read_text()
 
     _eval_json(a10, "run-a", 10, {"copa": 0.7, "lambada_openai": 0.2, "social_iqa": 0.4})  # re-evaluated
     changed = build_report(manifest, REFERENCE, out)
@@ -268,14 +268,14 @@ def test_plot_cache_is_keyed_on_the_plotting_code_only(tmp_path: Path):
         cache = json.loads(cache)
         return cache["plots_drawn"], cache["plots_reused"]
 
-    assert plots_drawn_and_reused() == (3, 0)
+    assert plots_drawn_and_reused() == (4, 0)
     for module in ("html.py", "entry.py", "tables.py"):
         with open(package / "osref" / "report" / module, "a") as fh:
             fh.write("\n# an edit that is not plotting code\n")
-    assert plots_drawn_and_reused() == (0, 3)
+    assert plots_drawn_and_reused() == (0, 4)
     with open(package / "osref" / "report" / "plots.py", "a") as fh:
         fh.write("\n# an edit of the plotting code\n")
-    assert plots_drawn_and_reused() == (3, 0)
+    assert plots_drawn_and_reused() == (4, 0)
 
 
 def test_training_logs_are_folded_in(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import pandas as pd
 from osref.contracts import ReportManifest
 from osref.files import write_frame_atomic, write_text_atomic
 from osref.reference import ReferenceData
+from osref.released_results import REPRODUCTION_COLUMNS
+from osref.report.comparison import build_comparison
 from osref.report.html import render_html
 from osref.report.plots import PlotCache, draw_plots
 from osref.report.tables import (
@@ -28,11 +31,46 @@ from osref.report.tables import (
     training_summary,
 )
 
+log = logging.getLogger(__name__)
+
+
+def read_released(manifest: ReportManifest) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The released checkpoints' tidy rows (without their ``avg`` rows: the report recomputes them
+    with the others) and the protocol-reproduction table; empty / None without released models."""
+    rows, reproduction = pd.DataFrame(columns=RESULT_COLUMNS), None
+    for path in (manifest.released_results, manifest.released_reproduction):
+        if path and not Path(path).is_file():  # report_partial: released results not written yet
+            log.warning("%s not found: the report shows no released checkpoints", path)
+            return rows, None
+    if manifest.released_results:
+        path = Path(manifest.released_results)
+        frame = _read_csv(path, RESULT_COLUMNS)
+        if not (frame["source"] == "released").all():
+            bad = frame.index[frame["source"] != "released"][0]
+            raise ValueError(f"{path}: line {int(bad) + 2}: source {frame.at[bad, 'source']!r}, expected 'released'")
+        rows = frame[frame["task"] != AVG_TASK][RESULT_COLUMNS]
+    if manifest.released_reproduction:
+        reproduction = _read_csv(Path(manifest.released_reproduction), REPRODUCTION_COLUMNS)
+    return rows, reproduction
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"{path}: cannot read ({error})") from error
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: lacks column(s) {missing}")
+    return frame
+
 
 def build_report(manifest: ReportManifest | Mapping[str, Any], reference_dir: Path, out_dir: Path) -> dict:
-    """Write results.csv/.parquet, missing.csv, final_scores.csv, plots/*.png and index.html.
+    """Write results.csv/.parquet, comparison.csv, compute_multiplier.csv, missing.csv,
+    final_scores.csv, reference_finals.csv and index.html (interactive plots inlined).
 
-    Returns ``{"files": [written paths], "n_results": rows, "n_missing": cells, "cache": {...}}``
+    Returns ``{"files": [written paths], "n_results": rows, "n_missing": cells, "plots": [figure names],
+    "cache": {...}}``
     (``cache``: eval files parsed/reused, plots drawn/reused).
     """
     manifest = ReportManifest.coerce(manifest)
@@ -51,7 +89,8 @@ def build_report(manifest: ReportManifest | Mapping[str, Any], reference_dir: Pa
     eval_files.save()
     published = published_rows(manifest, protocol, reference, cache_dir)
 
-    table = tidy_table([pd.DataFrame(ours, columns=RESULT_COLUMNS), published], protocol)
+    released, reproduction = read_released(manifest)
+    table = tidy_table([pd.DataFrame(ours, columns=RESULT_COLUMNS), published, released], protocol)
     ours = table[(table["source"] == "ours") & (table["task"] != AVG_TASK)]
     missing = missing_cells(manifest, protocol, ours, files_found)
     final = final_scores(table, manifest, protocol)
@@ -79,14 +118,28 @@ def build_report(manifest: ReportManifest | Mapping[str, Any], reference_dir: Pa
         write_frame_atomic(missing, out_dir / "missing.csv"),
         write_frame_atomic(final, out_dir / "final_scores.csv"),
     ]
-    plot_cache = PlotCache(cache_dir / "plots", out_dir / "plots")
-    plots = draw_plots(table, manifest, protocol, plot_cache)
-    written.extend(path for section in plots.values() for path in section)
-    written.append(write_text_atomic(out_dir / "index.html", render_html(manifest, final, missing, plots, overview)))
+    comparison = build_comparison(table, manifest, protocol, reference)
+    written += [
+        write_frame_atomic(comparison.rows, out_dir / "comparison.csv"),
+        write_frame_atomic(comparison.multipliers, out_dir / "compute_multiplier.csv"),
+        write_frame_atomic(comparison.reference_finals, out_dir / "reference_finals.csv"),
+    ]
+    reference_of = {
+        run.run_id: str(reference.resolve_run(run.reference_run, f"manifest runs[{i}] ({run.run_id})")["run_id"])
+        for i, run in enumerate(manifest.runs)
+        if run.reference_run not in (None, "")
+    }
+    baselines = table[(table["source"] == "baseline") & (table["task"] == AVG_TASK)]
+    plot_cache = PlotCache(cache_dir / "plots")
+    plots = draw_plots(comparison.scores, baselines, reference_of, manifest, protocol, reproduction, plot_cache,
+                       comparison.published)  # fmt: skip
+    page = render_html(manifest, final, missing, plots, overview, comparison, reproduction)
+    written.append(write_text_atomic(out_dir / "index.html", page))
     return {
         "files": [str(p) for p in written],
         "n_results": len(table),
         "n_missing": len(missing),
+        "plots": [name for section in plots.values() for name, _ in section],
         "cache": {
             "eval_files_parsed": eval_files.parsed,
             "eval_files_reused": eval_files.reused,

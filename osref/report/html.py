@@ -1,19 +1,47 @@
-"""The report's page: one self-contained ``index.html`` (tables, and the PNGs inlined as data URLs)."""
+"""The report's page: one self-contained, offline ``index.html``.
+
+The comparison comes first (the question the report answers), then the references, the plots,
+the protocol reproduction of released checkpoints, and the bookkeeping tables. Plotly figures are
+embedded as JSON and drawn by one inlined copy of plotly.js (``plotly.offline.get_plotlyjs``), so
+the page needs no network and its size grows with the data, not with the number of figures.
+Wide tables scroll inside their own box (``div.scroll``) instead of widening the page.
+"""
 
 from __future__ import annotations
 
-import base64
+import functools
 import html
-from pathlib import Path
+import json
+import math
 
 import pandas as pd
 
+from osref.compare import TARGET_SCALE
 from osref.contracts import ReportManifest
+from osref.report.comparison import EQUAL_TOKENS, ITEM_ONLY, ReportComparison, interval_text
 from osref.report.plots import safe_name
-from osref.report.tables import normalise_protocol
+from osref.report.tables import AVG_TASK, normalise_protocol
+
+VERDICT_CLASS = {"better": "better", "worse": "worse", "within noise": "within"}
 
 
-def _table_html(frame: pd.DataFrame, empty_text: str) -> str:
+@functools.cache
+def plotly_js() -> str:
+    """plotly.js, minified, from the pinned plotly package (offline)."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def _compact(value: object) -> object:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return f"{value:.4g}" if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3) else f"{value:.4f}"
+    return value
+
+
+def _table_html(frame: pd.DataFrame, empty_text: str, *, escape: bool = True) -> str:
     if frame.empty:
         return f"<p><em>{html.escape(empty_text)}</em></p>"
     frame = frame.copy()
@@ -21,16 +49,149 @@ def _table_html(frame: pd.DataFrame, empty_text: str) -> str:
         if str(frame[column].dtype) == "Int64":  # nullable ints print <NA>, not na_rep
             frame[column] = [None if pd.isna(v) else int(v) for v in frame[column]]
             frame[column] = frame[column].astype(object)
-    return frame.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4f}", border=0, classes="data")
+        elif frame[column].dtype == "float64":
+            frame[column] = [_compact(v) for v in frame[column]]
+    table = frame.to_html(index=False, na_rep="–", border=0, classes="data", escape=escape)
+    return f"<div class='scroll'>{table}</div>"
 
 
-def _image_html(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}"><figcaption>{html.escape(path.name)}</figcaption></figure>'
+def _figure_html(name: str, figure: dict) -> str:
+    div = f"plot-{safe_name(name)}"
+    payload = json.dumps(figure, separators=(",", ":")).replace("</", "<\\/")
+    return (
+        f"<div class='plot' id='{div}'></div><script>(function(f){{Plotly.newPlot('{div}',f.data,f.layout,"
+        f"{{responsive:true,displaylogo:false}});}})({payload});</script>"
+    )
 
 
-def render_html(manifest: ReportManifest, final: pd.DataFrame, missing: pd.DataFrame, plots: dict[str, list[Path]],
-                overview: pd.DataFrame) -> str:  # fmt: skip
+def _verdict_cell(verdict: str) -> str:
+    return f"<span class='v {VERDICT_CLASS.get(verdict, 'none')}'>{html.escape(verdict)}</span>"
+
+
+def comparison_view(rows: pd.DataFrame) -> pd.DataFrame:
+    """The comparison rows as the page shows them: intervals as text, the verdict coloured."""
+    if rows.empty:
+        return rows
+    at = ["" if pd.isna(i) else str(int(i)) for i in rows["iteration"]]
+    return pd.DataFrame({
+        "run": rows["run_id"].map(html.escape),
+        "versus": [html.escape(f"{v} ({s})") for v, s in zip(rows["versus"], rows["versus_source"], strict=False)],
+        "at": [f"{c}, iter {a}" if c == EQUAL_TOKENS else c for c, a in zip(rows["comparison"], at, strict=False)],
+        "task": rows["task"].map(html.escape),
+        "score (95 % CI)": [interval_text(r.score, r.score_ci_low, r.score_ci_high) for r in rows.itertuples()],
+        "versus (95 % CI)": [interval_text(r.versus_score, r.versus_ci_low, r.versus_ci_high) for r in rows.itertuples()],
+        "diff (95 % CI)": [interval_text(r.diff, r.diff_ci_low, r.diff_ci_high) for r in rows.itertuples()],
+        "noise floor": [f"{f:.4f}" + (" *" if s == ITEM_ONLY else "") for f, s in zip(rows["noise_floor"], rows["noise_source"], strict=False)],
+        "noise (1.96× → verdict)": [f"{n:.4f}" if n == n else "–" for n in rows["noise"]],
+        "verdict": rows["verdict"].map(_verdict_cell),
+        f"held at {TARGET_SCALE}": rows["decision_accuracy"].fillna("").map(html.escape),
+    })  # fmt: skip
+
+
+def _comparison_section(manifest: ReportManifest, comparison: ReportComparison) -> list[str]:
+    rows = comparison.rows
+    out = [
+        "<h2 id='comparison'>Is it better at equal compute?</h2>",
+        (
+            "<p>Each run against every reference run of the same scale and budget (published, and every other run "
+            "of this report), at equal tokens, its last checkpoint with a match; and against each reference "
+            "dataset's scaling fit at equal FLOPs. <b>verdict</b>: better / worse when |diff| &gt; 1.96 × noise, "
+            "else within noise; noise = the run-to-run <b>noise floor</b> of a difference (from the release's "
+            "repeated runs) and the item noise beyond a full protocol evaluation. Intervals: 95 %, from lm-eval's "
+            "stderr (the average's: √Σse²/n). <b>held at 1.7b</b>: of the release's dataset pairs, how many were "
+            "ordered at this scale as at 1.7b. * no release floor for this task: item noise only (a lower bound). "
+            "All rows, per task: comparison.csv.</p>"
+        ),
+    ]
+    for run in manifest.runs:
+        if run.recipe_differences:
+            values = "; ".join(
+                f"{d.get('key')}: {d.get('run')} (reference {d.get('reference')})" for d in run.recipe_differences
+            )
+            out.append(
+                f"<p class='warn'>⚠ {html.escape(run.run_id)} was not trained with its reference run's recipe "
+                f"({html.escape(str(run.reference_run))}): {html.escape(values)}. Its differences are not only "
+                "the dataset's.</p>"
+            )
+    if rows.empty:
+        out.append("<p><em>nothing to compare yet: no run has a checkpoint at the tokens of another run or "
+                   "reference of its scale and budget</em></p>")  # fmt: skip
+        return out
+    averages = rows[rows["task"] == AVG_TASK]
+    out.append(_table_html(comparison_view(averages), "no average yet (a checkpoint needs every in-average task)",
+                           escape=False))  # fmt: skip
+    per_task = rows[rows["task"] != AVG_TASK]
+    for run_id, frame in per_task.groupby("run_id", sort=False):
+        out.append(
+            f"<details class='tasks'><summary>{html.escape(str(run_id))}: per task ({len(frame)} rows)</summary>"
+            + _table_html(comparison_view(frame), "", escape=False)
+            + "</details>"
+        )
+    multipliers = comparison.multipliers
+    out.append("<h3 id='multiplier'>Compute multiplier</h3>")
+    if multipliers.empty:
+        out.append("<p><em>none: needs a dataset of ours with final runs at two or more of the release's scales "
+                   "(the fit is over the reference's 0.13b-1.7b final scores)</em></p>")  # fmt: skip
+    else:
+        out.append("<p>How many times our largest run's compute the reference dataset needs to reach our score "
+                   "(fit a + b·log10 C of its final 300B scores; bootstrap 95 % interval).</p>")  # fmt: skip
+        view = multipliers.assign(
+            multiplier=[
+                f"{r.multiplier:.3g}× [{r.multiplier_lo:.3g}, {r.multiplier_hi:.3g}]"
+                + (" (extrapolated)" if r.extrapolated else "")
+                for r in multipliers.itertuples()
+            ]
+        )[["dataset", "run_id", "scale", "score", "reference_dataset", "multiplier"]]
+        out.append(_table_html(view, ""))
+    return out
+
+
+def _reference_section(comparison: ReportComparison, plots: dict) -> list[str]:
+    finals = comparison.reference_finals
+    out = ["<h2 id='references'>References: published final scores (300B)</h2>"]
+    if finals.empty:
+        return [*out, "<p><em>no reference scores for this protocol's tasks</em></p>"]
+    averages = finals[finals["task"] == AVG_TASK]
+    wide = averages.assign(cell=[interval_text(r.value, r.ci_low, r.ci_high) for r in averages.itertuples()])
+    wide = wide.pivot(index="dataset", columns="scale", values="cell").reset_index()
+    out += [
+        "<p>The release's 11-task average (its own protocol) ± 95 % item interval, every dataset shown "
+        "(whatever the grid schedules), and their curves. Per task: reference_finals.csv.</p>",
+        _table_html(wide, ""),
+        *[_figure_html(name, figure) for name, figure in plots.get("references", [])],
+    ]
+    floor = comparison.floor
+    if not floor.empty:
+        out += ["<h3 id='noise-floor'>Noise floor</h3>",
+                "<p>run_sd: σ of one run's final score (the release's repeated runs); wiggle_sd: σ of one "
+                "checkpoint around its curve late in the stable phase; floor_*: of a difference of two runs.</p>",
+                _table_html(floor, "")]  # fmt: skip
+    decision = comparison.decision
+    if not decision.empty:
+        out += [f"<h3 id='decision'>How far a small-scale verdict carries (dataset pairs ordered as at {TARGET_SCALE})</h3>",
+                _table_html(decision, "")]  # fmt: skip
+    return out
+
+
+def _reproduction_section(reproduction: pd.DataFrame | None, plots: dict) -> list[str]:
+    if reproduction is None:
+        return []
+    out = [
+        "<h2 id='reproduction'>Protocol reproduction: released checkpoints, our evaluation vs the published</h2>",
+        "<p>difference = ours − published; within = |difference| ≤ the combined standard error "
+        "√(se_ours² + se_published²) (the published stderr: binomial at our item count).</p>",
+    ]
+    if not reproduction.empty:
+        within = reproduction["within"].astype(str).str.lower() == "true"
+        out.append(f"<p>{int(within.sum())} of {len(reproduction)} cells within the combined standard error.</p>")
+    out.append(_table_html(reproduction, "no released checkpoint with a published value evaluated yet"))
+    out += [_figure_html(name, figure) for name, figure in plots.get("reproduction", [])]
+    return out
+
+
+def render_html(manifest: ReportManifest, final: pd.DataFrame, missing: pd.DataFrame,
+                plots: dict[str, list[tuple[str, dict]]], overview: pd.DataFrame, comparison: ReportComparison,
+                reproduction: pd.DataFrame | None = None) -> str:  # fmt: skip
     protocol_frame = pd.DataFrame(normalise_protocol(manifest.protocol))
     missing_by_checkpoint = (
         missing.groupby(["run_id", "iteration"], sort=True)
@@ -41,40 +202,47 @@ def render_html(manifest: ReportManifest, final: pd.DataFrame, missing: pd.DataF
     )
     per_run = []
     for run in manifest.runs:
-        names = {f"scores_{safe_name(run.run_id)}.png", f"loss_{safe_name(run.run_id)}.png"}
-        images = [_image_html(p) for p in plots.get("runs", []) if p.name in names]
-        if images:
+        names = {f"scores_{safe_name(run.run_id)}", f"loss_{safe_name(run.run_id)}"}
+        figures = [_figure_html(name, figure) for name, figure in plots.get("runs", []) if name in names]
+        if figures:
             per_run.append(
-                f"<details class='run'><summary>{html.escape(run.run_id)}</summary>{''.join(images)}</details>"
+                f"<details class='run'><summary>{html.escape(run.run_id)}</summary>{''.join(figures)}</details>"
             )
     sections = [
+        *_comparison_section(manifest, comparison),
+        *_reference_section(comparison, plots),
+        "<h2 id='overview-plots'>Average score: all datasets per scale, and vs training FLOPs</h2>",
+        ("<p>Ours solid with markers, published reference runs dashed with a 95 % band, released checkpoints "
+         "re-evaluated by us dotted; error bars 95 %. Click a legend entry to hide it, double-click to show it "
+         "alone; hover for values.</p>"),
+        *([_figure_html(n, f) for n, f in plots.get("overview", [])] or ["<p><em>no averages yet</em></p>"]),
+        *_reproduction_section(reproduction, plots),
         "<h2 id='runs'>Runs</h2>", _table_html(overview, "no runs in the manifest"),
         "<h2 id='protocol'>Protocol</h2>", _table_html(protocol_frame, ""),
         "<h2 id='final'>Final scores vs reference</h2>",
         ("<p>ours = the run's last evaluated checkpoint; reference = the reference run's last checkpoint; "
-         "delta = ours − reference. Re-evaluating one checkpoint varies by 0.01–0.03 on small tasks.</p>"),
+         "delta = ours − reference (with intervals and verdicts: the comparison above).</p>"),
         _table_html(final, "no scores yet"),
         "<h2 id='missing'>Missing cells</h2>",
         ("<p>Scheduled checkpoints without a value for a protocol task (full list: missing.csv). "
          "blocks_average = no average is reported for that checkpoint.</p>"),
         _table_html(missing_by_checkpoint, "none: every scheduled cell has a value"),
-        "<h2 id='overview-plots'>Average score: all datasets per scale, and vs training FLOPs</h2>",
-        ("<p>Ours solid with markers, the published 0.01 reference run dashed, one colour per dataset; "
-         "external baselines as crosses.</p>"),
-        *([_image_html(p) for p in plots.get("overview", [])] or ["<p><em>no averages yet</em></p>"]),
         "<h2 id='loss-plots'>Loss curves</h2>",
-        *([_image_html(p) for p in plots.get("losses", [])] or ["<p><em>no loss logs yet</em></p>"]),
+        *([_figure_html(n, f) for n, f in plots.get("losses", [])] or ["<p><em>no loss logs yet</em></p>"]),
         "<h2 id='run-plots'>Per run: every task vs tokens, and the loss</h2>",
         *(per_run or ["<p><em>nothing evaluated yet</em></p>"]),
     ]  # fmt: skip
     style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;} table.data{border-collapse:collapse;font-size:12px}"
-        "table.data td,table.data th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}"
-        "img{max-width:100%} figcaption{font-size:11px;color:#666} details.run summary{cursor:pointer;padding:2px 0}"
+        "body{font-family:sans-serif;max-width:1250px;margin:2em auto;padding:0 1em}"
+        "div.scroll{overflow-x:auto;max-width:100%} table.data{border-collapse:collapse;font-size:12px}"
+        "table.data td,table.data th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}"
+        "div.plot{width:100%;min-height:300px} details summary{cursor:pointer;padding:2px 0}"
+        ".v.better{color:#1a7f37;font-weight:bold}.v.worse{color:#c62828;font-weight:bold}.v.within{color:#555}"
+        "p.warn{background:#fff4e5;border-left:4px solid #f0a030;padding:4px 8px}"
     )
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>open-sci-ref reproduction report</title>"
-        f"<style>{style}</style></head><body><h1>open-sci-ref reproduction report</h1>\n"
+        f"<style>{style}</style><script>{plotly_js()}</script></head><body><h1>open-sci-ref reproduction report</h1>\n"
         + "\n".join(sections)
         + "\n</body></html>\n"
     )

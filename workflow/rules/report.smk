@@ -1,23 +1,26 @@
-# Report: one tidy results table, the curves next to the published ones, missing cells.
-# `snakemake --report report.zip` shows index.html, the final-score table and every plot; the
-# rule's cache (<report_dir>/.cache) is not an output, so a rerun only re-reads new eval files
-# and redraws the plots whose data changed (Snakemake deletes the declared outputs first).
+# Report: one tidy results table, the comparison ("is it better at equal compute?") first, the
+# published references (every dataset, whatever is scheduled), interactive plots, missing cells.
+# `snakemake --report report.zip` shows index.html (self-contained: plotly.js and every figure
+# inlined; no PNGs, see osref/report/plots.py) and the CSVs; the rule's cache (<report_dir>/.cache)
+# is not an output, so a rerun only re-reads new eval files and rebuilds the figures whose data
+# changed (Snakemake deletes the declared outputs first). It waits on our runs' evaluations and,
+# only when the config has released models, on their results; never on reference runs.
 
 
 rule report:
     input:
         evaluations=INDEX.evaluations,
         training=INDEX.final_segments,
+        released=INDEX.released_results,
     output:
         html=report(
             LAYOUT.report_file("index.html"),
             caption="../report/report.rst",
             category="Report",
         ),
-        plots=report(
-            directory(LAYOUT.report_file("plots")),
-            patterns=["{name}.png"],
-            category="Plots",
+        comparison=report(
+            LAYOUT.report_file("comparison.csv"),
+            category="Report",
         ),
         final=report(
             LAYOUT.report_file("final_scores.csv"),
