@@ -59,10 +59,9 @@ def run_entry(run_id: str, dataset: str, files: list[Path], **extra) -> dict:
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def demo_scale(tmp_path_factory) -> tuple[Path, dict]:
-    """Two runs of ours at one scale and budget on local tasks (the demo case), no reference run."""
-    base = tmp_path_factory.mktemp("demo_scale")
+def write_demo_scale(base: Path) -> dict:
+    """Two runs of ours at one scale and budget on local tasks (the demo case), no reference run:
+    their evaluation JSONs and loss logs under ``base``; returns the manifest."""
     mine = [
         eval_json(base / "mine/10.json", "mine", 10, {"demo_a": (0.55, 0.02), "demo_b": (0.45, 0.02)}),
         eval_json(base / "mine/20.json", "mine", 20, {"demo_a": (0.70, 0.02), "demo_b": (0.50, 0.02)}),
@@ -79,7 +78,7 @@ def demo_scale(tmp_path_factory) -> tuple[Path, dict]:
             "".join(json.dumps({"iteration": i, "valid_loss": 8 - i / 5 + offset}) + "\n" for i in (10, 20))
         )
         metrics[name] = {"train_metrics": str(train), "valid_metrics": str(valid)}
-    manifest = {
+    return {
         "protocol": DEMO_PROTOCOL,
         "references": ["c4", "dclm"],
         "runs": [
@@ -93,8 +92,13 @@ def demo_scale(tmp_path_factory) -> tuple[Path, dict]:
             run_entry("c4-local", "c4", c4, **metrics["c4-local"]),
         ],
     }
+
+
+@pytest.fixture(scope="module")
+def demo_scale(tmp_path_factory) -> tuple[Path, dict]:
+    base = tmp_path_factory.mktemp("demo_scale")
     out = base / "report"
-    summary = build_report(manifest, REFERENCE, out)
+    summary = build_report(write_demo_scale(base), REFERENCE, out)
     return out, summary
 
 

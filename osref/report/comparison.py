@@ -118,42 +118,72 @@ def _floor_of(floor: stats.NoiseFloor, task: str, both_final: bool) -> tuple[flo
     return (value, FLOOR_SOURCE) if value == value else (0.0, ITEM_ONLY)
 
 
-def _carry(decision: pd.DataFrame, scale: str, task: str) -> str:
-    if scale == stats.TARGET_SCALE:
-        return "(target scale)"
+def carry_table(decision: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """``(scale, task) -> "agree/pairs"`` of :func:`osref.compare.decision_accuracy`."""
     if decision.empty:
-        return ""
-    row = decision[(decision["scale"] == scale) & (decision["task"] == task)]
-    return "" if row.empty else f"{int(row['agree'].iloc[0])}/{int(row['pairs'].iloc[0])}"
+        return {}
+    return {
+        (str(scale), str(task)): f"{int(agree)}/{int(pairs)}"
+        for scale, task, agree, pairs in zip(
+            decision["scale"], decision["task"], decision["agree"], decision["pairs"], strict=False
+        )
+    }
+
+
+def _carry(carry: dict[tuple[str, str], str], scale: str, task: str) -> str:
+    return "(target scale)" if scale == stats.TARGET_SCALE else carry.get((scale, task), "")
+
+
+@dataclass
+class _Checkpoints:
+    """One run's scored rows split by checkpoint (splitting once keeps a full grid's pairs fast)."""
+
+    run_id: str
+    scale: str
+    budget: str
+    tokens: dict[int, int]  # iteration -> tokens seen
+    rows: dict[int, dict[str, dict]]  # iteration -> task -> row
+
+    @classmethod
+    def split(cls, frame: pd.DataFrame) -> dict[str, _Checkpoints]:
+        runs: dict[str, _Checkpoints] = {}
+        for row in frame.to_dict("records"):
+            run = runs.get(row["run_id"])
+            if run is None:
+                run = runs[row["run_id"]] = cls(row["run_id"], str(row["scale"]), str(row["budget"]), {}, {})
+            iteration = int(row["iteration"])
+            run.tokens.setdefault(iteration, int(row["tokens_seen"]))
+            run.rows.setdefault(iteration, {})[row["task"]] = row
+        return runs
 
 
 def _pair_rows(
-    mine: pd.DataFrame, other: pd.DataFrame, versus_source: str, floor: stats.NoiseFloor, decision: pd.DataFrame
+    mine: _Checkpoints, other: _Checkpoints, versus_source: str, floor: stats.NoiseFloor, carry: dict
 ) -> list[dict]:
     """One run of ours against one other run (same scale and budget) at its last checkpoint with a
     checkpoint of the other at equal tokens; a row per task both have."""
-    other_tokens = other.groupby("iteration")["tokens_seen"].first()
-    for iteration in sorted(mine["iteration"].unique(), reverse=True):
-        at = mine[mine["iteration"] == iteration].set_index("task")
-        tokens = int(at["tokens_seen"].iloc[0])
-        gaps = (other_tokens - tokens).abs()
-        if gaps.empty or gaps.min() > stats.TOKENS_TOLERANCE * tokens:
+    for iteration in sorted(mine.rows, reverse=True):
+        tokens = mine.tokens[iteration]
+        gap, nearest = min(((abs(t - tokens), i) for i, t in other.tokens.items()), default=(math.inf, None))
+        if nearest is None or gap > stats.TOKENS_TOLERANCE * tokens:
             continue
-        versus_at = other[other["iteration"] == gaps.idxmin()].set_index("task")
-        both_final = bool(at["final"].iloc[0]) and bool(versus_at["final"].iloc[0])
+        at, versus_at = mine.rows[iteration], other.rows[nearest]
+        both_final = bool(next(iter(at.values()))["final"]) and bool(next(iter(versus_at.values()))["final"])
         records = []
-        for task in at.index.intersection(versus_at.index):
-            o, r = at.loc[task], versus_at.loc[task]
+        for task, o in at.items():
+            r = versus_at.get(task)
+            if r is None:
+                continue
             noise_floor, source = _floor_of(floor, task, both_final)
             pair = stats.compare_pair(o["value"], o["stderr"], r["value"], r["stderr"], noise_floor,
                                       o["excess_se"], r["excess_se"])  # fmt: skip
-            records.append(_row(o, r, task, versus_source, EQUAL_TOKENS, pair, noise_floor, source, decision))
+            records.append(_row(o, r, task, versus_source, EQUAL_TOKENS, pair, noise_floor, source, carry))
         return records
     return []
 
 
-def _row(o: pd.Series, r: pd.Series, task: str, versus_source: str, comparison: str, pair: dict, noise_floor: float,
-         noise_source: str, decision: pd.DataFrame) -> dict:  # fmt: skip
+def _row(o: dict, r: dict, task: str, versus_source: str, comparison: str, pair: dict, noise_floor: float,
+         noise_source: str, carry: dict) -> dict:  # fmt: skip
     """One comparison row: ``o`` (ours) and ``r`` (the other) at one task, ``pair`` from compare_pair."""
     return {
         "run_id": o["run_id"], "dataset": o["dataset"], "versus": r["run_id"], "versus_source": versus_source,
@@ -163,7 +193,7 @@ def _row(o: pd.Series, r: pd.Series, task: str, versus_source: str, comparison: 
         "versus_score": pair["reference"], "versus_ci_low": pair["reference_lo"], "versus_ci_high": pair["reference_hi"],
         "diff": pair["diff"], "diff_ci_low": pair["diff_lo"], "diff_ci_high": pair["diff_hi"],
         "noise_floor": noise_floor, "noise": pair["noise_sd"], "noise_source": noise_source,
-        "verdict": pair["verdict"], "decision_accuracy": _carry(decision, str(o["scale"]), task),
+        "verdict": pair["verdict"], "decision_accuracy": _carry(carry, str(o["scale"]), task),
     }  # fmt: skip
 
 
@@ -172,18 +202,19 @@ def equal_token_rows(
 ) -> list[dict]:
     """Every run of ours against every run of ``others`` (by source) of the same scale and budget."""
     records: list[dict] = []
+    carry = carry_table(decision)
     if ours.empty:
         return records
-    for run_id, mine in ours.groupby("run_id", sort=False):
-        scale, budget = mine["scale"].iloc[0], mine["budget"].iloc[0]
-        for source, frame in others.items():
-            if frame.empty:
-                continue
-            same = frame[(frame["scale"] == scale) & (frame["budget"] == budget)]
-            if source == "ours":
-                same = same[same["run_id"] != run_id]
-            for _, other in same.groupby("run_id", sort=True):
-                records.extend(_pair_rows(mine, other, source, floor, decision))
+    splits = {source: _Checkpoints.split(frame) for source, frame in others.items() if not frame.empty}
+    for run_id, mine in _Checkpoints.split(ours).items():
+        for source, runs in splits.items():
+            for other_id in sorted(runs):
+                other = runs[other_id]
+                if (other.scale, other.budget) != (mine.scale, mine.budget) or (
+                    source == "ours" and other_id == run_id
+                ):
+                    continue
+                records.extend(_pair_rows(mine, other, source, floor, carry))
     return records
 
 

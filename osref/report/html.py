@@ -16,7 +16,7 @@ import math
 
 import pandas as pd
 
-from osref.compare import TARGET_SCALE
+from osref.compare import OUT_OF_RANGE, TARGET_SCALE
 from osref.contracts import ReportManifest
 from osref.report.comparison import EQUAL_TOKENS, ITEM_ONLY, ReportComparison, interval_text
 from osref.report.plots import safe_name
@@ -68,6 +68,16 @@ def _verdict_cell(verdict: str) -> str:
     return f"<span class='v {VERDICT_CLASS.get(verdict, 'none')}'>{html.escape(verdict)}</span>"
 
 
+def _versus_label(row: object) -> str:
+    """A published run by dataset, scale, budget and Slurm job (its runs.csv id is ~150 characters)."""
+    if row.versus_source == "reference" and row.comparison == EQUAL_TOKENS:
+        job = str(row.versus).rsplit("_", 1)[-1]
+        return f"{row.versus_dataset} {row.scale} {row.budget} (published, job {job})"
+    if row.versus_source == "reference":
+        return f"{row.versus_dataset} (published, fit over scales)"
+    return f"{row.versus} ({row.versus_source})"
+
+
 def comparison_view(rows: pd.DataFrame) -> pd.DataFrame:
     """The comparison rows as the page shows them: intervals as text, the verdict coloured."""
     if rows.empty:
@@ -75,7 +85,7 @@ def comparison_view(rows: pd.DataFrame) -> pd.DataFrame:
     at = ["" if pd.isna(i) else str(int(i)) for i in rows["iteration"]]
     return pd.DataFrame({
         "run": rows["run_id"].map(html.escape),
-        "versus": [html.escape(f"{v} ({s})") for v, s in zip(rows["versus"], rows["versus_source"], strict=False)],
+        "versus": [html.escape(_versus_label(r)) for r in rows.itertuples()],
         "at": [f"{c}, iter {a}" if c == EQUAL_TOKENS else c for c, a in zip(rows["comparison"], at, strict=False)],
         "task": rows["task"].map(html.escape),
         "score (95 % CI)": [interval_text(r.score, r.score_ci_low, r.score_ci_high) for r in rows.itertuples()],
@@ -117,6 +127,11 @@ def _comparison_section(manifest: ReportManifest, comparison: ReportComparison) 
         out.append("<p><em>nothing to compare yet: no run has a checkpoint at the tokens of another run or "
                    "reference of its scale and budget</em></p>")  # fmt: skip
         return out
+    outside = rows["verdict"] == OUT_OF_RANGE
+    if outside.any():
+        out.append(f"<p>{int(outside.sum())} equal-FLOPs rows outside the references' compute range (an "
+                   "extrapolation of the fit) are left out here; they are in comparison.csv.</p>")  # fmt: skip
+    rows = rows[~outside]
     averages = rows[rows["task"] == AVG_TASK]
     out.append(_table_html(comparison_view(averages), "no average yet (a checkpoint needs every in-average task)",
                            escape=False))  # fmt: skip
@@ -168,8 +183,14 @@ def _reference_section(comparison: ReportComparison, plots: dict) -> list[str]:
                 _table_html(floor, "")]  # fmt: skip
     decision = comparison.decision
     if not decision.empty:
+        cells = decision.assign(cell=decision["agree"].astype(str) + "/" + decision["pairs"].astype(str))
+        wide = cells.pivot(index="task", columns="scale", values="cell")
+        order = [AVG_TASK, *(t for t in wide.index if t != AVG_TASK)]
+        wide = wide.reindex([t for t in order if t in wide.index]).reset_index()
         out += [f"<h3 id='decision'>How far a small-scale verdict carries (dataset pairs ordered as at {TARGET_SCALE})</h3>",
-                _table_html(decision, "")]  # fmt: skip
+                "<p>Of the release's dataset pairs (300B final scores), how many a smaller scale orders as "
+                f"{TARGET_SCALE} does (the disagreeing pairs: decision_accuracy.csv of "
+                "scripts/compare.py --out-dir).</p>", _table_html(wide, "")]  # fmt: skip
     return out
 
 

@@ -193,11 +193,18 @@ def _base_layout(title: str, **extra: Any) -> dict:
 
 def datasets_figure(curves: pd.DataFrame, title: str, colours: dict[str, str], x: str = "tokens_seen") -> dict:
     """Average score of every dataset and source: ours, published reference runs, released checkpoints."""
-    data = []
+    data, legend_done = [], set()
     for (source, run_id), rows in curves.groupby(["source", "run_id"], sort=True):
         dataset = str(rows["dataset"].iloc[0])
         name = f"{dataset} · {SOURCE_LABEL[source]}" + (f" ({run_id})" if source == "ours" else "")
-        data += score_traces(rows, x, source, name, colours.get(dataset, "#000000"))
+        # one legend entry per dataset and source (a published dataset has runs at several scales and
+        # budgets): clicking it toggles all of them
+        traces = score_traces(rows, x, source, name, colours.get(dataset, "#000000"), legend=name not in legend_done)
+        legend_done.add(name)
+        if source != "ours":
+            label = f"{dataset} {rows['scale'].iloc[0]} {rows['budget'].iloc[0]} · {SOURCE_LABEL[source]}"
+            traces[-1]["hovertemplate"] = traces[-1]["hovertemplate"].replace(name, label, 1)
+        data += traces
     x_title = "tokens seen" if x == "tokens_seen" else "training FLOPs (6 N D)"
     layout = _base_layout(title, height=460, xaxis={"title": {"text": x_title}, "type": "log"},
                           yaxis={"title": {"text": "average score (95 % interval)"}})  # fmt: skip
