@@ -87,7 +87,22 @@ def write_demo_scale(base: Path) -> dict:
                 "mydata",
                 mine,
                 **metrics["mine"],
-                recipe_differences=[{"key": "global_batch_size", "run": 8, "reference": 16}],
+                recipe_differences=[
+                    {
+                        "key": "global_batch_size",
+                        "run": 8,
+                        "reference": 16,
+                        "versus": "c4",
+                        "reference_run": "tiny-c4-0.25M-128",
+                    },
+                    {
+                        "key": "train_iters",
+                        "run": 20,
+                        "reference": 21,
+                        "versus": "c4",
+                        "reference_run": "tiny-c4-0.25M-128",
+                    },
+                ],  # fmt: skip
             ),  # fmt: skip
             run_entry("c4-local", "c4", c4, **metrics["c4-local"]),
         ],
@@ -142,7 +157,8 @@ def test_comparison_table_is_first_and_recipe_differences_shown(demo_scale):
     assert body.index("<h2") == body.index("<h2 id='comparison'>")
     first_table = body.index("<table")
     assert body.index("id='comparison'") < first_table < body.index("id='references'")
-    assert "global_batch_size: 8 (reference 16)" in body.split("<table", 1)[0]
+    warning = "the recipe of tiny-c4-0.25M-128: global_batch_size 8 (reference 16), train_iters 20 (reference 21)"
+    assert warning in body.split("<table", 1)[0]
     assert "class='v better'" in body and "div class='scroll'" in body
 
 

@@ -114,13 +114,16 @@ def _comparison_section(manifest: ReportManifest, comparison: ReportComparison) 
         ),
     ]
     for run in manifest.runs:
-        if run.recipe_differences:
-            values = "; ".join(
-                f"{d.get('key')}: {d.get('run')} (reference {d.get('reference')})" for d in run.recipe_differences
+        by_reference: dict[str, list[str]] = {}
+        for d in run.recipe_differences:  # {"key", "run", "reference"[, "versus", "reference_run"]}
+            versus = d.get("reference_run") or run.reference_run or d.get("versus") or "its reference run"
+            by_reference.setdefault(str(versus), []).append(
+                f"{d.get('key')} {d.get('run')} (reference {d.get('reference')})"
             )
+        for versus, values in by_reference.items():
             out.append(
-                f"<p class='warn'>⚠ {html.escape(run.run_id)} was not trained with its reference run's recipe "
-                f"({html.escape(str(run.reference_run))}): {html.escape(values)}. Its differences are not only "
+                f"<p class='warn'>⚠ {html.escape(run.run_id)} was not trained with the recipe of "
+                f"{html.escape(versus)}: {html.escape(', '.join(values))}. Differences to that run are not only "
                 "the dataset's.</p>"
             )
     if rows.empty:
