@@ -38,6 +38,7 @@ ITEMS = {"copa": 100, "lambada_openai": 5153, "openbookqa": 500, "winogrande": 1
          "arc_challenge": 1172, "boolq": 3270}  # fmt: skip
 TOKENS_PER_ITERATION = 1024
 C4_0_13B = 14253828  # 0.13b c4 300B, the canonical reference run: 71 526 iterations of 1024 × 4096 tokens
+C4_1_7B = 11844147  # 1.7b c4 300B
 
 
 def eval_json(path: Path, run_id: str, iteration: int, scores: dict[str, tuple[float, float | None]], *,
@@ -221,40 +222,50 @@ def test_losses_of_different_validation_sets_never_share_an_axis(demo_scale):
     assert axis_of["mydata: training loss (training data)"] == valid["mydata: validation loss (mydata held-out split)"]
 
 
-def test_against_the_published_reference_by_hand(tmp_path: Path):
-    """A 0.13b run at 300B tokens next to the published 0.13b C4 run: diff, interval, floor, and the
-    decision accuracy of 0.13b vs 1.7b (25 of 28 pairs on the 11-task average, issue 13)."""
+def final_run(base: Path, run_id: str, job: int, offset: float) -> tuple[dict, dict[str, float]]:
+    """A run of ours at the scale and budget of published run ``job``, evaluated once at its final
+    checkpoint with the full protocol, each task scoring the published value + ``offset`` with the
+    binomial stderr at the protocol's item count. Returns (manifest run, published final values)."""
     from osref.reference import ReferenceData
 
     reference = ReferenceData(REFERENCE)
-    run_row = reference.resolve_run(C4_0_13B, "test")
-    curves = reference.curves_of(run_row["run_id"])
+    ref = reference.resolve_run(job, "test")
+    curves = reference.curves_of(ref["run_id"])
     published = curves[curves["train_end"].astype(bool)].set_index("task")["value"]
-    final_iter, tokens_per_iter = 71526, 1024 * 4096
-    scores = {}
+    final_iter, tokens_per_iter = int(ref["train_iters"]), int(ref["global_batch_size"]) * int(ref["seq_length"])
+    scores: dict[int, dict] = {}
     for spec in RELEASE_PROTOCOL:
-        p = float(published[spec["task"]]) + 0.01
+        p = float(published[spec["task"]]) + offset
         scores.setdefault(spec["shots"], {})[spec["task"]] = (p, math.sqrt(p * (1 - p) / (ITEMS[spec["task"]] - 1)))
     metrics = {spec["task"]: spec["metric"] for spec in RELEASE_PROTOCOL}
     files = [
         eval_json(
-            tmp_path / f"e/{shots}.json",
-            "0.13b-mine-300B-4096",
+            base / run_id / f"{shots}.json",
+            run_id,
             final_iter,
-            {t: v for t, v in tasks.items()},
+            tasks,
             shots=shots,
             tokens_per_iteration=tokens_per_iter,
             metric=metrics,
         )  # fmt: skip
         for shots, tasks in scores.items()
     ]
-    run = run_entry("0.13b-mine-300B-4096", "mydata", files, scale="0.13b", budget="300B", tokens=300_000_000_000,
-                    seq_length=4096, global_batch_size=1024, params=125_240_512, train_iters=final_iter,
-                    checkpoint_iters=[final_iter])  # fmt: skip
+    run = run_entry(run_id, "mydata", files, scale=ref["size"], budget=ref["tokens"],
+                    tokens=final_iter * tokens_per_iter, seq_length=int(ref["seq_length"]),
+                    global_batch_size=int(ref["global_batch_size"]), params=reference.parameter_count(ref),
+                    train_iters=final_iter, checkpoint_iters=[final_iter])  # fmt: skip
+    return run, {"scores": scores, "published": published}
+
+
+def test_against_the_published_reference_by_hand(tmp_path: Path):
+    """A 0.13b run at 300B tokens next to the published 0.13b C4 run: diff, interval, floor, and the
+    decision accuracy of 0.13b vs 1.7b (25 of 28 pairs on the 11-task average, issue 13)."""
+    run, values = final_run(tmp_path, "0.13b-mine-300B-4096", C4_0_13B, 0.01)
+    scores, published = values["scores"], values["published"]
     build_report({"protocol": RELEASE_PROTOCOL, "runs": [run], "references": ["c4"]}, REFERENCE, tmp_path / "r")
     rows = pd.read_csv(tmp_path / "r" / "comparison.csv")
     tokens = rows[(rows["comparison"] == "equal tokens") & (rows["versus_source"] == "reference")]
-    assert set(tokens["versus"]) == {run_row["run_id"]}
+    assert len(set(tokens["versus"])) == 1 and tokens["versus"].iloc[0].endswith(f"_{C4_0_13B}")
     avg = tokens.set_index("task").loc["avg"]
     assert avg["diff"] == pytest.approx(0.01)
     in_avg = [s["task"] for s in RELEASE_PROTOCOL if s["in_average"]]
@@ -272,6 +283,26 @@ def test_against_the_published_reference_by_hand(tmp_path: Path):
     assert copa["diff"] == pytest.approx(0.01) and copa["verdict"] == "within noise"  # 100 items: copa is noisy
     flops = rows[rows["comparison"] == "equal FLOPs"]
     assert set(flops["versus"]) == {"c4 fit"}  # only the datasets shown
+    # one scale of mydata only: no compute multiplier
+    assert pd.read_csv(tmp_path / "r" / "compute_multiplier.csv").empty
+
+
+def test_compute_multiplier_needs_two_scales(tmp_path: Path):
+    """mydata at 0.13b and 1.7b (300B, final): the multiplier at the largest run against every
+    reference dataset's fit, multiplier = 10^((score − a)/b) / C, inside its bootstrap interval."""
+    small, _ = final_run(tmp_path, "0.13b-mine-300B-4096", C4_0_13B, 0.02)
+    large, values = final_run(tmp_path, "1.7b-mine-300B-4096", C4_1_7B, 0.02)
+    build_report({"protocol": RELEASE_PROTOCOL, "runs": [small, large]}, REFERENCE, tmp_path / "r")
+    multipliers = pd.read_csv(tmp_path / "r" / "compute_multiplier.csv")
+    assert set(multipliers["run_id"]) == {"1.7b-mine-300B-4096"} and multipliers["reference_dataset"].nunique() == 8
+    c4 = multipliers.set_index("reference_dataset").loc["c4"]
+    in_avg = [s["task"] for s in RELEASE_PROTOCOL if s["in_average"]]
+    assert c4["score"] == pytest.approx(sum(values["published"][t] for t in in_avg) / 11 + 0.02)
+    assert c4["multiplier"] == pytest.approx(10 ** ((c4["score"] - c4["fit_a"]) / c4["fit_b"]) / c4["flops"])
+    assert c4["multiplier"] > 1  # 0.02 above C4's own 1.7b run: C4 needs more compute
+    assert c4["multiplier_lo"] <= c4["multiplier"] <= c4["multiplier_hi"]
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "id='multiplier'" in page and f"{c4['multiplier']:.3g}×" in page
 
 
 def test_released_rows_and_protocol_reproduction(tmp_path: Path):
@@ -336,3 +367,25 @@ def test_bad_comparison_inputs_name_the_file_or_key(tmp_path: Path):
         build_report(
             {"protocol": DEMO_PROTOCOL, "runs": [run], "released_results": str(bad)}, REFERENCE, tmp_path / "2"
         )
+
+
+def test_workflow_wires_released_results_only_when_configured():
+    """The report's manifest names the released results (and the rule waits for them) only when the
+    config has released models; the demo's manifest is unchanged."""
+    import yaml
+
+    from osref.grid import load_grid
+    from osref.workflow import WorkflowIndex
+
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    plain = WorkflowIndex(load_grid(config))
+    assert "released_results" not in plain.report_manifest() and plain.released_results == []
+    config["released"] = {"models": ["0.13b-dclm-300B-4096"], "iterations": [72661]}
+    index = WorkflowIndex(load_grid(config))
+    manifest = index.report_manifest()
+    paths = index.layout.released_results()
+    assert (manifest["released_results"], manifest["released_reproduction"]) == (
+        paths["results"],
+        paths["reproduction"],
+    )
+    assert index.released_results == [paths["results"], paths["reproduction"]]

@@ -58,8 +58,8 @@ COMPARISON_COLUMNS = [
     "verdict", "decision_accuracy",
 ]  # fmt: skip
 MULTIPLIER_COLUMNS = [
-    "dataset", "run_id", "scale", "flops", "score", "reference_dataset", "multiplier", "multiplier_lo",
-    "multiplier_hi", "reference_flops_needed", "extrapolated",
+    "dataset", "run_id", "scale", "flops", "score", "reference_dataset", "fit_a", "fit_b", "multiplier",
+    "multiplier_lo", "multiplier_hi", "reference_flops_needed", "extrapolated",
 ]  # fmt: skip
 EQUAL_TOKENS, EQUAL_FLOPS = "equal tokens", "equal FLOPs"
 FLOOR_SOURCE, ITEM_ONLY = "release repeats", "item noise only"
