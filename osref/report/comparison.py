@@ -94,11 +94,13 @@ def scored(table: pd.DataFrame, source: str, spec: pd.DataFrame) -> pd.DataFrame
     return out.assign(source=source)
 
 
-def reference_table(reference: ReferenceData, spec: pd.DataFrame, datasets: tuple[str, ...] | None) -> pd.DataFrame:
-    """Published scores with item stderr; ``avg`` re-computed over the manifest's in-average tasks
-    (the 11-task average when the manifest has the 0.01 protocol)."""
-    refs = stats.reference_scores(reference)
-    refs = refs[refs["task"] != AVG_TASK]
+def reference_table(
+    reference: ReferenceData, published: pd.DataFrame, spec: pd.DataFrame, datasets: tuple[str, ...] | None
+) -> pd.DataFrame:
+    """Published scores (``published``: :func:`osref.compare.reference_scores`) restricted to the
+    manifest's protocol; ``avg`` re-computed over its in-average tasks (the 11-task average when the
+    manifest has the 0.01 protocol)."""
+    refs = published[published["task"] != AVG_TASK]
     keys = set(zip(spec["task"], spec["shots"].astype(int), spec["metric"], strict=False))
     refs = refs[[(t, int(s), m) in keys for t, s, m in zip(refs["task"], refs["shots"], refs["metric"], strict=False)]]
     in_average = list(spec.loc[spec["in_average"].astype(bool), "task"])
@@ -243,7 +245,8 @@ def build_comparison(table: pd.DataFrame, manifest: ReportManifest, protocol: li
                      reference: ReferenceData) -> ReportComparison:  # fmt: skip
     """The comparison table, compute multipliers, noise floor and decision accuracy of the report."""
     spec = protocol_spec(protocol)
-    refs_all = reference_table(reference, spec, manifest.references)
+    release = stats.reference_scores(reference)  # the release's own protocol: the published numbers as published
+    refs_all = reference_table(reference, release, spec, manifest.references)
     floor = stats.estimate_noise_floor(refs_all, reference.runs)
     finals_all = stats.final_scores(refs_all)
     decision = stats.decision_accuracy(finals_all) if not finals_all.empty else pd.DataFrame()
@@ -271,7 +274,6 @@ def build_comparison(table: pd.DataFrame, manifest: ReportManifest, protocol: li
         found = stats.compute_multipliers(several, fits, floor)
         if not found.empty:
             multipliers = found[MULTIPLIER_COLUMNS]
-    release = stats.reference_scores(reference)  # the release's own protocol: the published numbers as published
     if shown is not None:
         release = release[release["dataset"].isin(shown)]
     reference_finals = stats.final_scores(release)

@@ -78,24 +78,34 @@ def _versus_label(row: object) -> str:
     return f"{row.versus} ({row.versus_source})"
 
 
-def comparison_view(rows: pd.DataFrame) -> pd.DataFrame:
-    """The comparison rows as the page shows them: intervals as text, the verdict coloured."""
+COMPARISON_HEADER = ("run", "versus", "at", "task", "score (95 % CI)", "versus (95 % CI)", "diff (95 % CI)",
+                     "noise floor", "noise (1.96× → verdict)", "verdict", f"held at {TARGET_SCALE}")  # fmt: skip
+
+
+def comparison_table(rows: pd.DataFrame, empty_text: str) -> str:
+    """The comparison rows as the page shows them: intervals as text, the verdict coloured. Written
+    row by row (a full grid has thousands of per-task rows; pandas' to_html took seconds)."""
     if rows.empty:
-        return rows
-    at = ["" if pd.isna(i) else str(int(i)) for i in rows["iteration"]]
-    return pd.DataFrame({
-        "run": rows["run_id"].map(html.escape),
-        "versus": [html.escape(_versus_label(r)) for r in rows.itertuples()],
-        "at": [f"{c}, iter {a}" if c == EQUAL_TOKENS else c for c, a in zip(rows["comparison"], at, strict=False)],
-        "task": rows["task"].map(html.escape),
-        "score (95 % CI)": [interval_text(r.score, r.score_ci_low, r.score_ci_high) for r in rows.itertuples()],
-        "versus (95 % CI)": [interval_text(r.versus_score, r.versus_ci_low, r.versus_ci_high) for r in rows.itertuples()],
-        "diff (95 % CI)": [interval_text(r.diff, r.diff_ci_low, r.diff_ci_high) for r in rows.itertuples()],
-        "noise floor": [f"{f:.4f}" + (" *" if s == ITEM_ONLY else "") for f, s in zip(rows["noise_floor"], rows["noise_source"], strict=False)],
-        "noise (1.96× → verdict)": [f"{n:.4f}" if n == n else "–" for n in rows["noise"]],
-        "verdict": rows["verdict"].map(_verdict_cell),
-        f"held at {TARGET_SCALE}": rows["decision_accuracy"].fillna("").map(html.escape),
-    })  # fmt: skip
+        return f"<p><em>{html.escape(empty_text)}</em></p>"
+    lines = []
+    for r in rows.itertuples(index=False):
+        at = r.comparison if r.comparison != EQUAL_TOKENS else f"{r.comparison}, iter {int(r.iteration)}"
+        floor = f"{r.noise_floor:.4f}" + (" *" if r.noise_source == ITEM_ONLY else "")
+        cells = (
+            html.escape(str(r.run_id)), html.escape(_versus_label(r)), html.escape(at), html.escape(str(r.task)),
+            interval_text(r.score, r.score_ci_low, r.score_ci_high),
+            interval_text(r.versus_score, r.versus_ci_low, r.versus_ci_high),
+            interval_text(r.diff, r.diff_ci_low, r.diff_ci_high), floor,
+            f"{r.noise:.4f}" if r.noise == r.noise else "–", _verdict_cell(str(r.verdict)),
+            html.escape(r.decision_accuracy if isinstance(r.decision_accuracy, str) else ""),
+        )  # fmt: skip
+        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in COMPARISON_HEADER)
+    return (
+        f"<div class='scroll'><table class='data comparison'><thead><tr>{header}</tr></thead><tbody>"
+        + "\n".join(lines)
+        + "</tbody></table></div>"
+    )
 
 
 def _comparison_section(manifest: ReportManifest, comparison: ReportComparison) -> list[str]:
@@ -136,13 +146,12 @@ def _comparison_section(manifest: ReportManifest, comparison: ReportComparison) 
                    "extrapolation of the fit) are left out here; they are in comparison.csv.</p>")  # fmt: skip
     rows = rows[~outside]
     averages = rows[rows["task"] == AVG_TASK]
-    out.append(_table_html(comparison_view(averages), "no average yet (a checkpoint needs every in-average task)",
-                           escape=False))  # fmt: skip
+    out.append(comparison_table(averages, "no average yet (a checkpoint needs every in-average task)"))
     per_task = rows[rows["task"] != AVG_TASK]
     for run_id, frame in per_task.groupby("run_id", sort=False):
         out.append(
             f"<details class='tasks'><summary>{html.escape(str(run_id))}: per task ({len(frame)} rows)</summary>"
-            + _table_html(comparison_view(frame), "", escape=False)
+            + comparison_table(frame, "")
             + "</details>"
         )
     multipliers = comparison.multipliers
