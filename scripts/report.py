@@ -1,7 +1,8 @@
-"""Build the report (tidy results table, missing cells, plots, index.html) from a manifest.
+"""Build the report (comparison.csv, tidy results table, missing cells, interactive index.html) from a manifest.
 
-A rebuild re-reads only new or changed evaluation JSONs and redraws only the plots whose data
-changed (cache: ``<out-dir>/.cache``, safe to delete).
+A rebuild re-reads only new or changed evaluation JSONs and rebuilds only the figures whose data
+changed (cache: ``<out-dir>/.cache``, safe to delete). index.html is one offline file (plotly.js
+inlined once); the comparison of every run (95 % intervals, noise floor, verdict) comes first.
 
 Runs as a command line or as a Snakemake ``script:`` (params: manifest (dict), reference_dir,
 out_dir; output: manifest (the manifest is saved there); log: one file).
