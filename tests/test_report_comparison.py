@@ -180,6 +180,9 @@ def test_references_shown_without_reference_runs(demo_scale):
     names = [t["name"] for t in figure["data"] if t.get("showlegend", True)]
     assert any(n.startswith("c4 · published") for n in names) and any(n.startswith("dclm · published") for n in names)
     assert not any(n.startswith("pile") for n in names)
+    # the release's noise floor and decision accuracy are shown although the manifest's tasks are local ones
+    references = page_section(out, "references")
+    assert "id='noise-floor'" in references and "id='decision'" in references and "25/28" in references
     # the published 11-task average never shares an axis with the average of other (local) tasks
     ours_vs_flops = json.loads((out / ".cache" / "plots" / "avg_vs_flops.json").read_text())["figure"]
     assert {t["name"] for t in ours_vs_flops["data"]} == {"mydata · ours (mine)", "c4 · ours (c4-local)"}
@@ -192,6 +195,11 @@ def test_references_default_to_every_dataset(tmp_path: Path):
     build_report({"protocol": DEMO_PROTOCOL, "runs": [run_entry("a", "mydata", files)]}, REFERENCE, tmp_path / "r")
     finals = pd.read_csv(tmp_path / "r" / "reference_finals.csv")
     assert finals["dataset"].nunique() == 8
+
+
+def page_section(out: Path, section: str) -> str:
+    """The HTML of one ``<h2 id=...>`` section of the report's page."""
+    return (out / "index.html").read_text().split(f"id='{section}'", 1)[1].split("<h2", 1)[0]
 
 
 def _figures(out: Path) -> dict[str, dict]:
@@ -392,3 +400,18 @@ def test_workflow_wires_released_results_only_when_configured():
         paths["reproduction"],
     )
     assert index.released_results == [paths["results"], paths["reproduction"]]
+
+
+def test_lower_perplexity_is_better(tmp_path: Path):
+    """The demo's demo_lastword is scored by perplexity: the run with the lower one is the better."""
+    protocol = [{"task": "demo_ppl", "shots": 0, "metric": "perplexity", "in_average": False}, DEMO_PROTOCOL[0]]
+    metric = {"demo_ppl": "perplexity", "demo_a": "acc"}
+    low = eval_json(tmp_path / "low.json", "low", 20, {"demo_ppl": (100.0, 5.0), "demo_a": (0.5, 0.01)}, metric=metric)
+    high = eval_json(tmp_path / "high.json", "high", 20, {"demo_ppl": (150.0, 5.0), "demo_a": (0.5, 0.01)},
+                     metric=metric)  # fmt: skip
+    runs = [run_entry("low", "a", [low]), run_entry("high", "b", [high])]
+    build_report({"protocol": protocol, "runs": runs}, REFERENCE, tmp_path / "r")
+    rows = pd.read_csv(tmp_path / "r" / "comparison.csv").set_index(["run_id", "task"])
+    assert rows.loc[("low", "demo_ppl"), "diff"] == pytest.approx(-50.0)
+    assert rows.loc[("low", "demo_ppl"), "verdict"] == "better"  # 50 > 1.96 × sqrt(5² + 5²) = 13.9
+    assert rows.loc[("high", "demo_ppl"), "verdict"] == "worse"

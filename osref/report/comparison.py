@@ -28,7 +28,8 @@ for the average over the protocol's in-average tasks), ``score``, ``score_ci_low
 :func:`osref.compare.compare_pair`), ``noise_floor`` (run-to-run floor of a difference from the
 release's repeated runs, 0 where the release has none for the task), ``noise`` (the verdict's
 yardstick: floor and the item noise beyond a full protocol evaluation), ``noise_source``,
-``verdict`` (better|worse|within noise|no estimate|outside the references' compute range),
+``verdict`` (better|worse|within noise|no estimate|outside the references' compute range; for a
+perplexity, lower is better: :data:`LOWER_IS_BETTER`),
 ``decision_accuracy`` (how often a ranking at this scale held at 1.7b, ``agree/pairs`` over the
 release's 28 dataset pairs; "(target scale)" at 1.7b; "" at scales the release does not have).
 
@@ -62,6 +63,9 @@ MULTIPLIER_COLUMNS = [
     "multiplier_lo", "multiplier_hi", "reference_flops_needed", "extrapolated",
 ]  # fmt: skip
 EQUAL_TOKENS, EQUAL_FLOPS = "equal tokens", "equal FLOPs"
+# metrics where a smaller value is the better one (lm-eval's perplexities, e.g. the demo's
+# demo_lastword): the verdict reads the difference the other way round
+LOWER_IS_BETTER = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
 FLOOR_SOURCE, ITEM_ONLY = "release repeats", "item noise only"
 
 
@@ -71,8 +75,8 @@ class ReportComparison:
 
     rows: pd.DataFrame  # COMPARISON_COLUMNS
     multipliers: pd.DataFrame  # MULTIPLIER_COLUMNS
-    floor: pd.DataFrame  # osref.compare.floor_table, over the manifest's protocol
-    decision: pd.DataFrame  # osref.compare.decision_accuracy
+    floor: pd.DataFrame  # osref.compare.floor_table under the release's protocol (the comparison uses the manifest's)
+    decision: pd.DataFrame  # osref.compare.decision_accuracy, likewise
     references: pd.DataFrame  # reference scores (tidy, with stderr) of the datasets shown
     reference_finals: pd.DataFrame  # final 300B scores of those datasets: dataset, scale, task, value, ci
     scores: pd.DataFrame  # scored rows for the plots: ours, released, the shown datasets' canonical runs
@@ -179,6 +183,8 @@ def _pair_rows(
             noise_floor, source = _floor_of(floor, task, both_final)
             pair = stats.compare_pair(o["value"], o["stderr"], r["value"], r["stderr"], noise_floor,
                                       o["excess_se"], r["excess_se"])  # fmt: skip
+            if o.get("metric") in LOWER_IS_BETTER:
+                pair["verdict"] = stats.verdict(-pair["diff"], pair["noise_sd"])
             records.append(_row(o, r, task, versus_source, EQUAL_TOKENS, pair, noise_floor, source, carry))
         return records
     return []
@@ -274,6 +280,7 @@ def build_comparison(table: pd.DataFrame, manifest: ReportManifest, protocol: li
         found = stats.compute_multipliers(several, fits, floor)
         if not found.empty:
             multipliers = found[MULTIPLIER_COLUMNS]
+    release_all = release
     if shown is not None:
         release = release[release["dataset"].isin(shown)]
     reference_finals = stats.final_scores(release)
@@ -281,6 +288,10 @@ def build_comparison(table: pd.DataFrame, manifest: ReportManifest, protocol: li
         ci_low=reference_finals["value"] - stats.Z95 * reference_finals["stderr"],
         ci_high=reference_finals["value"] + stats.Z95 * reference_finals["stderr"],
     )[["dataset", "scale", "task", "value", "stderr", "ci_low", "ci_high"]]
+    # the References section shows the release's facts under its own protocol, whatever the manifest's
+    if len(refs_all) != len(release_all) or set(refs_all["task"]) != set(release_all["task"]):
+        floor = stats.estimate_noise_floor(release_all, reference.runs)
+        decision = stats.decision_accuracy(stats.final_scores(release_all))
     return ReportComparison(
         rows=rows, multipliers=multipliers, floor=stats.floor_table(floor) if floor.run_sd else pd.DataFrame(),
         decision=decision, references=refs, reference_finals=reference_finals.reset_index(drop=True),
