@@ -277,5 +277,7 @@ def render_html(manifest: ReportManifest, final: pd.DataFrame, missing: pd.DataF
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>open-sci-ref reproduction report</title>"
         f"<style>{style}</style><script>{plotly_js()}</script></head><body><h1>open-sci-ref reproduction report</h1>\n"
         + "\n".join(sections)
-        + "\n</body></html>\n"
+        # a figure drawn inside a closed <details> has no width yet: fit it when the details open
+        + "\n<script>document.querySelectorAll('details').forEach(d=>d.addEventListener('toggle',()=>"
+        "d.querySelectorAll('.js-plotly-plot').forEach(p=>Plotly.Plots.resize(p))));</script>" + "\n</body></html>\n"
     )
