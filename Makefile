@@ -62,15 +62,17 @@ lint: env
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/python scripts/lint_workflow.py
 
+# CONFIGFILES: e.g. make plan CONFIGFILES="config/config.yaml config/examples/my-dataset.yaml"
+CONFIGFILES ?=
 plan: env
-	$(BIN)/snakemake plan --profile profiles/local
+	$(BIN)/snakemake plan --profile profiles/local $(if $(CONFIGFILES),--configfile $(CONFIGFILES))
 
 dryrun: env
 	$(BIN)/snakemake -n -q rules
 
 # the release grid's slurm dry-run (~1 min) as one table: jobs per rule and partition
 dryrun-summary: env
-	$(BIN)/python scripts/dryrun_summary.py
+	$(BIN)/python scripts/dryrun_summary.py $(if $(CONFIGFILES),-- --configfile $(CONFIGFILES))
 
 bench-dryrun: env
 	$(BIN)/python scripts/bench_dryrun.py
