@@ -11,31 +11,31 @@
 #   {results}/plan.csv, {results}/report/        the plan and the report
 #
 # Without --configfile the release grid (config/config.yaml) is used; the demo is
-# `snakemake --configfile config/demo.yaml`; the released checkpoints `--configfile config/released.yaml`.
+# `snakemake --configfile config/demo.yaml`; the released checkpoints `--configfile config/released.yaml`;
+# your dataset next to the references: `--configfile config/config.yaml config/examples/my-dataset.yaml`.
 
 from snakemake.utils import min_version
 
 min_version("9.27")
 
 import json
+import sys
 
 from osref.grid import load_grid
-from osref.config import check_config_files, read_yaml, repo_relative
+from osref.config import check_config_files, repo_relative, with_release_config
 from osref.paths import repo_path
 from osref.workflow import EVALUATE_WILDCARD_CONSTRAINTS, WILDCARD_CONSTRAINTS, WorkflowIndex
 
 check_config_files(workflow.configfiles)  # Snakemake's own reading keeps the last of two equal keys
-if "experiments" not in config:
-    _release = read_yaml(repo_path("config", "config.yaml"))
-    _release.update(config)
-    config.clear()
-    config.update(_release)
+with_release_config(config)  # an overlay given alone goes on top of config/config.yaml
 
 GRID = load_grid(config)  # schema + cross-field validation; a bad config stops here, naming the key
 INDEX = WorkflowIndex(GRID)
 LAYOUT = GRID.layout
 SCRIPTS = repo_path("scripts")
 PYTHON = INDEX.python  # the interpreter running Snakemake (its venv has osref installed)
+for _warning in INDEX.plan_warnings():  # epochs before tokenization, recipe differences: before any job
+    print(_warning, file=sys.stderr)
 
 
 wildcard_constraints:

@@ -79,6 +79,40 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
+RELEASE_CONFIG = REPO_ROOT / "config" / "config.yaml"
+
+
+def merge_config(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` on top of ``base``, in place, exactly as Snakemake stacks ``--configfile A B``
+    (``snakemake.utils.update_config``): mappings merge key by key, recursively; anything else —
+    lists included, so an overlay's ``experiments`` — replaces the base's value."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_config(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def is_overlay(config: dict[str, Any]) -> bool:
+    """A config that needs the release config under it: no ``experiments`` at all (``--config`` only,
+    or a config of settings), or experiments without ``scales`` (an overlay given alone, e.g.
+    ``--configfile config/examples/my-dataset.yaml``). A config of released models only
+    (``experiments: []``, config/released.yaml) stands alone."""
+    return "experiments" not in config or (bool(config["experiments"]) and "scales" not in config)
+
+
+def with_release_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The Snakefile's config, completed in place: an overlay (:func:`is_overlay`) is merged on top of
+    ``config/config.yaml`` the way Snakemake merges ``--configfile config/config.yaml overlay.yaml``,
+    so both forms give the same grid."""
+    if is_overlay(config):
+        merged = merge_config(read_yaml(RELEASE_CONFIG), config)
+        config.clear()
+        config.update(merged)
+    return config
+
+
 def check_config_files(paths: Iterable[str | Path]) -> None:
     """Re-read config files that Snakemake already parsed (``--configfile``), for what its loader
     lets through: a key given twice, of which it keeps the last without a word."""
@@ -298,6 +332,16 @@ def check_semantics(config: dict[str, Any]) -> None:
         problems += check_tasks(evaluation["protocols"][evaluation["protocol"]], evaluation)
     if evaluation["local_tasks"] is not None and evaluation["local_tasks"] not in datasets:
         problems.append(f"evaluation.local_tasks: unknown dataset {evaluation['local_tasks']!r}")
+    if config["references"] is not None:
+        from osref.reference import reference_datasets
+
+        known_references = reference_datasets()
+        for k, name in enumerate(config["references"]):
+            if name not in known_references:
+                problems.append(
+                    f"references[{k}]: {name!r} is not a dataset of config/reference/runs.csv "
+                    f"(known: {', '.join(known_references)})"
+                )
     for key in ("runs", "datasets", "scales"):
         known = {"datasets": datasets, "scales": scales}.get(key)
         for value in config["select"].get(key, []):

@@ -10,16 +10,27 @@ dictionary lookups and ``snakemake -n`` of the full grid stays cheap.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from osref.config import ConfigError, budget_tokens, load_config, repo_relative, validate, walltime_minutes
+from osref.config import (
+    RELEASE_CONFIG,
+    ConfigError,
+    budget_tokens,
+    load_config,
+    read_yaml,
+    repo_relative,
+    validate,
+    walltime_minutes,
+)
 from osref.contracts import BranchSettings, DataSettings, RunDocument, TokenizerSettings, TrainSettings
 from osref.model_spec import ModelSpec
 from osref.paths import Layout
 from osref.protocol import shot_sets
+from osref.reference import reference_datasets
 
 _SCALE_OVERRIDE_KEYS = {"rotary_base"}
 _RESOURCE_OVERRIDE_KEYS = {"nodes", "micro_batch_size"}
@@ -436,9 +447,14 @@ def expand_grid(config: dict[str, Any]) -> Grid:
                     origin[run.run_id] = f"experiments[{i}]"
                     built.append((i, run))
     _apply_branches(config, runs, built)
-    unknown = sorted(set(config["overrides"]) - set(runs))
+    # the release file's per-run deviations (the 0.13B C4 run's batch) stay in every overlay's merged
+    # config; they apply when that run is in the grid and are not an error when it is not
+    unknown = sorted(set(config["overrides"]) - set(runs) - release_override_ids())
     if unknown:
-        raise ConfigError(f"overrides: no run with id {', '.join(map(repr, unknown))} in the grid")
+        raise ConfigError(
+            f"overrides: no run with id {', '.join(map(repr, unknown))} in the grid (known: "
+            f"{', '.join(runs) if len(runs) <= 12 else ', '.join(list(runs)[:12]) + ', ...'})"
+        )
     select = config["select"]
     if select:
         missing = sorted(set(select.get("runs", [])) - set(runs))
@@ -468,6 +484,87 @@ def load_grid(config: dict[str, Any] | str | Path) -> Grid:
     else:
         config = load_config(config)
     return expand_grid(config)
+
+
+@functools.cache
+def release_override_ids() -> frozenset[str]:
+    """Run ids that ``config/config.yaml``'s ``overrides`` name (see :func:`expand_grid`)."""
+    return frozenset((read_yaml(RELEASE_CONFIG) or {}).get("overrides") or {})
+
+
+# ---- the same recipe as the reference runs -----------------------------------------------------------
+
+# run.json keys that change how a run is laid out on the machine, not what it learns (micro-batches,
+# parallel layout, optimizer sharding, recompute, device, how often it saves)
+LAYOUT_KEYS = frozenset(
+    {"micro_batch_size", "tensor_parallel", "pipeline_parallel", "distributed_optimizer", "overlap_grad_reduce",
+     "recompute", "device", "save_interval"}
+)  # fmt: skip
+
+
+@functools.cache
+def release_grid() -> Grid:
+    """The release grid (``config/config.yaml``): the recipe each reference run was trained with
+    (its ``overrides`` hold the release's per-run deviations, e.g. the 0.13B C4 run's batch of 1024)."""
+    return load_grid(RELEASE_CONFIG)
+
+
+def recipe_values(grid: Grid, run: Run) -> dict[str, Any]:
+    """The training-relevant values of a run, flat: ``global_batch_size``, ``train_iters``, ``lr``,
+    ``warmup_iters``, ``cooldown_iters``, ``seq_length``, ``split``, ``seed``, ... and the architecture
+    as ``model.hidden_size`` etc. The run identity's values (:func:`osref.run_identity.identity`)
+    without data, paths and :data:`LAYOUT_KEYS`."""
+    from osref.run_identity import identity
+
+    ident = identity(run_document(grid, run))
+    values = {key: value for key, value in ident["train"].items() if key not in LAYOUT_KEYS}
+    values.update({f"model.{key}": value for key, value in ident["model"].items() if key != "seq_length"})
+    values["tokenizer.sha256"] = ident["tokenizer"].get("sha256")
+    return values
+
+
+def reference_runs_for(grid: Grid, run: Run) -> list[Run]:
+    """The release runs a run is compared with: of the same scale and tokens, among the config's
+    ``references``; only its own dataset's when the run reproduces one of them."""
+    wanted = grid.config.get("references") or reference_datasets()
+    same = {
+        r.dataset: r
+        for r in release_grid().runs.values()
+        if r.scale == run.scale and r.tokens == run.tokens and r.dataset in wanted
+    }
+    return [same[run.dataset]] if run.dataset in same else list(same.values())
+
+
+def recipe_differences(grid: Grid, run: Run) -> tuple[dict[str, Any], ...]:
+    """Every training-relevant value of ``run`` that differs from a reference run of the same scale
+    and budget (:func:`reference_runs_for`): ``{"key", "run", "reference", "versus", "reference_run"}``,
+    ``versus`` the reference's dataset and ``reference_run`` its run id; () when the recipe is the same."""
+    ours = recipe_values(grid, run)
+    release = release_grid()
+    out = []
+    for ref in reference_runs_for(grid, run):
+        theirs = recipe_values(release, ref)
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                out.append(
+                    {"key": key, "run": ours.get(key), "reference": theirs.get(key), "versus": ref.dataset,
+                     "reference_run": ref.run_id}
+                )  # fmt: skip
+    return tuple(out)
+
+
+def describe_recipe_differences(differences: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> str:
+    """``"vs c4 (0.13b-c4-300B-4096): global_batch_size 1008 (reference 1024), ..."``, one clause per
+    reference, identical clauses merged (``"vs c4, pile: ..."``); "" when there is none."""
+    by_reference: dict[str, list[str]] = {}
+    for d in differences:
+        by_reference.setdefault(d["reference_run"], []).append(
+            f"{d['key']} {d['run']!r} (reference {d['reference']!r})"
+        )
+    merged: dict[str, list[str]] = {}
+    for ref_id, values in by_reference.items():
+        merged.setdefault(", ".join(values), []).append(ref_id)
+    return "; ".join(f"vs {', '.join(ids)}: {values}" for values, ids in merged.items())
 
 
 # ---- outputs --------------------------------------------------------------------------------------

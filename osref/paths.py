@@ -62,6 +62,20 @@ def local_hash_cache(listing: str | Path) -> str:
     return str(Path(listing).with_name("local_hashes.json"))
 
 
+def group_files_of_prefix(tokenized_prefix: str | Path) -> dict[str, str]:
+    """The files a tokenized group was made from and with, from its prefix
+    (``{data}/tokenized/{dataset}/group_{g}``): ``download_manifest`` (the group's source files, with
+    sizes and sha256) and ``stats`` (its token and document counts). The run identity's data check
+    (:func:`osref.run_identity.data_content`) reads them; ``run.json`` names only prefixes."""
+    prefix = Path(tokenized_prefix)
+    dataset, group = prefix.parent.name, prefix.name.removeprefix("group_")
+    layout = Layout(data=str(prefix.parent.parent.parent), runs="", results="")
+    return {
+        "download_manifest": layout.download_manifest(dataset, group),
+        "stats": layout.tokenized_files(dataset, group)["stats"],
+    }
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """The files of one run directory (``{runs}/{run_id}``; a released model's too)."""

@@ -15,14 +15,39 @@ from pathlib import Path
 from typing import Any
 
 from osref.files import atomic_target
-from osref.grid import Grid, approx_tokens
+from osref.fingerprint import local_files
+from osref.grid import Grid, Run, approx_tokens, describe_recipe_differences, recipe_differences
+from osref.paths import REPO_ROOT
 
 # the plan columns that are a Run's own fields, as they are (the rest is derived below)
 PLAN_RUN_FIELDS = ("run_id", "scale", "dataset", "tokens", "seq_length", "global_batch_size", "params", "train_iters")
 # plan.csv columns that read the data on disk (listing, tokenized counts): they change once the data
 # exists, so they are left out of the plan rule's params (else every first run after a complete one
 # would re-schedule `plan`).
-PLAN_DATA_COLUMNS = ("dataset_tokens", "dataset_tokens_source", "epochs", "warning")
+PLAN_DATA_COLUMNS = (
+    "dataset_tokens",
+    "dataset_tokens_source",
+    "epochs",
+    "warning",
+    "disk_raw_bytes",
+    "disk_tokenized_bytes",
+)
+
+# GPT-NeoX-20B tokens per byte of a file, by format, for a dataset that gives no ``tokens_per_byte``
+# (its epochs before tokenization). jsonl: measured on the demo corpus (assets/demo-corpus, the Python
+# 3.11 docs: 2 950 737 tokens in 11 393 286 bytes of JSONL, 3.86 bytes per token; 3.74 per byte of
+# text); the compressed formats: the release catalog's ratios for web text (config/config.yaml:
+# C4's json.gz 0.48, Pile's and DCLM's zstd 0.69 / 0.68, parquet 0.34).
+DEFAULT_TOKENS_PER_BYTE = {
+    "jsonl": 0.259,
+    "jsonl.gz": 0.48,
+    "json.gz": 0.48,
+    "jsonl.zst": 0.69,
+    "jsonl.zstd": 0.69,
+    "parquet": 0.34,
+}
+TOKENIZED_BYTES_PER_TOKEN = 2  # uint16 .bin; the .idx adds ~20 bytes per document, not counted
+EXPORT_BYTES_PER_PARAM = {"bfloat16": 2, "float32": 4}
 
 PLAN_COLUMNS = [
     "run_id",
@@ -54,6 +79,11 @@ PLAN_COLUMNS = [
     "dataset_tokens_source",
     "epochs",
     "warning",
+    "recipe_differences",
+    "disk_raw_bytes",
+    "disk_tokenized_bytes",
+    "disk_checkpoint_bytes",
+    "disk_export_bytes",
     "branch_of",
     "branch_iteration",
     "trained_iters",
@@ -87,11 +117,40 @@ def listed_bytes(grid: Grid, dataset: str) -> int | None:
     return sum(f["size"] or 0 for f in json.loads(listing.read_text())["files"])
 
 
+def local_bytes(grid: Grid, dataset: str) -> int | None:
+    """Total size of a local dataset's files now (a ``stat`` each, nothing read); None for other sources."""
+    block = grid.config["datasets"][dataset]
+    if block["source"] != "local":
+        return None
+    return sum(path.stat().st_size for path, _ in local_files(block, REPO_ROOT))
+
+
+def tokens_per_byte(block: dict[str, Any]) -> tuple[float, str]:
+    """The dataset's ``tokens_per_byte``, else :data:`DEFAULT_TOKENS_PER_BYTE` of its format."""
+    if block.get("tokens_per_byte"):
+        return float(block["tokens_per_byte"]), "tokens_per_byte"
+    return DEFAULT_TOKENS_PER_BYTE[block["format"]], f"default for {block['format']}"
+
+
+def dataset_bytes(grid: Grid, dataset: str, groups: list[int] | None = None) -> tuple[float | None, str]:
+    """Raw bytes of ``groups`` of a dataset (default: all): a local dataset's files as they are now,
+    else its listing once listed, else ``approx_bytes``; x groups / shard_groups."""
+    block = grid.config["datasets"][dataset]
+    share = (block["shard_groups"] if groups is None else len(groups)) / block["shard_groups"]
+    for size, source in ((local_bytes(grid, dataset), "local files"), (listed_bytes(grid, dataset), "listing")):
+        if size is not None:
+            return size * share, source
+    if block.get("approx_bytes"):
+        return float(block["approx_bytes"]) * share, "approx_bytes"
+    return None, "unknown"
+
+
 def dataset_tokens(
     grid: Grid, dataset: str, groups: list[int] | None = None, counted: dict[int, int] | None = None
 ) -> tuple[float | None, str]:
     """Tokens in ``groups`` of a dataset (default: every group it is cut into): counted once
-    tokenized, else the catalog's estimate x groups / shard_groups."""
+    tokenized; before that, for a local dataset, its files' bytes x tokens per byte
+    (:func:`tokens_per_byte`); else the catalog's estimate x groups / shard_groups."""
     block = grid.config["datasets"][dataset]
     groups = list(range(block["shard_groups"])) if groups is None else groups
     counted = _counted_group_tokens(grid, dataset) if counted is None else counted
@@ -100,10 +159,27 @@ def dataset_tokens(
         return float(sum(known)), "tokenized"
     if known:
         return sum(known) / len(known) * len(groups), f"tokenized ({len(known)} of {len(groups)} groups), extrapolated"
+    if block["source"] == "local":
+        size, _ = dataset_bytes(grid, dataset, groups)
+        ratio, ratio_source = tokens_per_byte(block)
+        return (
+            size * ratio,
+            f"before tokenization: {size:.4g} bytes of local files x {ratio:g} tokens/byte ({ratio_source})",
+        )
     estimate = approx_tokens(block)
     if estimate is None:
         return None, "unknown"
     return estimate * len(groups) / block["shard_groups"], "catalog estimate"
+
+
+def checkpoint_bytes_per_param(grid: Grid, run: Run) -> float:
+    """Disk per parameter of one saved checkpoint: ``plan.checkpoint_bytes_per_param``, else 14 in bf16
+    (bf16 weights + fp32 main weights + Adam's two fp32 moments) and 12 in fp32 (no separate main weights)."""
+    configured = grid.config["plan"]["checkpoint_bytes_per_param"]
+    if configured:
+        return float(configured)
+    on_gpu = grid.config["cluster"]["device"] == "cuda"
+    return 14.0 if on_gpu and run.recipe["precision"] == "bf16" else 12.0
 
 
 def plan_rows(grid: Grid) -> list[dict[str, Any]]:
@@ -131,7 +207,8 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
         warnings = []
         if epochs is not None and epochs > warn_epochs:
             warnings.append(
-                f"needs {epochs:.1f} epochs of {run.dataset} (more than plan.warn_epochs = {warn_epochs:g})"
+                f"needs {epochs:,.1f} epochs of {run.dataset} (more than plan.warn_epochs = {warn_epochs:g}): it trains "
+                f"{run.train_iters * run.tokens_per_iteration:.4g} tokens, {run.dataset} holds ~{size:.4g} ({size_source})"
             )
         elif epochs is not None and epochs > 1 and len(groups) < total_groups:
             warnings.append(
@@ -141,7 +218,11 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
             )
         if run.dataset in size_warnings and len(groups) < total_groups:
             warnings.append(size_warnings[run.dataset])
+        differences = describe_recipe_differences(recipe_differences(grid, run))
+        if differences:
+            warnings.append(f"a different recipe from the reference runs of its scale and budget: {differences}")
         warning = "; ".join(warnings)
+        raw_bytes, _ = dataset_bytes(grid, run.dataset, groups)
         rows.append(
             {
                 **{key: getattr(run, key) for key in PLAN_RUN_FIELDS},
@@ -166,6 +247,15 @@ def plan_rows(grid: Grid) -> list[dict[str, Any]]:
                 "dataset_tokens_source": size_source,
                 "epochs": round(epochs, 3) if epochs is not None else None,
                 "warning": warning,
+                "recipe_differences": differences,
+                "disk_raw_bytes": round(raw_bytes) if raw_bytes is not None else None,
+                "disk_tokenized_bytes": round(size * TOKENIZED_BYTES_PER_TOKEN) if size else None,
+                "disk_checkpoint_bytes": round(
+                    run.params * checkpoint_bytes_per_param(grid, run) * len(run.checkpoint_iters)
+                ),
+                "disk_export_bytes": run.params
+                * EXPORT_BYTES_PER_PARAM[grid.config["evaluation"]["export_dtype"]]
+                * len(run.eval_iters),
                 "branch_of": run.parent_run or "",
                 "branch_iteration": run.branch_iteration or "",
                 "trained_iters": run.trained_iters,
@@ -214,6 +304,8 @@ def summary(rows: list[dict]) -> str:
             f"{len(trained)} runs, {sum(r['flops'] for r in trained):.3e} FLOPs, {total_h:,.0f} GPU-hours, "
             f"{sum(r['jobs'] for r in trained)} training/export/eval jobs"
         )
+    if trained:
+        lines.append(disk_summary(trained))
     if released:
         inferred = sum(r["repo_status"] == "inferred" for r in released)
         lines.append(
@@ -223,3 +315,27 @@ def summary(rows: list[dict]) -> str:
             f"{sum(r['jobs'] for r in released)} list/fetch/convert/eval jobs"
         )
     return "\n".join(lines)
+
+
+def _tb(value: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9)):
+        if value >= scale / 10:
+            return f"{value / scale:,.2f} {unit}"
+    return f"{value / 1e6:,.1f} MB"
+
+
+def disk_summary(rows: list[dict]) -> str:
+    """Disk per stage over the training rows (raw and tokenized data once per dataset: what its
+    largest run reads) and evaluation GPU-hours."""
+    raw: dict[str, float] = {}
+    tokenized: dict[str, float] = {}
+    for r in rows:
+        raw[r["dataset"]] = max(raw.get(r["dataset"], 0.0), float(r["disk_raw_bytes"] or 0))
+        tokenized[r["dataset"]] = max(tokenized.get(r["dataset"], 0.0), float(r["disk_tokenized_bytes"] or 0))
+    checkpoints = sum(r["disk_checkpoint_bytes"] for r in rows)
+    exports = sum(r["disk_export_bytes"] for r in rows)
+    return (
+        f"disk: raw data {_tb(sum(raw.values()))}, tokenized {_tb(sum(tokenized.values()))}, checkpoints "
+        f"{_tb(checkpoints)} (every one kept), exports {_tb(exports)}; evaluation "
+        f"{sum(r['eval_gpu_hours'] for r in rows):,.0f} GPU-hours"
+    )

@@ -36,6 +36,13 @@ def reference_run_ids(reference_dir: Path = REFERENCE_DIR) -> dict[tuple[str, st
     return refs
 
 
+@functools.cache
+def reference_datasets(reference_dir: Path = REFERENCE_DIR) -> tuple[str, ...]:
+    """The datasets of the reference runs (``runs.csv`` names, in its order): the default of the
+    config's ``references``."""
+    return tuple(dict.fromkeys(dataset for _, dataset, _ in reference_run_ids(reference_dir)))
+
+
 class ReferenceData:
     """The files of ``config/reference`` (see its README), read lazily; parsed once into ``cache_dir``."""
 

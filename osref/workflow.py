@@ -19,7 +19,7 @@ from typing import Any
 from osref.config import walltime_minutes
 from osref.contracts import ReportManifest, ReportRun, parse_protocol
 from osref.fingerprint import SourceCheck, check_local_sources, describe_changes
-from osref.grid import Grid, Run, run_document
+from osref.grid import Grid, Run, recipe_differences, run_document
 from osref.paths import REPO_ROOT, fmt_iter, repo_path
 from osref.plan import PLAN_DATA_COLUMNS, plan_rows
 from osref.protocol import parse_shot_set
@@ -218,9 +218,24 @@ class WorkflowIndex:
         """Interpreter for job commands: Snakemake's own, or the container's `python`."""
         return "python" if self.config["cluster"]["container"] else shlex.quote(sys.executable)
 
+    @cached_property
+    def plan_rows(self) -> list[dict[str, Any]]:
+        """The plan's rows (:func:`osref.plan.plan_rows`), computed once per workflow run."""
+        return plan_rows(self.grid)
+
     def plan_params(self) -> list[dict[str, Any]]:
         """The plan rows the config decides (the plan rule's params, its rerun trigger)."""
-        return [{k: v for k, v in row.items() if k not in PLAN_DATA_COLUMNS} for row in plan_rows(self.grid)]
+        return [{k: v for k, v in row.items() if k not in PLAN_DATA_COLUMNS} for row in self.plan_rows]
+
+    def plan_warnings(self) -> list[str]:
+        """The plan's warnings per training run (too many epochs, from a local dataset's bytes before it
+        is tokenized; a recipe that differs from the reference runs'): the Snakefile prints them once
+        on every start, dry-runs included, before anything is spent."""
+        return [
+            f"WARNING {row['run_id']}: {row['warning']}"
+            for row in self.plan_rows
+            if row.get("source", "train") == "train" and row["warning"]
+        ]
 
     # ---- training launch and resources -------------------------------------------------------------
     def train_resources(self, run_id: str) -> dict[str, Any]:
@@ -414,12 +429,16 @@ class WorkflowIndex:
                     eval_files=tuple(files.eval_json(i, s) for i in run.eval_iters for s in self.grid.shot_sets),
                     train_metrics=files.train_metrics,
                     valid_metrics=files.valid_metrics,
+                    recipe_differences=recipe_differences(self.grid, run),
                 )
             )
         released = self.layout.released_results() if self.grid.released else {}
         return ReportManifest(
             protocol=parse_protocol(self.grid.protocol),
             runs=tuple(runs),
+            # None (the config's default): all of config/reference's datasets; left out of the JSON then,
+            # so the report of an existing campaign is not rerun for this key
+            references=None if self.config["references"] is None else tuple(self.config["references"]),
             released_results=released.get("results"),
             released_reproduction=released.get("reproduction"),
         ).to_json()

@@ -70,6 +70,16 @@ def test_iterations_checkpoints_and_schedule_match_reference_runs(release_grid):
         assert run.global_batch_size == int(ref["global_batch_size"]), run_id
         assert run.recipe["warmup_iters"] == int(ref["lr_warmup_iters"]), run_id
         assert run.spec.ffn_hidden_size == int(ref["ffn_hidden_size"]), run_id
+        # the recipe a user's run is compared with (osref.grid.recipe_differences) is this file's: every
+        # value runs.csv records must be the published one
+        assert (run.recipe["lr"], run.recipe["min_lr"], run.seq_length) == (
+            float(ref["lr"]), float(ref["min_lr"]), int(ref["seq_length"])
+        ), run_id  # fmt: skip
+        assert (run.recipe["schedule"], run.spec.rotary_base) == (ref["schedule"].lower(), float(ref["rotary_base"]))
+        assert (run.spec.num_layers, run.spec.hidden_size, run.spec.num_attention_heads) == (
+            int(ref["num_layers"]), int(ref["hidden_size"]), int(ref["num_attention_heads"])
+        ), run_id  # fmt: skip
+        assert run.spec.tie_embeddings == (ref["tied_embedding"] == "True"), run_id
 
 
 def test_golden_300b_run(release_grid):

@@ -85,6 +85,34 @@ def test_release_dry_run_plans_the_whole_grid(release_dry_run):
     assert job_counts(release_dry_run) == RELEASE_JOBS
 
 
+def test_dry_run_summary_of_the_release_grid(release_dry_run, tmp_path):
+    """scripts/dryrun_summary.py: the 91k-line dry-run as one line per rule and partition, with the
+    golden job counts, the GPU rules on the GPU partition and the local rules marked local."""
+    saved = tmp_path / "dryrun.txt"
+    saved.write_text(release_dry_run)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "dryrun_summary.py"), "--from", str(saved)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = proc.stdout.splitlines()
+    assert len(lines) < 25 and len(release_dry_run.splitlines()) > 90_000
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:] if line.split()[0] in RELEASE_JOBS}
+    assert {rule: int(row[1]) for rule, row in rows.items()} == RELEASE_JOBS
+    assert rows["train_segment"][:4] == ["gpu", "64", "16-63", "4"] and rows["evaluate_shots"][:4] == [
+        "gpu",
+        "4686",
+        "1",
+        "1",
+    ]
+    assert rows["download_group"][:2] == ["cpu", "911"] and rows["export_hf"][:2] == ["cpu", "1562"]
+    assert {rule for rule, row in rows.items() if row[0] == "local"} == {
+        "list_dataset", "tokenized_dataset_manifest", "run_config", "report", "plan", "prefetch_eval_data", "all"
+    }  # fmt: skip
+    assert any(line.split()[:2] == ["total", str(sum(RELEASE_JOBS.values()))] for line in lines)
+
+
 def test_dry_run_lists_the_shard_groups_each_dataset_needs(release_dry_run):
     """Offline, from config alone: every group's download and tokenize job, several per dataset."""
     for rule in ("download_group", "tokenize_group"):
