@@ -58,7 +58,7 @@ include: "workflow/rules/released.smk"
 rule all:
     default_target: True
     input:
-        rules.report.output if GRID.runs else [],
+        rules.report.output if GRID.runs or GRID.released else [],
         rules.plan.output,
         [LAYOUT.tokenized_manifest(d) for d in GRID.datasets_in_use],
         INDEX.exports,

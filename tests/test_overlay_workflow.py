@@ -141,3 +141,39 @@ def test_the_demo_overlay_trains_evaluates_and_reports_the_new_dataset(tmp_path)
         assert {(run_id, 30, "demo_lastword"), (run_id, 30, "demo_continuation")} <= cells, run_id
     manifest = json.loads((demo / "report" / "manifest.json").read_text())
     assert {r["run_id"] for r in manifest["runs"]} == {user_run, "tiny-pydocs-30720-128"}
+
+    # the report's answer: the new corpus's run against the demo's, at equal tokens, with intervals
+    with open(demo / "report" / "comparison.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    pair = [r for r in rows if r["run_id"] == user_run and r["versus"] == "tiny-pydocs-30720-128"]
+    assert {r["task"] for r in pair} >= {"demo_lastword", "demo_continuation"}, pair
+    for row in pair:
+        assert row["versus_source"] == "ours" and row["comparison"] == "equal tokens"
+        assert int(row["iteration"]) == int(row["versus_iteration"]) == 30
+        diff, low, high = float(row["diff"]), float(row["diff_ci_low"]), float(row["diff_ci_high"])
+        assert low < diff < high, row
+        assert abs(diff - (float(row["score"]) - float(row["versus_score"]))) < 1e-9
+        assert row["verdict"] in {"better", "worse", "within noise"}, row
+    mirrored = {r["task"]: r for r in rows if r["run_id"] == "tiny-pydocs-30720-128" and r["versus"] == user_run}
+    for row in pair:
+        assert abs(float(mirrored[row["task"]]["diff"]) + float(row["diff"])) < 1e-9
+
+    # and the page a reader opens, in a real browser: drawn, no errors, the comparison first
+    browser = _browser_checks()
+    browser._check_screenshot(demo / "report" / "index.html", tmp_path / "shot")
+    dom = browser._run_chromium(demo / "report" / "index.html", tmp_path / "dom-profile", "--dump-dom").stdout
+    body = dom.split("<body>", 1)[1]
+    assert body.index('id="comparison"') < body.index("<table") < body.index('id="references"')
+    assert user_run in body.split('id="references"', 1)[0]
+    assert 'class="plot-container plotly"' in dom
+
+
+def _browser_checks():
+    """tests/test_report_browser.py's helpers (skips, saying why, where Chromium is absent)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report_browser_checks", ROOT / "tests" / "test_report_browser.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._chromium()
+    return module

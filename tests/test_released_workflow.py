@@ -162,6 +162,7 @@ RELEASED_JOBS = {
     "convert_released": 1562,
     "evaluate_shots": 4686,  # 1562 checkpoints x 3 shot sets, the same rule as our runs
     "released_results": 1,
+    "report": 1,  # the released rows and the protocol reproduction on the report's page
     "prefetch_eval_data": 1,
     "plan": 1,
     "all": 1,
@@ -272,7 +273,7 @@ def test_small_released_config_dry_run_and_extra_task_files(tmp_path):
         "evaluate_shots": 8,
         "released_results": 1,
     }
-    assert "train_segment" not in counts and "export_hf" not in counts and "report" not in counts
+    assert "train_segment" not in counts and "export_hf" not in counts and counts.get("report") == 1
     extra = next(b for b in proc.stdout.split("rule evaluate_shots:")[1:] if "shots=extra-demo_lastword-0shot" in b)
     assert (
         "run_id=released/tiny-synthetic" in extra
@@ -298,6 +299,8 @@ def test_adding_an_extra_task_evaluates_only_its_new_files(tmp_path):
         *(layout.run_json(m.run_id) for m in index.grid.released.values()),
         *index.released_evaluations,
         *index.released_results,
+        *(layout.report_file(name) for name in ("index.html", "comparison.csv", "final_scores.csv", "results.csv")),
+        layout.report_manifest(),
         layout.plan_csv(),
     ]
     for path in [*(work / p for p in done), prefetched]:  # a finished smoke run, as far as Snakemake can tell
@@ -330,7 +333,7 @@ def test_adding_an_extra_task_evaluates_only_its_new_files(tmp_path):
     proc = snakemake("-n", *common, env={"HF_HUB_OFFLINE": "1"})
     counts = job_counts(proc.stdout)
     assert counts.get("evaluate_shots") == 2, proc.stdout[-3000:]  # the two revisions' extra-sciq-0shot.json
-    assert set(counts) <= {"evaluate_shots", "released_results", "all"}
+    assert set(counts) <= {"evaluate_shots", "released_results", "report", "all"}
     assert proc.stdout.count("shots=extra-sciq-0shot") == 2
 
 
@@ -418,6 +421,18 @@ def test_released_checkpoints_end_to_end(tmp_path):
         assert (
             tmp_path / "results" / "released" / "reproduction.csv"
         ).is_file()  # no published demo tasks: header only
+        # the report (the default target builds it for released models alone): source = released rows
+        # in its tidy table and the protocol-reproduction section on its page
+        with open(tmp_path / "results" / "report" / "results.csv", newline="") as fh:
+            report_rows = list(csv.DictReader(fh))
+        released_cells = {
+            (r["run_id"], int(r["iteration"]), r["task"]) for r in report_rows if r["source"] == "released"
+        }
+        assert {("tiny-synthetic", i, "demo_continuation") for i in (*ITERATIONS, FINAL)} <= released_cells
+        assert not [r for r in report_rows if r["source"] == "ours"]
+        page = (tmp_path / "results" / "report" / "index.html").read_text()
+        assert "tiny-synthetic" in page and "reproduction" in page.lower()
+
         # every download asked for a listed commit; branch names were used only by the listing's config read
         resolves = [r.path for r in hub.requests if "/resolve/" in r.path and "config.json" not in r.path]
         assert resolves and all(any(f"/resolve/{sha}/" in p for sha in repo.refs.values()) for p in resolves)

@@ -415,3 +415,34 @@ def test_lower_perplexity_is_better(tmp_path: Path):
     assert rows.loc[("low", "demo_ppl"), "diff"] == pytest.approx(-50.0)
     assert rows.loc[("low", "demo_ppl"), "verdict"] == "better"  # 50 > 1.96 × sqrt(5² + 5²) = 13.9
     assert rows.loc[("high", "demo_ppl"), "verdict"] == "worse"
+
+
+def test_a_report_of_released_checkpoints_alone(tmp_path: Path):
+    """A config of released models only (`experiments: []`): the default target builds the report,
+    whose manifest then has no run of ours; the released rows and the reproduction still show."""
+    released = pd.DataFrame([
+        {"source": "released", "run_id": "rel", "reference_run": None, "dataset": "c4", "scale": "tiny",
+         "budget": "0.25M", "iteration": iteration, "tokens_seen": iteration * TOKENS_PER_ITERATION, "flops": 1.0,
+         "task": "demo_a", "shots": 0, "metric": "acc", "value": value, "stderr": 0.01}
+        for iteration, value in ((10, 0.55), (20, 0.65))
+    ])  # fmt: skip
+    released_csv = tmp_path / "released" / "results.csv"
+    released_csv.parent.mkdir()
+    released.to_csv(released_csv, index=False)
+    reproduction_csv = tmp_path / "released" / "reproduction.csv"
+    pd.DataFrame(
+        [["rel", "refrun", 20, "copa", 0, "acc", 0.62, 0.0488, 100, 0.60, 0.0492, 0.02, 0.0693, 0.2886, True]],
+        columns=["run_id", "reference_run", "iteration", "task", "shots", "metric", "value", "stderr", "n",
+                 "published", "published_stderr", "difference", "combined_stderr", "z", "within"],
+    ).to_csv(reproduction_csv, index=False)  # fmt: skip
+    manifest = {"protocol": DEMO_PROTOCOL, "runs": [], "released_results": str(released_csv),
+                "released_reproduction": str(reproduction_csv)}  # fmt: skip
+    build_report(manifest, REFERENCE, tmp_path / "r")
+    table = pd.read_csv(tmp_path / "r" / "results.csv")
+    assert set(table.loc[table["source"] == "released", "iteration"]) == {10, 20}
+    assert "ours" not in set(table["source"])
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "1 of 1 cells within the combined standard error" in page
+    assert "<summary>released: rel</summary>" in page
+    figure = _figures(tmp_path / "r")["released_rel"]  # the released model's curve, per task
+    assert [trace["y"] for trace in figure["data"] if trace.get("y")] == [[0.55, 0.65]]

@@ -9,10 +9,10 @@ from typing import Any
 
 import pandas as pd
 
+import osref.released_results as released_results  # a module import: released_results imports osref.report.tables
 from osref.contracts import ReportManifest
 from osref.files import write_frame_atomic, write_text_atomic
 from osref.reference import ReferenceData
-from osref.released_results import REPRODUCTION_COLUMNS
 from osref.report.comparison import build_comparison
 from osref.report.html import render_html
 from osref.report.plots import PlotCache, draw_plots
@@ -50,7 +50,7 @@ def read_released(manifest: ReportManifest) -> tuple[pd.DataFrame, pd.DataFrame 
             raise ValueError(f"{path}: line {int(bad) + 2}: source {frame.at[bad, 'source']!r}, expected 'released'")
         rows = frame[frame["task"] != AVG_TASK][RESULT_COLUMNS]
     if manifest.released_reproduction:
-        reproduction = _read_csv(Path(manifest.released_reproduction), REPRODUCTION_COLUMNS)
+        reproduction = _read_csv(Path(manifest.released_reproduction), released_results.REPRODUCTION_COLUMNS)
     return rows, reproduction
 
 
@@ -106,8 +106,10 @@ def build_report(manifest: ReportManifest | Mapping[str, Any], reference_dir: Pa
                 "eval_files_expected": len(run.eval_files),
             }
             for run in manifest.runs
-        ]
-    )
+        ],
+        columns=["run_id", "dataset", "scale", "budget", "params", "train_iters", "reference_run",
+                 "checkpoints_scheduled", "eval_files_found", "eval_files_expected"],
+    )  # fmt: skip
 
     log = training_log(manifest)
     overview = overview.merge(training_summary(manifest, log), on="run_id", how="left")

@@ -241,6 +241,12 @@ def render_html(manifest: ReportManifest, final: pd.DataFrame, missing: pd.DataF
             per_run.append(
                 f"<details class='run'><summary>{html.escape(run.run_id)}</summary>{''.join(figures)}</details>"
             )
+    for name, figure in plots.get("runs", []):  # released checkpoints, re-evaluated by us
+        if name.startswith("released_"):
+            title = html.escape(name.removeprefix("released_"))
+            per_run.append(
+                f"<details class='run'><summary>released: {title}</summary>{_figure_html(name, figure)}</details>"
+            )
     sections = [
         *_comparison_section(manifest, comparison),
         *_reference_section(comparison, plots),

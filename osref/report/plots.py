@@ -402,6 +402,11 @@ def draw_plots(scores: pd.DataFrame, baselines: pd.DataFrame, reference_of: dict
         if loss_key is not None:
             add("runs", f"loss_{safe_name(run.run_id)}", [loss_key, colours],
                 lambda r=run: losses_figure([r], r.run_id, colours))  # fmt: skip
+    released = scores[scores["source"] == "released"]
+    for run_id in sorted(released["run_id"].unique()):  # each released model's re-evaluated curves, per task
+        rows = released[released["run_id"] == run_id]
+        add("runs", f"released_{safe_name(run_id)}", [rows, protocol],
+            lambda r=rows, i=run_id: run_figure(r, f"released: {i}", protocol))  # fmt: skip
     if reproduction is not None and not reproduction.empty:
         cells = reproduction[["run_id", "iteration", "task", "difference", "combined_stderr"]]
         add("reproduction", "protocol_reproduction", [cells], lambda: reproduction_figure(cells))

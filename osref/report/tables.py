@@ -490,4 +490,5 @@ def training_summary(manifest: ReportManifest, log: pd.DataFrame) -> pd.DataFram
                 "median_tokens_per_s": float(own["tokens_per_s"].median()) if not own.empty else None,
             }
         )
-    return pd.DataFrame(rows)
+    columns = ["run_id", "trained_iterations", "train_loss_last5", "valid_loss", "peak_lr", "median_tokens_per_s"]
+    return pd.DataFrame(rows, columns=columns)  # no run of ours (released models only): no rows, same columns
