@@ -44,7 +44,7 @@ test: env
 UNIT_TESTS := tests/test_config.py tests/test_contracts.py tests/test_shard_groups.py tests/test_download.py \
 	tests/test_download_http.py tests/test_fingerprints.py tests/test_locks.py tests/test_run_identity.py \
 	tests/test_report.py tests/test_report_comparison.py tests/test_compare.py tests/test_released_results.py \
-	tests/test_lint_workflow.py tests/test_files.py tests/test_overlay.py
+	tests/test_lint_workflow.py tests/test_files.py tests/test_overlay.py tests/test_imports.py
 UNIT_SKIP := --deselect tests/test_fingerprints.py::test_a_corpus_edited_in_place_is_re_tokenized_and_a_touched_one_is_not \
 	--deselect tests/test_run_identity.py::test_the_training_script_refuses_to_resume_on_changed_data
 test-unit: env

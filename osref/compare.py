@@ -69,8 +69,8 @@ import numpy as np
 import pandas as pd
 
 from osref.config import ConfigError, budget_tokens
+from osref.contracts import AVG_TASK
 from osref.reference import ReferenceData
-from osref.report.tables import AVG_TASK
 
 Z95 = 1.959963984540054
 TARGET_SCALE = "1.7b"

@@ -32,6 +32,9 @@ from typing import Any, ClassVar
 from osref.model_spec import ModelSpec
 from osref.paths import RunLayout
 
+# the task name of the unweighted in-average mean row in every results table (eval, report, compare)
+AVG_TASK = "avg"
+
 
 class ContractError(ValueError):
     """A stage document that does not have the shape its reader needs (names the file and key)."""
@@ -375,8 +378,8 @@ def parse_protocol(protocol: Any, where: str = "manifest") -> tuple[ProtocolTask
             raise ContractError(f"{where} protocol[{index}] lacks key(s) {sorted(missing)}: {spec!r}")
         tasks.append(_build(ProtocolTask, spec, f"{where} protocol[{index}]"))
     names = [spec.task for spec in tasks]
-    if len(set(names)) != len(names) or "avg" in names:
-        raise ContractError(f"{where} protocol task names must be unique and not 'avg': {names}")
+    if len(set(names)) != len(names) or AVG_TASK in names:
+        raise ContractError(f"{where} protocol task names must be unique and not {AVG_TASK!r}: {names}")
     return tuple(tasks)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -193,11 +191,3 @@ def test_results_files_put_our_value_next_to_the_published_one(tmp_path):
     assert float(copa["combined_stderr"]) == pytest.approx(math.sqrt(0.046**2 + expected_se**2))
     with open(written["results"], newline="") as fh:
         assert {r["source"] for r in csv.DictReader(fh)} == {"released"}
-
-
-@pytest.mark.parametrize("module", ["osref.released_results", "osref.report", "osref.report.entry"])
-def test_each_module_imports_on_its_own(module):
-    """The released_results job imports osref.released_results first, the report job osref.report:
-    neither order may hit a circular import (it did once: entry.py took a name from released_results)."""
-    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]

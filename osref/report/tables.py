@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from osref.contracts import ProtocolTask, ReportManifest, ReportRun, parse_protocol
+from osref.contracts import AVG_TASK, ProtocolTask, ReportManifest, ReportRun, parse_protocol
 from osref.files import stat_key, write_frame_atomic
 from osref.reference import ReferenceData
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 # cached tables (the published rows) are keyed on this module's code too
 TABLES_CODE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
-AVG_TASK = "avg"
 SOURCES = ("ours", "reference", "baseline", "released")  # released: osref.released_results
 RESULT_COLUMNS = [
     "source", "run_id", "reference_run", "dataset", "scale", "budget", "iteration", "tokens_seen", "flops",
