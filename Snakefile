@@ -34,8 +34,9 @@ INDEX = WorkflowIndex(GRID)
 LAYOUT = GRID.layout
 SCRIPTS = repo_path("scripts")
 PYTHON = INDEX.python  # the interpreter running Snakemake (its venv has osref installed)
-for _warning in INDEX.plan_warnings():  # epochs before tokenization, recipe differences: before any job
-    print(_warning, file=sys.stderr)
+if workflow.is_main_process:  # not again in every Slurm job (each job parses this file in remote mode)
+    for _warning in INDEX.plan_warnings():  # epochs before tokenization, recipe differences: before any job
+        print(_warning, file=sys.stderr)
 
 
 wildcard_constraints:

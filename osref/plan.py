@@ -162,10 +162,10 @@ def dataset_tokens(
     if block["source"] == "local":
         size, _ = dataset_bytes(grid, dataset, groups)
         ratio, ratio_source = tokens_per_byte(block)
-        return (
-            size * ratio,
-            f"before tokenization: {size:.4g} bytes of local files x {ratio:g} tokens/byte ({ratio_source})",
-        )
+        source = f"before tokenization: {size:.4g} bytes of local files x {ratio:g} tokens/byte ({ratio_source})"
+        if block.get("max_documents"):  # bytes say nothing about where the cut falls: tokens at most this
+            source += f"; at most, as max_documents = {block['max_documents']} per group is not counted"
+        return size * ratio, source
     estimate = approx_tokens(block)
     if estimate is None:
         return None, "unknown"

@@ -134,6 +134,11 @@ def test_epochs_from_a_local_corpus_bytes_before_tokenization(tmp_path):
         f"3e+11 tokens, my-dataset holds ~{tokens:.4g} (before tokenization: {size:.4g} bytes"
     ) in row["warning"]
     assert row["disk_raw_bytes"] == size
+    config["datasets"]["my-dataset"]["max_documents"] = 20  # the estimate cannot see the cut: it says so
+    row = next(r for r in plan_rows(load_grid(stacked(config))) if r["run_id"] == USER_RUN)
+    assert row["dataset_tokens"] == pytest.approx(tokens)
+    assert row["dataset_tokens_source"].endswith("; at most, as max_documents = 20 per group is not counted")
+    assert "per group is not counted)" in row["warning"]
 
 
 def test_plan_disk_per_stage_and_evaluation_gpu_hours():

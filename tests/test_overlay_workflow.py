@@ -60,6 +60,16 @@ def test_overlay_dry_run_warns_once_before_tokenization(tmp_path):
     assert output.count("global_batch_size 1008 (reference 1024)") == 1
 
 
+def test_a_job_does_not_repeat_the_plan_warnings(tmp_path):
+    """Each Slurm job runs Snakemake again on the Snakefile (``--mode remote``); the warnings are for the
+    person who starts the workflow, once, not for every one of a campaign's thousands of job logs."""
+    args = ("-n", "-q", "rules", "--cores", "1", "-d", str(tmp_path), "--configfile", "config/config.yaml", OVERLAY)
+    main, job = snakemake(*args), snakemake(*args, "--mode", "remote")
+    assert main.returncode == 0 and job.returncode == 0, (main.stderr + job.stderr)[-3000:]
+    assert f"WARNING {USER_RUN}: needs" in main.stderr
+    assert "WARNING" not in job.stdout + job.stderr, job.stderr[-3000:]
+
+
 def test_overlay_given_alone_plans_the_same_run(tmp_path):
     proc = snakemake("--profile", "local", "plan", "-d", str(tmp_path), "--configfile", OVERLAY)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
