@@ -56,10 +56,12 @@ test-no-e2e: env
 	$(BIN)/python -m pytest -q -rs -m "not slow and not slurm" $(PYTEST_ARGS)
 
 # The style gate (.ci/run runs it before the tests): ruff lint + format, snakefmt, snakemake --lint
+# and a static type check of osref (mypy; its settings are [tool.mypy] in pyproject.toml)
 lint: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/mypy
 	$(BIN)/python scripts/lint_workflow.py
 
 # CONFIGFILES: e.g. make plan CONFIGFILES="config/config.yaml config/examples/my-dataset.yaml"

@@ -465,7 +465,7 @@ def ranking_text(groups: list[list[str]]) -> str:
 def decision_accuracy(finals: pd.DataFrame, target_scale: str = TARGET_SCALE) -> pd.DataFrame:
     """Per smaller scale and task: dataset pairs whose order at that scale equals their order at
     ``target_scale`` (a tie counts as a disagreement), with the disagreeing pairs listed."""
-    records = []
+    records: list[dict[str, Any]] = []
     wide = finals.pivot_table(index=["task", "dataset"], columns="scale", values="value")
     if target_scale not in wide:
         return pd.DataFrame.from_records(records)
@@ -543,9 +543,9 @@ def fit_scaling(points: pd.DataFrame, run_sd: float, *, dataset: str = "", task:
     y = points["value"].to_numpy(dtype="float64")
     a, b, xtx_inv, residual_var = _least_squares(x, y)
     point_var = max(run_sd**2, residual_var if not math.isnan(residual_var) else 0.0)
-    cov = point_var * xtx_inv
+    (c00, c01), (c10, c11) = (point_var * xtx_inv).tolist()  # 2 x 2: intercept and slope
     return ScalingFit(
-        dataset=dataset, task=task, a=a, b=b, cov=tuple(map(tuple, cov.tolist())),  # type: ignore[arg-type]
+        dataset=dataset, task=task, a=a, b=b, cov=((c00, c01), (c10, c11)),
         point_sd=math.sqrt(point_var), residual_sd=math.sqrt(residual_var) if not math.isnan(residual_var) else math.nan,
         log10_flops=tuple(x.tolist()), values=tuple(y.tolist()),
     )  # fmt: skip

@@ -56,9 +56,7 @@ def _build(cls, data: Mapping[str, Any], where: str, convert: Mapping[str, Any] 
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(names))})"
         )
     required = [
-        f.name
-        for f in _fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        f.name for f in _fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     missing = [name for name in required if name not in data]
     if missing:
@@ -128,7 +126,7 @@ class TrainSettings:
 
     @classmethod
     def coerce(cls, train: TrainSettings | Mapping[str, Any]) -> TrainSettings:
-        return train if isinstance(train, cls) else cls.from_json(train)
+        return train if isinstance(train, TrainSettings) else cls.from_json(train)
 
     @property
     def validation_batches(self) -> int:
@@ -275,7 +273,7 @@ class RunDocument:
     @classmethod
     def coerce(cls, run: RunDocument | Mapping[str, Any]) -> RunDocument:
         """``run`` itself, or a ``run.json`` dict read into a :class:`RunDocument`."""
-        return run if isinstance(run, cls) else cls.from_json(run)
+        return run if isinstance(run, RunDocument) else cls.from_json(run)
 
     def replace(self, **changes: Any) -> RunDocument:
         """A copy with some fields changed (``train=dataclasses.replace(run.train, ...)``)."""
@@ -488,4 +486,4 @@ class ReportManifest:
 
     @classmethod
     def coerce(cls, manifest: ReportManifest | Mapping[str, Any]) -> ReportManifest:
-        return manifest if isinstance(manifest, cls) else cls.from_json(manifest)
+        return manifest if isinstance(manifest, ReportManifest) else cls.from_json(manifest)

@@ -137,7 +137,7 @@ def hub_endpoint() -> str | None:
     return endpoint.rstrip("/") if endpoint else None
 
 
-def _list_hub(name: str, dataset: dict) -> tuple[list[dict], str]:
+def _list_hub(name: str, dataset: dict) -> tuple[list[dict], str | None]:
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
@@ -165,7 +165,7 @@ def _list_hub(name: str, dataset: dict) -> tuple[list[dict], str]:
     return files, commit
 
 
-def _list_local(dataset: dict, repo_root: Path, cache_path: Path) -> list[dict]:
+def _list_local(dataset: dict, repo_root: Path, cache_path: str | Path) -> list[dict]:
     cache = HashCache.load(cache_path)
     files = []
     for path, relative in local_files(dataset, repo_root):

@@ -63,7 +63,8 @@ def summarize(output: str, local: set[str] | None = None) -> list[RuleSummary]:
     """Per (rule, partition), in order of first appearance, from a ``snakemake -n`` output."""
     local = local_rules() if local is None else local
     table: dict[tuple[str, str], RuleSummary] = {}
-    rule, resources = None, {}
+    rule: str | None = None
+    resources: dict[str, str] = {}
 
     def close() -> None:
         if rule is None:

@@ -79,9 +79,10 @@ def average_of(scores: dict[str, float | None], tasks_in_average: Iterable[str])
     if not names:
         return None
     values = [scores.get(name) for name in names]
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if len(present) < len(values):
         return None
-    return float(sum(values) / len(values))  # type: ignore[arg-type]
+    return float(sum(present) / len(present))
 
 
 def _set_hub_constants(offline: bool, hf_home: Path | None) -> None:
@@ -90,8 +91,9 @@ def _set_hub_constants(offline: bool, hf_home: Path | None) -> None:
     They read the environment once at import; a process that imported them earlier (a test
     session, a notebook) would otherwise ignore the variables set here.
     """
-    datasets_config = sys.modules.get("datasets.config")
-    hub_constants = sys.modules.get("huggingface_hub.constants")
+    # Any: the attributes set are the modules' own constants, which a plain ModuleType does not declare
+    datasets_config: Any = sys.modules.get("datasets.config")
+    hub_constants: Any = sys.modules.get("huggingface_hub.constants")
     if datasets_config is not None:
         datasets_config.HF_HUB_OFFLINE = offline
         datasets_config.HF_DATASETS_OFFLINE = offline
@@ -227,7 +229,8 @@ def _leaf_sample_count(raw: dict, name: str) -> int | None:
     if not children:
         return None
     child_counts = [_leaf_sample_count(raw, child) for child in children]
-    return None if any(c is None for c in child_counts) else sum(child_counts)  # type: ignore[misc]
+    known = [c for c in child_counts if c is not None]
+    return None if len(known) < len(child_counts) else sum(known)
 
 
 def protocol_scores(raw: dict, tasks: list[dict]) -> dict[str, dict]:
@@ -318,8 +321,9 @@ def likelihood_metrics(raw: dict, tasks: list[dict]) -> dict[str, dict]:
             "logprob_correct_per_char": _mean_and_stderr([item[1] for item in items]),
             "n_items": len(items),
         }
-        if all(item[2] is not None for item in items):
-            entry["prob_correct_norm"] = _mean_and_stderr([item[2] for item in items])  # type: ignore[misc]
+        norms = [item[2] for item in items if item[2] is not None]
+        if len(norms) == len(items):
+            entry["prob_correct_norm"] = _mean_and_stderr(norms)
         metrics[name] = entry
     return metrics
 

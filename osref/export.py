@@ -261,7 +261,7 @@ def hf_config_for(spec: ModelSpec, tokenizer_info: dict[str, Any]):
     _check_supported(spec)
     family = spec.family
     eod = int(tokenizer_info.get("eod_id", 0))
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.ffn_hidden_size,
@@ -432,7 +432,9 @@ def load_hf_strict(path: Path, dtype: torch.dtype = torch.float32, device: torch
     """``AutoModelForCausalLM.from_pretrained`` that fails on any missing/unexpected/mismatched key."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    # transformers types from_pretrained as returning the model; output_loading_info=True returns (model, info)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    model, info = loaded
     kinds = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
     problems = {kind: sorted(map(str, info.get(kind) or [])) for kind in kinds}
     problems = {kind: keys for kind, keys in problems.items() if keys}
@@ -526,7 +528,7 @@ def _code_version() -> str | None:
 
 
 def _library_versions() -> dict[str, str | None]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("torch", "transformers", "megatron-core", "safetensors", "tokenizers"):
         try:
             versions[package] = metadata.version(package)

@@ -467,7 +467,7 @@ def expand_grid(config: dict[str, Any]) -> Grid:
             and (not select.get("datasets") or r.dataset in select["datasets"])
             and (not select.get("scales") or r.scale in select["scales"])
         }
-        chosen |= {runs[rid].parent_run for rid in chosen if runs[rid].parent_run}  # a branch needs its parent
+        chosen |= {p for p in (runs[rid].parent_run for rid in chosen) if p}  # a branch needs its parent
         runs = {rid: r for rid, r in runs.items() if rid in chosen}
     from osref.released_models import build_released  # it imports this module
 

@@ -305,6 +305,7 @@ def fetch(url: str, target: Path, fmt: str | None, progress: Progress) -> Remote
                 f"{url}: {error!r}; resuming in {delay:.0f} s (attempt {attempt + 1}/{HTTP_ATTEMPTS})", file=sys.stderr
             )
             time.sleep(delay)
+    assert remote is not None  # the loop ends with a transfer's Remote (break) or raises
     problem = format_problem(partial, fmt)
     if problem is not None and not (remote.digest and not _digest_matches(partial, remote.digest)):
         # bytes the server vouches for (or cannot vouch for) that are not the format: refuse them. Bytes that

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -130,7 +131,7 @@ class _NullEvent(_NullStream):
 
 
 def _install_cuda_shim() -> None:
-    cuda = torch.cuda
+    cuda: Any = torch.cuda  # Any: the shim replaces the module's own classes and functions
     # not traced by torch.compile (compiled layers on the CPU): dynamo cannot put a str-returning
     # "torch.cuda" call into a graph, and would otherwise split the layer there
     untraced = torch.compiler.disable

@@ -161,6 +161,7 @@ def dataset_tokens(
         return sum(known) / len(known) * len(groups), f"tokenized ({len(known)} of {len(groups)} groups), extrapolated"
     if block["source"] == "local":
         size, _ = dataset_bytes(grid, dataset, groups)
+        assert size is not None  # a local dataset's size is its files' (local_bytes), never unknown
         ratio, ratio_source = tokens_per_byte(block)
         source = f"before tokenization: {size:.4g} bytes of local files x {ratio:g} tokens/byte ({ratio_source})"
         if block.get("max_documents"):  # bytes say nothing about where the cut falls: tokens at most this

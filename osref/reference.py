@@ -63,7 +63,9 @@ class ReferenceData:
             raise FileNotFoundError(f"reference file not found: {path}")
         if self.cache_dir is None:
             return pd.read_csv(path)
-        mtime_ns, size = stat_key(path)  # type: ignore[misc]
+        key = stat_key(path)
+        assert key is not None  # the file exists (checked above)
+        mtime_ns, size = key
         stem = name.split(".")[0]
         cached = self.cache_dir / f"reference_{stem}_{size}_{mtime_ns}.parquet"
         if cached.is_file():

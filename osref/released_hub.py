@@ -90,7 +90,7 @@ def _revision_files(api, repo: str, commit: str, patterns: list[str]) -> list[di
     selected = filter_repo_objects(
         (e for e in tree if isinstance(e, RepoFile)), allow_patterns=patterns, key=lambda e: e.path
     )
-    files = [
+    files: list[dict[str, Any]] = [
         {
             "path": e.path,
             "size": e.size,
@@ -134,7 +134,7 @@ def list_released(request: dict[str, Any], out_path: str | Path) -> dict[str, An
     branches = {b.name: b.target_commit for b in refs.branches}
     tags = {t.name: t.target_commit for t in refs.tags}
     wanted: dict[str, int] = request["revisions"]
-    missing = [rev for rev in sorted(wanted, key=wanted.get) if rev not in branches]
+    missing = [rev for rev in sorted(wanted, key=lambda rev: wanted[rev]) if rev not in branches]
     if missing:
         shown = "; ".join(
             f"{rev} (closest existing: {', '.join(closest_refs(rev, list(branches))) or 'none'})" for rev in missing[:5]

@@ -153,6 +153,10 @@ def reference_fields(reference_run: str | int, where: str) -> dict[str, Any]:
 # ---- config -> models ----------------------------------------------------------------------------
 
 
+def _nearest(schedule: tuple[int, ...], iteration: int) -> int:
+    return min(schedule, key=lambda s: abs(s - iteration))
+
+
 def select_iterations(spec: Any, schedule: tuple[int, ...], where: str) -> tuple[int, ...]:
     """The saved iterations an ``iterations`` value selects (the final one always for every-k)."""
     if spec == "final":
@@ -165,7 +169,7 @@ def select_iterations(spec: Any, schedule: tuple[int, ...], where: str) -> tuple
     wanted = sorted(set(int(i) for i in spec))
     unknown = [i for i in wanted if i not in schedule]
     if unknown:
-        near = sorted({min(schedule, key=lambda s, i=i: abs(s - i)) for i in unknown})
+        near = sorted({_nearest(schedule, i) for i in unknown})
         raise ConfigError(
             f"{where}: {unknown} are not saved iterations (every {schedule[0]} and the last, "
             f"{schedule[-1]}); closest saved: {near}"
@@ -186,7 +190,8 @@ def _entries(section: dict[str, Any], mapping_path: str) -> list[tuple[str, dict
 def _resolve(where: str, entry: dict[str, Any], section: dict[str, Any], mapping_path: str) -> ReleasedModel:
     name = entry["name"]
     fields: dict[str, Any] = {}
-    status, alternatives = "config", ()
+    status = "config"
+    alternatives: tuple[str, ...] = ()
     # a name must be in the mapping (which must then exist); an entry with its own repo may stand alone
     needs_mapping = section["models"] == "all" or "repo" not in entry or Path(repo_relative(mapping_path)).is_file()
     mapping = read_mapping(mapping_path) if needs_mapping else {}

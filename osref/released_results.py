@@ -41,7 +41,8 @@ BINARY_METRICS = ("acc", "acc_norm")
 
 def _records(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per (model, iteration, task, shots) of the evaluation files that exist, with n."""
-    records, seen = [], {}
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int, str, int], str] = {}
     for model in manifest["models"]:
         for path in model["eval_files"]:
             if not Path(path).is_file():

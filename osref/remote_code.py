@@ -94,7 +94,7 @@ def _is_rms_forward(cls: ast.ClassDef) -> bool:
         return False
     calls = {_method(n) for n in ast.walk(forward)} - {None}
     squares = any(
-        (_method(n) == "pow" and n.args and _number(n.args[0]) == 2)
+        (isinstance(n, ast.Call) and _method(n) == "pow" and n.args and _number(n.args[0]) == 2)
         or (isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) and _number(n.right) == 2)
         for n in ast.walk(forward)
     )
@@ -178,22 +178,23 @@ def _norm_assignments(tree: ast.Module) -> list[tuple[str, str, ast.expr]]:
     found = []
     for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
         for node in ast.walk(cls):
-            targets = (
-                node.targets
-                if isinstance(node, ast.Assign)
-                else [node.target]
-                if isinstance(node, ast.AnnAssign)
-                else []
-            )
+            targets: list[ast.expr]
+            value: ast.expr | None
+            if isinstance(node, ast.Assign):
+                targets, value = node.targets, node.value
+            elif isinstance(node, ast.AnnAssign):
+                targets, value = [node.target], node.value
+            else:
+                continue
             for target in targets:
                 if (
                     isinstance(target, ast.Attribute)
                     and isinstance(target.value, ast.Name)
                     and target.value.id == "self"
                     and target.attr in QK_NORM_ATTRIBUTES
-                    and node.value is not None
+                    and value is not None
                 ):
-                    found.append((cls.name, target.attr, node.value))
+                    found.append((cls.name, target.attr, value))
     return found
 
 

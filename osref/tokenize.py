@@ -61,12 +61,17 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    import zstandard
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {
@@ -100,7 +105,7 @@ class OutputError(OSError):
 # in parallel, and only bytes cross the process boundary.
 
 
-def _open_text_stream(path: Path) -> io.BufferedIOBase:
+def _open_text_stream(path: Path) -> io.BufferedIOBase | zstandard.ZstdDecompressionReader:
     raw = open(path, "rb")
     magic = raw.read(4)
     raw.seek(0)
@@ -168,7 +173,7 @@ class Parsed(NamedTuple):
     rows: int  # lines (jsonl) or rows (parquet) in the chunk
 
 
-def _jsonl_chunks(path: Path, max_bytes: int, copy: bool = True) -> Iterator[Chunk]:
+def _jsonl_chunks(path: Path, max_bytes: int, copy: bool = True) -> Generator[Chunk, None, None]:
     # decompressed straight into one reused buffer (a fresh MB-sized bytes object per block cost the job's
     # process about as much again as the decompression); no line is counted here: a worker splits the
     # chunk, and the job numbers the lines when it writes the results in order. copy=False: a chunk's
@@ -205,7 +210,7 @@ def _jsonl_chunks(path: Path, max_bytes: int, copy: bool = True) -> Iterator[Chu
         stream.close()
 
 
-def _parquet_chunks(path: Path, text_field: str, max_rows: int) -> Iterator[Chunk]:
+def _parquet_chunks(path: Path, text_field: str, max_rows: int) -> Generator[Chunk, None, None]:
     import pyarrow.parquet as pq
 
     try:
@@ -238,7 +243,7 @@ def read_chunks(
     max_rows: int = 1000,
     max_bytes: int = CHUNK_BYTES,
     copy: bool = True,
-) -> Iterator[Chunk]:
+) -> Generator[Chunk, None, None]:
     """The file's rows in order, in chunks: jsonl, whole lines of about ``max_bytes``; parquet,
     ``max_rows`` rows. A file that cannot be read (corrupt compression, not parquet, no text column, a
     text column that is not a string type) raises :class:`InputError` naming it; rows are checked by
@@ -329,6 +334,7 @@ def parse_chunk(chunk: Chunk, text_field: str = "text") -> Parsed:
     a text field missing or not a string; a parquet value that is not UTF-8 (null is an empty document)."""
     if chunk.column is not None:
         return _parse_column(chunk.column)
+    assert chunk.data is not None  # a chunk has a column (parquet) or data (jsonl)
     return _parse_lines(bytes(chunk.data) if isinstance(chunk.data, memoryview) else chunk.data, text_field)
 
 
@@ -386,7 +392,8 @@ class MegatronWriter:
         """Appends documents given as their tokens back to back plus one length per document; a length of 0
         is an empty document (no sequence, an entry in the document index, as Megatron writes it)."""
         try:
-            self._bin.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)).cast("B"))
+            data = np.ascontiguousarray(tokens, dtype=self.dtype)
+            self._bin.write(memoryview(data).cast("B"))  # type: ignore[arg-type]  # numpy stubs: no __buffer__ on 3.11
         except OSError as exc:
             raise self._write_error(f"{self.prefix}.bin", exc) from exc
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
@@ -626,6 +633,7 @@ class ChunkEncoder:
     def __call__(self, chunk: Chunk, verify: int = 0) -> ChunkResult:
         if chunk.shared is not None:
             offset, size = chunk.shared
+            assert self.shared is not None  # shared chunks are only made for workers given the buffer
             chunk = chunk._replace(data=self.shared[offset : offset + size], shared=None)
         return self.encode_parsed(parse_chunk(chunk, self.text_field), verify)
 
@@ -686,6 +694,7 @@ def _worker_start_method() -> str:
 
 
 def _encode_in_worker(chunk: Chunk, verify: int) -> ChunkResult:
+    assert _worker is not None  # set by _start_worker, the pool's initializer
     return _worker(chunk, verify)
 
 
@@ -821,7 +830,7 @@ def tokenize_files(
     started = time.time()
     shared: SharedChunks | None = None
     bar = tqdm(total=max_documents, unit="doc", disable=not progress, mininterval=2.0, desc=Path(out_prefix).name)
-    pool = None
+    pool: Executor | None = None
     seen = 0  # documents written (empty ones included); rows = these + the bad ones
     checked = 0  # sample documents compared with HF so far
     verify_seconds = 0.0

@@ -117,7 +117,7 @@ def segment_lock(run: RunDocument | Mapping[str, Any], until_iteration: int):
     run = RunDocument.coerce(run)
     what = f"the training segment of run {run.run_id} up to iteration {until_iteration}"
     with contextlib.ExitStack() as stack:
-        refusal = [None]
+        refusal: list[str | None] = [None]
         if is_rank0():
             try:
                 stack.enter_context(exclusive_lock(run.layout.train_lock, what))
@@ -389,11 +389,12 @@ class Trainer:
     ``scripts/bench_train.py`` on random tokens)."""
 
     run: RunDocument
-    model: object  # megatron DDP wrapper
-    optimizer: object
-    scheduler: object
-    train_ds: object
-    valid_ds: object
+    # megatron-core objects: megatron ships no type information, so these are Any
+    model: Any  # megatron DDP wrapper
+    optimizer: Any
+    scheduler: Any
+    train_ds: Any
+    valid_ds: Any
     device: torch.device
 
     @property
@@ -525,7 +526,7 @@ def resolve_kernels(cfg: TrainSettings) -> kernels.Kernels:
 
 def recompute_overrides(recompute: str) -> dict:
     """``TransformerConfig`` activation-recompute settings for ``train.recompute``."""
-    choices = {
+    choices: dict[str, dict[str, Any]] = {
         "none": {},
         "selective": {"recompute_granularity": "selective"},
         "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},

@@ -43,11 +43,13 @@ def read_released(manifest: ReportManifest) -> tuple[pd.DataFrame, pd.DataFrame 
             log.warning("%s not found: the report shows no released checkpoints", path)
             return rows, None
     if manifest.released_results:
-        path = Path(manifest.released_results)
-        frame = _read_csv(path, RESULT_COLUMNS)
+        results_path = Path(manifest.released_results)
+        frame = _read_csv(results_path, RESULT_COLUMNS)
         if not (frame["source"] == "released").all():
             bad = frame.index[frame["source"] != "released"][0]
-            raise ValueError(f"{path}: line {int(bad) + 2}: source {frame.at[bad, 'source']!r}, expected 'released'")
+            raise ValueError(
+                f"{results_path}: line {int(bad) + 2}: source {frame.at[bad, 'source']!r}, expected 'released'"
+            )
         rows = frame[frame["task"] != AVG_TASK][RESULT_COLUMNS]
     if manifest.released_reproduction:
         reproduction = _read_csv(Path(manifest.released_reproduction), released_results.REPRODUCTION_COLUMNS)

@@ -13,6 +13,7 @@ import functools
 import html
 import json
 import math
+from typing import Any
 
 import pandas as pd
 
@@ -68,7 +69,7 @@ def _verdict_cell(verdict: str) -> str:
     return f"<span class='v {VERDICT_CLASS.get(verdict, 'none')}'>{html.escape(verdict)}</span>"
 
 
-def _versus_label(row: object) -> str:
+def _versus_label(row: Any) -> str:  # a comparison row (pandas itertuples)
     """A published run by dataset, scale, budget and Slurm job (its runs.csv id is ~150 characters)."""
     if row.versus_source == "reference" and row.comparison == EQUAL_TOKENS:
         job = str(row.versus).rsplit("_", 1)[-1]

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 PLOT_CODE_DIGEST = hashlib.sha256(Path(__file__).read_bytes() + inspect.getsource(read_metrics).encode()).hexdigest()
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]  # fmt: skip
-SOURCE_STYLE = {
+SOURCE_STYLE: dict[str, dict[str, Any]] = {
     "ours": {"mode": "lines+markers", "line": {"width": 2}, "marker": {"size": 5}},
     "reference": {"mode": "lines", "line": {"width": 1.5, "dash": "dash"}},
     "released": {"mode": "lines+markers", "line": {"width": 1.5, "dash": "dot"}, "marker": {"size": 4, "symbol": "diamond"}},
@@ -70,7 +71,7 @@ def inputs_digest(*parts: Any) -> str:
 
 def _numbers(values: Any, digits: int = 5) -> list:
     """JSON numbers, rounded to ``digits`` significant digits (None for NaN): the page's size."""
-    out = []
+    out: list[float | None] = []
     for value in np.asarray(values, dtype="float64"):
         if not math.isfinite(value):
             out.append(None)
@@ -373,11 +374,11 @@ def draw_plots(scores: pd.DataFrame, baselines: pd.DataFrame, reference_of: dict
         if not group.empty:
             group = group.drop(columns=["task"])
             add("overview", f"datasets_{safe_name(scale)}_{safe_name(budget)}", [group, colours],
-                lambda g=group, t=title: datasets_figure(g, t, colours))  # fmt: skip
+                partial(datasets_figure, group, title, colours))  # fmt: skip
         loss_keys = [loss_inputs(run) for run in runs]
         if any(key is not None for key in loss_keys):
             add("losses", f"losses_{safe_name(scale)}_{safe_name(budget)}", [loss_keys, colours],
-                lambda r=runs, t=f"{scale}, {budget} tokens": losses_figure(r, t, colours))  # fmt: skip
+                partial(losses_figure, runs, f"{scale}, {budget} tokens", colours))  # fmt: skip
 
     if published is not None and not published.empty:
         published = published[keep]
@@ -397,16 +398,16 @@ def draw_plots(scores: pd.DataFrame, baselines: pd.DataFrame, reference_of: dict
         rows = pd.concat([mine, refs], ignore_index=True) if refs is not None and not refs.empty else mine
         if not mine[mine["source"] == "ours"].empty or (refs is not None and not refs.empty):
             add("runs", f"scores_{safe_name(run.run_id)}", [rows, protocol],
-                lambda r=rows, i=run.run_id: run_figure(r, i, protocol))  # fmt: skip
+                partial(run_figure, rows, run.run_id, protocol))  # fmt: skip
         loss_key = loss_inputs(run)
         if loss_key is not None:
             add("runs", f"loss_{safe_name(run.run_id)}", [loss_key, colours],
-                lambda r=run: losses_figure([r], r.run_id, colours))  # fmt: skip
+                partial(losses_figure, [run], run.run_id, colours))  # fmt: skip
     released = scores[scores["source"] == "released"]
     for run_id in sorted(released["run_id"].unique()):  # each released model's re-evaluated curves, per task
         rows = released[released["run_id"] == run_id]
         add("runs", f"released_{safe_name(run_id)}", [rows, protocol],
-            lambda r=rows, i=run_id: run_figure(r, f"released: {i}", protocol))  # fmt: skip
+            partial(run_figure, rows, f"released: {run_id}", protocol))  # fmt: skip
     if reproduction is not None and not reproduction.empty:
         cells = reproduction[["run_id", "iteration", "task", "difference", "combined_stderr"]]
         add("reproduction", "protocol_reproduction", [cells], lambda: reproduction_figure(cells))

@@ -173,7 +173,9 @@ class EvalFileCache:
 def our_rows(run: ReportRun, protocol: list[dict], eval_files: EvalFileCache) -> tuple[list[dict], int]:
     """Rows of one run's evaluation JSONs that exist (absent files are simply not there yet)."""
     by_task = {spec["task"]: spec for spec in protocol}
-    rows, seen, found = [], {}, 0
+    rows: list[dict] = []
+    seen: dict[tuple[int, str], str] = {}
+    found = 0
     for path in run.eval_files:
         payload = eval_files.payload(path)
         if payload is None:
@@ -210,6 +212,7 @@ def our_rows(run: ReportRun, protocol: list[dict], eval_files: EvalFileCache) ->
 
 def reference_rows(run: ReportRun, protocol: list[dict], reference: ReferenceData, index: int) -> pd.DataFrame:
     """The published curve of the run's reference_run, restricted to the protocol's (task, shots, metric)."""
+    assert run.reference_run is not None  # the caller skips runs without one
     ref_run = reference.resolve_run(run.reference_run, f"manifest runs[{index}] ({run.run_id})")
     params = reference.parameter_count(ref_run)
     specs = pd.DataFrame(protocol)[["task", "shots", "metric"]]
